@@ -1,0 +1,163 @@
+"""The backbone interface: a SAM-family image encoder, prompt encoder and mask decoder behind one API.
+
+Image convention: the data pipeline hands the backbone images as ``B x 3 x S x S`` floats in [0, 1], already
+resized (longest side) and zero-padded (bottom/right) to ``S = input_size``. ``preprocess`` turns those into
+what the encoder expects; ``encode`` returns the final embedding plus, on request, intermediate feature maps
+taken with forward hooks on the backbone's own modules (never a forked encoder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Features:
+    """Encoder outputs for a batch.
+
+    ``embedding``: B x 256 x h x w (h x w = ``Backbone.embed_grid``).
+    ``intermediates``: NCHW maps, one per ``Backbone.intermediate_widths`` entry, B x C_i x h_i x w_i.
+    """
+
+    embedding: Tensor
+    intermediates: list[Tensor] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Features":
+        return Features(
+            self.embedding.to(device=device, dtype=dtype),
+            [t.to(device=device, dtype=dtype) for t in self.intermediates],
+        )
+
+    def detach(self) -> "Features":
+        return Features(self.embedding.detach(), [t.detach() for t in self.intermediates])
+
+    def index(self, idx: Sequence[int] | slice | Tensor) -> "Features":
+        return Features(self.embedding[idx], [t[idx] for t in self.intermediates])
+
+    @staticmethod
+    def stack(items: Sequence["Features"]) -> "Features":
+        """Concatenate per-sample features (each with batch 1 or unbatched C x h x w) into one batch."""
+
+        def cat(ts: Sequence[Tensor]) -> Tensor:
+            return torch.cat([t if t.dim() == 4 else t.unsqueeze(0) for t in ts], dim=0)
+
+        n = len(items[0].intermediates)
+        return Features(cat([f.embedding for f in items]), [cat([f.intermediates[i] for f in items]) for i in range(n)])
+
+
+class Backbone(nn.Module):
+    """A SAM-family model split into ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``.
+
+    Subclasses set the modules and the class attributes below and implement ``intermediate_modules`` and
+    ``_hook_output_to_nchw``. ``weights_id`` identifies the weights (a SHA-256 of the checkpoint file, or
+    ``random-<seed>``) so that checkpoints and cached embeddings can refuse to mix backbones.
+    """
+
+    name: str = "base"
+    input_size: int = 1024
+    embed_dim: int = 256
+    embed_grid: tuple[int, int] = (64, 64)
+    intermediate_widths: tuple[int, ...] = ()
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        weights_id: str,
+        pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
+        pixel_std: Sequence[float] = (1.0, 1.0, 1.0),
+        pixel_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.weights_id = weights_id
+        self.pixel_scale = pixel_scale
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
+
+    # --- interface -------------------------------------------------------------------------------------------
+    @property
+    def low_res_size(self) -> int:
+        """Side of the mask decoder's low-resolution logits (4 x the embedding grid)."""
+        return 4 * self.embed_grid[0]
+
+    def intermediate_modules(self) -> list[nn.Module]:
+        """Modules whose forward outputs are the intermediate maps, in ``intermediate_widths`` order."""
+        raise NotImplementedError
+
+    def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
+        """Convert a hooked module's output (tokens, NHWC or NCHW) to NCHW."""
+        raise NotImplementedError
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """B x 3 x S x S in [0, 1] -> the encoder's input (scaled and normalised), same shape."""
+        return (images * self.pixel_scale - self.pixel_mean) / self.pixel_std
+
+    def encode(self, x: Tensor, intermediates: bool = False) -> Features:
+        """Encode preprocessed images ``x`` (B x 3 x S x S) into ``Features``.
+
+        With ``intermediates=True`` the maps of ``intermediate_modules()`` are captured with forward hooks.
+        Gradients flow if the caller enables them (LoRA methods); wrap in ``torch.no_grad`` for frozen use.
+        """
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"{self.name} expects inputs of {self.input_size}x{self.input_size}, got {tuple(x.shape)}")
+        captured: list[Tensor] = []
+        handles = []
+        if intermediates:
+            for i, module in enumerate(self.intermediate_modules()):
+                handles.append(
+                    module.register_forward_hook(
+                        lambda _m, _inp, out, i=i: captured.append(self._hook_output_to_nchw(i, out))
+                    )
+                )
+        try:
+            embedding = self.image_encoder(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return Features(embedding, captured)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.image_encoder.parameters())
+
+    def freeze(self, encoder: bool = True, prompt_encoder: bool = True, mask_decoder: bool = True) -> "Backbone":
+        for flag, module in ((encoder, self.image_encoder), (prompt_encoder, self.prompt_encoder),
+                             (mask_decoder, self.mask_decoder)):
+            if flag:
+                module.requires_grad_(False)
+        return self
+
+    def describe(self) -> dict:
+        """A JSON-able summary for manifests and ``samadapt info``."""
+        return {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "input_size": self.input_size,
+            "embed_grid": list(self.embed_grid),
+            "intermediate_widths": list(self.intermediate_widths),
+            "parameters": {
+                "image_encoder": sum(p.numel() for p in self.image_encoder.parameters()),
+                "prompt_encoder": sum(p.numel() for p in self.prompt_encoder.parameters()),
+                "mask_decoder": sum(p.numel() for p in self.mask_decoder.parameters()),
+            },
+        }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while data := handle.read(chunk):
+            digest.update(data)
+    return digest.hexdigest()

@@ -1,0 +1,55 @@
+"""A tiny random-init SAM for tests: 64 px input, 16 x 16 embedding grid, a forward in milliseconds on CPU.
+
+It is built from ``segment-anything``'s own modules (ImageEncoderViT, PromptEncoder, MaskDecoder) so that code
+tested on it runs unchanged on the real backbones. Intermediates: outputs of ViT blocks 0, 1, 2 (NHWC 16 x 16 x 64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import BACKBONES
+from .base import Backbone
+
+
+class TinySAM(Backbone):
+    name = "tiny"
+    input_size = 64
+    embed_grid = (16, 16)
+    intermediate_widths = (64, 64, 64)
+
+    def intermediate_modules(self) -> list[nn.Module]:
+        return [self.image_encoder.blocks[i] for i in (0, 1, 2)]
+
+    def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
+        return output.permute(0, 3, 1, 2)
+
+
+@BACKBONES.register("tiny")
+def build_tiny(checkpoint: str | None = None, seed: int = 0) -> TinySAM:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    from ..weights import load_state_dict_checked, read_torch_checkpoint
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = ImageEncoderViT(
+            img_size=64, patch_size=4, embed_dim=64, depth=4, num_heads=2, out_chans=256,
+            use_rel_pos=True, window_size=4, global_attn_indexes=(1, 3),
+        )
+        prompt_encoder = PromptEncoder(
+            embed_dim=256, image_embedding_size=(16, 16), input_image_size=(64, 64), mask_in_chans=16
+        )
+        decoder = MaskDecoder(
+            transformer_dim=256,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=512, num_heads=8),
+            num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=64,
+        )
+    model = TinySAM(encoder, prompt_encoder, decoder, weights_id=f"random-{seed}")
+    if checkpoint:
+        load_state_dict_checked(model, read_torch_checkpoint(checkpoint), checkpoint)
+        from .base import file_sha256
+
+        model.weights_id = file_sha256(checkpoint)
+    return model

@@ -1,0 +1,125 @@
+"""The method interface: an ``nn.Module`` built from a backbone, a typed config and a class count.
+
+Batch convention (what the data pipeline yields and the engine collates; S = backbone input size):
+
+- ``image``: B x 3 x S x S float in [0, 1], resized (longest side) and zero-padded to S x S.
+- ``label``: B x S x S int64 class map (0 = background), resized nearest and padded with 0 (training only).
+- ``features``: optional ``Features`` for ``image`` from the embedding cache; when absent, ``Method.features``
+  runs the encoder (under ``no_grad`` unless the method trains through it).
+- ``points``: optional B x N x 2 float pixel coordinates (x, y) in the S x S frame, with ``point_labels`` B x N
+  (1 positive, 0 negative, -1 padding); ``boxes``: optional B x 4 (x0, y0, x1, y1) in the same frame.
+
+``forward`` is differentiable (never under ``no_grad``); ``loss`` returns a dict of named terms whose ``"loss"``
+entry is optimised; ``predict`` returns class probabilities B x (K + 1) x S x S (channel 0 = background) and
+accepts user prompts where the method stays promptable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone, Features
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Options shared by every method; each method subclasses this with its own fields."""
+
+
+def config_from_dict(cls: type, values: dict[str, Any] | None) -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+    return cls(**values)
+
+
+class Method(nn.Module):
+    """Base class of every method (five papers and the baselines)."""
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type] = MethodConfig
+    needs_encoder_grad: ClassVar[bool] = False  # True: trains through the encoder (no embedding cache)
+    needs_intermediates: ClassVar[bool] = False  # True: ``features.intermediates`` must be filled
+    max_classes: ClassVar[int | None] = 1  # foreground classes handled natively; None = any number
+    trainable: ClassVar[bool] = True  # False for zero-shot baselines
+    promptable: ClassVar[bool] = False  # ``predict`` accepts user points/boxes
+    uses_backbone: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone | None, config: MethodConfig, num_classes: int = 1):
+        super().__init__()
+        if self.max_classes is not None and num_classes > self.max_classes:
+            raise ConfigError(f"method {self.name!r} handles {self.max_classes} foreground class(es), got {num_classes}")
+        self.backbone = backbone
+        self.config = config
+        self.num_classes = num_classes
+
+    # --- what the engine asks ----------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.backbone.input_size
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters the optimiser updates and checkpoints store (name, parameter)."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups; override to give parts their own learning rate."""
+        return [{"params": [p for _, p in self.trainable_parameters()], "lr": lr}]
+
+    def features(self, batch: dict) -> Features:
+        """The batch's encoder outputs: from the cache when present, else computed now."""
+        if "features" in batch:
+            return batch["features"]
+        x = self.backbone.preprocess(batch["image"])
+        if self.needs_encoder_grad and self.training:
+            return self.backbone.encode(x, intermediates=self.needs_intermediates)
+        with torch.no_grad():
+            return self.backbone.encode(x, intermediates=self.needs_intermediates).detach()
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, output: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, batch: dict) -> Tensor:
+        """Class probabilities B x (K + 1) x S x S; the default runs ``forward`` and ``output_probabilities``."""
+        return self.output_probabilities(self.forward(batch))
+
+    def output_probabilities(self, output: dict[str, Tensor]) -> Tensor:
+        """Turn ``forward`` output into probabilities B x (K + 1) x S x S (``logits`` entry, sigmoid or softmax)."""
+        return logits_to_probabilities(upsample_to(output["logits"], self.input_size))
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Hook for epoch-dependent behaviour (loss schedules); the engine calls it."""
+
+
+def upsample_to(logits: Tensor, size: int) -> Tensor:
+    """Bilinearly resize B x C x h x w logits to B x C x size x size (no-op when already that size)."""
+    if logits.shape[-1] == size and logits.shape[-2] == size:
+        return logits
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def logits_to_probabilities(logits: Tensor) -> Tensor:
+    """One-channel logits -> [1 - p, p] (sigmoid); K + 1 channels -> softmax. Output B x (K + 1) x H x W."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def resize_labels(labels: Tensor, size: int) -> Tensor:
+    """Nearest-resize an int label map B x H x W to B x size x size."""
+    if labels.shape[-1] == size and labels.shape[-2] == size:
+        return labels
+    return F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
