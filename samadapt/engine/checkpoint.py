@@ -1,0 +1,121 @@
+"""Adapter-only checkpoints (trainable parameters in safetensors + a JSON manifest) and resumable state.
+
+``<name>.safetensors`` holds only the method's trainable tensors (plus buffers of trainable modules such as
+BatchNorm statistics); ``<name>.json`` says which method, config, backbone (name and weights hash), epoch and
+metrics produced it. ``state.pt`` holds what ``--resume`` needs: optimizer, scheduler, epoch, RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..io_utils import atomic_path, atomic_write_json
+from ..methods.base import Method
+
+
+def adapter_state(method: Method) -> dict[str, torch.Tensor]:
+    """Trainable parameters, plus the buffers of every module that owns a trainable parameter."""
+    names = {n for n, _ in method.trainable_parameters()}
+    owners = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    state = {}
+    for key, value in method.state_dict().items():
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        if key in names or (owner in owners and key not in dict(method.named_parameters())):
+            state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def save_checkpoint(method: Method, path: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``path`` (.safetensors) and its ``.json`` manifest atomically."""
+    path = Path(path).with_suffix(".safetensors")
+    tensors = adapter_state(method)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"method": str(manifest.get("method", {}).get("name", ""))})
+    atomic_write_json(path.with_suffix(".json"), manifest)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path).with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint manifest not found (expected beside the .safetensors file)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from exc
+
+
+def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | None = None) -> dict[str, Any]:
+    """Load adapter tensors into ``method``; fail loudly on another backbone, no match, or missing keys."""
+    path = Path(path).with_suffix(".safetensors")
+    manifest = read_manifest(path)
+    if expect_backbone is not None and "backbone" in manifest:
+        have, want = manifest["backbone"], expect_backbone
+        for key in ("name", "weights_id"):
+            if have.get(key) != want.get(key):
+                raise CheckpointError(
+                    f"{path}: trained on backbone {have.get('name')} ({str(have.get('weights_id'))[:12]}), "
+                    f"but the model uses {want.get('name')} ({str(want.get('weights_id'))[:12]})"
+                )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    expected = adapter_state(method)
+    matched = [k for k in tensors if k in expected]
+    if not matched:
+        raise CheckpointError(f"{path}: no key matches the model; checkpoint has {sorted(tensors)[:8]}, "
+                              f"model expects {sorted(expected)[:8]}")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+                              f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
+    bad = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in matched
+           if tensors[k].shape != expected[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatches: {bad[:10]}")
+    result = method.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys
+    return manifest
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no training state to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable training state ({exc})") from exc

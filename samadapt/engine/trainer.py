@@ -1,0 +1,215 @@
+"""The training loop: optimiser + schedule, accumulation, AMP, validation on a split carved from the training data,
+best-checkpoint selection and early stopping, CSV/TensorBoard logs, rich progress, exact resume, DDP.
+
+Resume granularity is the epoch: ``state.pt`` is written after every epoch with the optimiser, scheduler, RNG
+states and counters, so ``resume=True`` continues with the next epoch as if training had never stopped (the
+shuffling order of epoch e depends only on ``seed + e``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..methods.base import Method
+from . import distributed as dist_utils
+from .checkpoint import (load_checkpoint, load_training_state, rng_state, save_checkpoint, save_training_state,
+                         set_rng_state)
+from .config import TrainConfig
+from .device import autocast, to_device
+from .schedulers import build_optimizer, build_scheduler
+from .validation import validate
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float = float("nan")
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def default_collate(items: list[dict]) -> dict:
+    """Stack tensors; keep everything else as lists."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class Trainer:
+    """Trains one method. ``feature_source(batch)`` (optional) returns cached ``Features`` for a batch."""
+
+    def __init__(self, method: Method, cfg: TrainConfig, out_dir: str | Path, manifest: dict[str, Any],
+                 device: torch.device, collate: Callable = default_collate,
+                 feature_source: Callable[[dict], Any] | None = None):
+        self.method = method
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.manifest = manifest
+        self.device = device
+        self.collate = collate
+        self.feature_source = feature_source
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+    def _prepare(self, batch: dict) -> dict:
+        if self.feature_source is not None:
+            batch = dict(batch, features=self.feature_source(batch))
+        return to_device(batch, self.device)
+
+    def _loader(self, ds: Dataset, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        sampler = None
+        if dist_utils.world_size() > 1:
+            sampler = DistributedSampler(ds, shuffle=True, seed=self.cfg.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                          generator=generator, collate_fn=self.collate, num_workers=self.cfg.num_workers,
+                          drop_last=len(ds) > self.cfg.batch_size * max(dist_utils.world_size(), 1))
+
+    def _checkpoint_manifest(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {**self.manifest, "epoch": epoch, "metrics": metrics}
+
+    # --- main loop -------------------------------------------------------------------------------------------
+    def fit(self, train_ds: Dataset, val_ds: Dataset | None, resume: bool = False) -> TrainResult:
+        cfg, method = self.cfg, self.method
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = self.out / "checkpoints"
+        main = dist_utils.is_main()
+        model: torch.nn.Module = method
+        if dist_utils.world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True)
+        optimizer = build_optimizer(method.param_groups(cfg.lr), cfg)
+        steps_per_epoch = max(math.ceil(len(self._loader(train_ds, 0)) / cfg.grad_accum), 1)
+        scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+
+        start_epoch, best, bad_validations, history = 0, -math.inf, 0, []
+        if resume:
+            state = load_training_state(self.out / "state.pt")
+            load_checkpoint(method, ckpt_dir / "last.safetensors")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            start_epoch, best = state["epoch"] + 1, state["best"]
+            bad_validations, history = state["bad_validations"], state["history"]
+            if main:
+                console.print(f"[bold]resuming[/] from epoch {start_epoch} (best val Dice {best:.4f})")
+        else:
+            torch.manual_seed(cfg.seed)
+
+        writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        t_start = time.time() - (history[-1]["seconds"] if history else 0.0)
+        stopped_early = False
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, disable=not main, transient=False)
+        with progress:
+            task = progress.add_task("train", total=steps_per_epoch * cfg.epochs,
+                                     completed=steps_per_epoch * start_epoch, loss=float("nan"))
+            for epoch in range(start_epoch, cfg.epochs):
+                method.train()
+                method.on_epoch_start(epoch, cfg.epochs)
+                progress.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
+                running, count = 0.0, 0
+                optimizer.zero_grad(set_to_none=True)
+                loader = self._loader(train_ds, epoch)
+                for i, batch in enumerate(loader):
+                    batch = self._prepare(batch)
+                    with autocast(self.device, cfg.amp):
+                        output = model(batch)
+                        terms = method.loss(output, batch)
+                    loss = terms["loss"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, batch {i}: {terms}")
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                    if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
+                        if cfg.grad_clip:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_([p for _, p in method.trainable_parameters()],
+                                                           cfg.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        progress.advance(task)
+                    running += float(loss.detach())
+                    count += 1
+                    progress.update(task, loss=running / count)
+                record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(count, 1),
+                                          "lr": optimizer.param_groups[0]["lr"]}
+                improved = False
+                if val_ds is not None and len(val_ds) and (epoch + 1) % cfg.val_every == 0:
+                    val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, cfg.amp, self.device)
+                    record.update({f"val_{k}": v for k, v in val.items()})
+                    improved = val["dice"] > best
+                    if improved:
+                        best, bad_validations = val["dice"], 0
+                    else:
+                        bad_validations += 1
+                elif val_ds is None or not len(val_ds):
+                    improved = True  # no validation data: the last epoch is the best one
+                record["seconds"] = time.time() - t_start
+                history.append(record)
+                if main:
+                    self._log(record, writer)
+                    save_checkpoint(method, ckpt_dir / "last.safetensors", self._checkpoint_manifest(epoch + 1, record))
+                    if improved:
+                        save_checkpoint(method, ckpt_dir / "best.safetensors",
+                                        self._checkpoint_manifest(epoch + 1, record))
+                    save_training_state(self.out / "state.pt", {
+                        "epoch": epoch, "best": best, "bad_validations": bad_validations, "history": history,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "rng": rng_state(),
+                    })
+                dist_utils.barrier()
+                if cfg.patience is not None and bad_validations >= cfg.patience:
+                    stopped_early = True
+                    if main:
+                        console.print(f"early stop after epoch {epoch + 1}: no val improvement for {cfg.patience}")
+                    break
+                if cfg.max_minutes is not None and record["seconds"] > 60 * cfg.max_minutes:
+                    stopped_early = True
+                    if main:
+                        console.print(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
+                    break
+        if writer is not None:
+            writer.close()
+        return TrainResult(ckpt_dir / "best.safetensors", ckpt_dir / "last.safetensors", history,
+                           best, stopped_early, history[-1]["seconds"] if history else 0.0)
+
+    def _log(self, record: dict[str, Any], writer) -> None:
+        path = self.out / "log.csv"
+        new = not path.exists()
+        fields = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+        with path.open("a", newline="") as handle:
+            w = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(record)
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
+        parts = [f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)]
+        console.print(f"epoch {record['epoch']}: " + " ".join(parts))

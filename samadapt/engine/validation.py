@@ -1,0 +1,53 @@
+"""Validation during training: loss and per-class Dice aggregated over all validation slices."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..methods.base import Method, resize_labels
+from .device import autocast
+
+
+def dice_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class (intersection, pred sum, label sum) counts: K x 3, for labels/preds B x H x W."""
+    rows = []
+    for k in range(1, num_classes + 1):
+        p, g = pred == k, label == k
+        rows.append(torch.stack([(p & g).sum(), p.sum(), g.sum()]).double())
+    return torch.stack(rows)
+
+
+def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Dice per class from ``dice_counts``; a class empty in both prediction and label scores 1."""
+    inter, ps, gs = counts.unbind(dim=1)
+    denom = ps + gs
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+@torch.no_grad()
+def validate(method: Method, ds: Dataset, collate: Callable, prepare: Callable[[dict], dict], batch_size: int,
+             amp: str, device: torch.device) -> dict[str, Any]:
+    """Mean validation loss and foreground Dice (slices pooled per class, then averaged over classes)."""
+    method.eval()
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    counts = torch.zeros(method.num_classes, 3, dtype=torch.float64)
+    loss_sum, n = 0.0, 0
+    for batch in loader:
+        batch = prepare(batch)
+        with autocast(device, amp):
+            if method.trainable:
+                loss_sum += float(method.loss(method(batch), batch)["loss"]) * len(batch["label"])
+                n += len(batch["label"])
+            probs = method.predict(batch)
+        pred = probs.float().argmax(dim=1)
+        label = resize_labels(batch["label"], pred.shape[-1])
+        counts += dice_counts(pred, label, method.num_classes).cpu()
+    method.train()
+    dice = dice_from_counts(counts)
+    out = {"dice": float(dice.mean()), "loss": loss_sum / n if n else float("nan")}
+    if method.num_classes > 1:
+        out.update({f"dice_class{k + 1}": float(d) for k, d in enumerate(dice)})
+    return out

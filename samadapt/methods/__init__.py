@@ -1,0 +1,35 @@
+"""Methods found by name: the five papers and the baselines, all ``Method`` subclasses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..backbones.base import Backbone
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import Method, MethodConfig, config_from_dict
+
+METHODS: Registry[type[Method]] = Registry("method", "samadapt.methods")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"{cls!r} is not a samadapt Method subclass")
+    return METHODS.register(cls.name)(cls)
+
+
+def build_method(name: str, backbone: Backbone | None, options: dict[str, Any] | None = None,
+                 num_classes: int = 1) -> Method:
+    """Build method ``name``; a one-class method given K > 1 classes runs one-vs-rest (one head per class)."""
+    cls = METHODS.get(name)
+    config = config_from_dict(cls.config_class, options)
+    if cls.max_classes is not None and num_classes > cls.max_classes:
+        from .one_vs_rest import OneVsRest
+
+        return OneVsRest(cls, backbone, config, num_classes)
+    return cls(backbone, config, num_classes)
+
+
+from . import box_prompt, decoder, unet  # noqa: E402,F401  (register built-ins)
+
+__all__ = ["METHODS", "Method", "MethodConfig", "build_method", "register_method"]

@@ -1,0 +1,70 @@
+"""Baseline ``box-prompt``: the zero-shot backbone prompted with a box, no training.
+
+Modes: ``gt`` uses the tight box around the ground truth of each slice (an oracle upper bound: it needs labels at
+prediction time and predicts empty where the ground truth is empty); ``whole`` uses the whole-image box on every
+slice (the honest automatic baseline). For K classes in ``gt`` mode, each class gets its own box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, InputError
+from ..layers.sam_decoder import decode_masks
+from . import register_method
+from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .prompting import encode_prompts, label_boxes, whole_image_boxes
+
+
+@dataclass
+class BoxPromptConfig(MethodConfig):
+    mode: str = "whole"
+    """``gt`` (oracle box from the ground truth) or ``whole`` (whole-image box)."""
+
+
+@register_method
+class BoxPrompt(Method):
+    name = "box-prompt"
+    config_class = BoxPromptConfig
+    max_classes = None
+    trainable = False
+    promptable = True
+
+    def __init__(self, backbone, config: BoxPromptConfig, num_classes: int = 1):
+        super().__init__(backbone, config, num_classes)
+        if config.mode not in ("gt", "whole"):
+            raise ConfigError(f"box-prompt mode must be 'gt' or 'whole', got {config.mode!r}")
+        if config.mode == "whole" and num_classes > 1:
+            raise ConfigError("box-prompt mode 'whole' gives one mask; use mode 'gt' for several classes")
+        backbone.freeze()
+
+    def _logits_for_boxes(self, embedding: Tensor, boxes: Tensor) -> Tensor:
+        sparse, dense = encode_prompts(self.backbone, boxes=boxes)
+        pe = self.backbone.prompt_encoder.get_dense_pe()
+        logits, _ = decode_masks(self.backbone.mask_decoder, embedding, pe, sparse, dense).select(False)
+        return upsample_to(logits, self.input_size)  # B x 1 x S x S
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        embedding = self.features(batch).embedding
+        b, size = embedding.shape[0], self.input_size
+        if "boxes" in batch:
+            return {"logits": self._logits_for_boxes(embedding, batch["boxes"].float())}
+        if self.config.mode == "whole":
+            return {"logits": self._logits_for_boxes(embedding, whole_image_boxes(b, size, embedding.device))}
+        if "label" not in batch:
+            raise InputError("box-prompt", "mode 'gt' needs ground-truth labels at prediction time")
+        per_class = []
+        for k in range(1, self.num_classes + 1):
+            boxes, present = label_boxes((batch["label"] == k).long())
+            logits = self._logits_for_boxes(embedding, boxes)
+            per_class.append(torch.where(present[:, None, None, None], logits, torch.full_like(logits, -20.0)))
+        logits = torch.cat(per_class, dim=1)
+        if self.num_classes > 1:
+            logits = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+        return {"logits": logits}
+
+    def predict(self, batch: dict) -> Tensor:
+        return logits_to_probabilities(self.forward(batch)["logits"])
