@@ -16,6 +16,6 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, **kw
     return factory(checkpoint=checkpoint, **kwargs)
 
 
-from . import litemedsam, tiny  # noqa: E402,F401  (register built-ins)
+from . import litemedsam, sam, tiny  # noqa: E402,F401  (register built-ins)
 
 __all__ = ["BACKBONES", "Backbone", "Features", "build_backbone"]
