@@ -30,6 +30,15 @@ def build_method(name: str, backbone: Backbone | None, options: dict[str, Any] |
     return cls(backbone, config, num_classes)
 
 
-from . import box_prompt, decoder, unet  # noqa: E402,F401  (register built-ins)
+def _import_builtins() -> None:
+    """Import every module of this package so that each registers its methods (no list to keep in sync)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_builtins()
 
 __all__ = ["METHODS", "Method", "MethodConfig", "build_method", "register_method"]
