@@ -200,11 +200,12 @@ def demo(
     method: str = typer.Option("decoder", "--method", help="Method to train and compare with the baselines."),
     minutes: float = typer.Option(4.0, "--minutes", help="Training budget per trained model (CPU minutes)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run unet and box-prompt."),
 ):
     """Build the MNI152 brain-extraction task, train METHOD on litemedsam, compare with baselines, write a report."""
     from .demo import run_demo
 
-    run_demo(Path(out), method=method, minutes=minutes, threads=threads)
+    run_demo(Path(out), method=method, minutes=minutes, threads=threads, baselines=baselines)
 
 
 def main() -> None:

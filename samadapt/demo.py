@@ -35,8 +35,12 @@ def _dataset(out: Path) -> Path:
     return Path(DEMO_DATASETS["mni152-brain"](out / "data"))
 
 
-def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: int | None = None) -> list[dict]:
-    """Run the whole demo into ``out``; returns the metrics rows (one per model)."""
+def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: int | None = None,
+             baselines: bool = True) -> list[dict]:
+    """Run the whole demo into ``out``; returns the metrics rows (one per model).
+
+    ``baselines=False`` trains and evaluates ``method`` alone (no unet, no box-prompt).
+    """
     t0 = time.time()
     if threads:
         torch.set_num_threads(threads)
@@ -48,7 +52,7 @@ def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: 
     models: dict[str, Predictor] = {}
     histories: dict[str, list] = {}
     seconds: dict[str, float] = {}
-    for name in (method, "unet"):
+    for name in (method, "unet") if baselines and method != "unet" else (method,):
         preset = f"{name}_cpu"
         cfg = load_config(preset, common + [f"output={out / 'runs' / name}", f"train.max_minutes={minutes}"])
         console.rule(f"training {name} ({preset}, at most {minutes:g} min)")
@@ -57,7 +61,7 @@ def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: 
         seconds[name] = time.time() - t
         histories[name] = result.history
         models[name] = Predictor.from_checkpoint(result.best_checkpoint, device="cpu", use_cache=True)
-    for mode in ("gt", "whole"):
+    for mode in ("gt", "whole") if baselines else ():
         cfg = load_config(f"box_prompt_{mode}", common)
         models[f"box-prompt ({mode} box)"] = Predictor.from_config(cfg, 1, device="cpu", use_cache=True)
         seconds[f"box-prompt ({mode} box)"] = 0.0
