@@ -1,0 +1,71 @@
+"""Dataset readers found by name in ``READERS`` and :func:`open_dataset`, which picks one by looking at the path.
+
+Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``npz`` (MedSAM-style),
+``dicom`` (a folder holding one series) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
+a :class:`DatasetSource` subclass with ``@READERS.register("name")`` (entry-point group ``samadapt.readers``);
+the class is built as ``cls(path, modality=None)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...errors import InputError
+from ...registry import Registry
+
+READERS: Registry[type] = Registry("reader", "samadapt.readers")
+
+from .base import DatasetSource  # noqa: E402
+from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
+from .folder2d import IMAGE_DIRS, find_subdir  # noqa: E402
+from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The reader name for ``path``: nnunet (dataset.json), folder2d (images/), npz, dicom (a series), file."""
+    path = Path(path)
+    if path.is_file():
+        ending = file_ending(path)
+        if ending == ".npz":
+            return "npz"
+        if ending in VOLUME_ENDINGS + IMAGE_2D_ENDINGS:
+            return "file"
+        raise InputError(path, f"cannot tell the format of a {ending or 'suffix-less'} file")
+    if not path.is_dir():
+        raise InputError(path, "not found")
+    if (path / "dataset.json").is_file() and ((path / "labelsTr").is_dir() or (path / "imagesTr").is_dir()):
+        return "nnunet"
+    if find_subdir(path, IMAGE_DIRS) is not None:
+        return "folder2d"
+    if any(p.suffix == ".npz" for p in path.iterdir()):
+        return "npz"
+    from .single import dicom_series
+
+    if dicom_series(path):
+        return "dicom"
+    raise InputError(path, "cannot tell the dataset format: expected an nnU-Net raw folder (dataset.json, imagesTr/, "
+                           "labelsTr/), a 2D folder (images/ + masks/), .npz files or one DICOM series")
+
+
+def open_dataset(path: str | os.PathLike, format: str = "auto", modality: str | None = None) -> DatasetSource:
+    """Open a dataset with the reader named ``format`` (``"auto"``: :func:`detect_format`).
+
+    ``modality`` (``"CT"``, ``"MR"``, ``"natural"``, ``"other"``) overrides what the reader infers. Returns a
+    :class:`DatasetSource` with ``case_ids``, ``test_case_ids``, ``labels``, ``num_classes``, ``modality``,
+    ``split_file`` and ``load(case_id) -> Case``. Bad input raises ``InputError`` naming the file.
+    """
+    name = detect_format(path) if format == "auto" else format
+    return READERS.get(name)(Path(path), modality=modality)
+
+
+def load_case(path: str | os.PathLike, format: str = "auto", modality: str | None = None):
+    """The single case of a one-case input (a NIfTI/NRRD/MHA/PNG file, a DICOM folder, one .npz file)."""
+    source = open_dataset(path, format, modality)
+    ids = source.case_ids + source.test_case_ids
+    if len(ids) != 1:
+        raise InputError(path, f"expected one case, found {len(ids)}")
+    return source.load(ids[0])
+
+
+__all__ = ["READERS", "DatasetSource", "detect_format", "load_case", "open_dataset"]
