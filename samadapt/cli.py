@@ -86,11 +86,11 @@ def predict(
 
     if run:
         checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
+    if checkpoint:  # load the model first: a bad checkpoint fails before any data is read
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
     source = open_dataset(inputs)
     ids = source.test_case_ids or source.case_ids
-    if checkpoint:
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
-    else:
+    if not checkpoint:
         cfg = _config(config, set_, **{"train.device": device})
         predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))

@@ -29,10 +29,8 @@ console = Console(stderr=True)
 
 
 def _dataset(out: Path) -> Path:
-    existing = sorted((out / "data").glob("Dataset*"))
-    if existing and (existing[0] / "dataset.json").is_file():
-        return existing[0]
-    return Path(DEMO_DATASETS["mni152-brain"](out / "data"))
+    """The MNI152 brain dataset inside ``out/data`` (built once, reused by later runs)."""
+    return Path(DEMO_DATASETS["mni152-brain"](out / "data" / "mni152-brain"))
 
 
 def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: int | None = None,

@@ -81,9 +81,9 @@ class Predictor:
 
     def predict_case(self, case: Case) -> np.ndarray:
         """Label map Z x Y x X (the case's spatial shape) for one case."""
-        items = volume_slices(case, self.axis, self.method.input_size, self.intensity)
-        probs = self.predict_probabilities(items)
-        return reassemble(probs, items, case, self.axis)
+        slices = volume_slices(case, self.axis, self.method.input_size, self.intensity)
+        probs = self.predict_probabilities([slices[i] for i in range(len(slices))])
+        return reassemble(probs, self.axis, case)
 
     def predict_cases(self, cases: Iterable[Case], out_dir: str | Path | None = None,
                       total: int | None = None) -> dict[str, np.ndarray | Path]:

@@ -63,7 +63,7 @@ def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = 
                          augment=None if cfg.augment == "none" else cfg.augment, empty_ratio=cfg.empty_ratio,
                          seed=seed)
     if cfg.fewshot is not None:
-        train = train.subset(fewshot_slices(train.keys(), cfg.fewshot, seed=seed))
+        train = train.restrict(fewshot_slices(train.slice_keys, cfg.fewshot, seed=seed))
     val = None
     if split.val:
         val = SliceDataset(source.load_all(split.val), input_size, axis=cfg.axis, intensity=intensity,
@@ -149,4 +149,5 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult | None:
         manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": result.best_metric,
                                 "seconds": result.seconds, "stopped_early": result.stopped_early}
         atomic_write_json(out / "manifest.json", manifest)
+    dist_utils.cleanup()
     return result

@@ -134,6 +134,8 @@ class Trainer:
                 progress.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
                 running, count = 0.0, 0
                 optimizer.zero_grad(set_to_none=True)
+                if hasattr(train_ds, "set_epoch"):
+                    train_ds.set_epoch(epoch)  # redraws sampled empty slices and augmentation seeds
                 loader = self._loader(train_ds, epoch)
                 for i, batch in enumerate(loader):
                     batch = self._prepare(batch)

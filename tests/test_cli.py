@@ -1,0 +1,103 @@
+"""End-to-end through the command line: train (1 and 2 processes), predict, evaluate, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "samadapt.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"samadapt {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def disc_folder(tmp_path_factory) -> Path:
+    """A 2D images/ + masks/ dataset of 12 gray 80x96 pictures with one bright disc each ({0,255} masks)."""
+    root = tmp_path_factory.mktemp("discs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :96]
+    for i in range(12):
+        cy, cx, r = rng.integers(25, 55), rng.integers(25, 70), rng.integers(8, 18)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+        img = (40 + 150 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+TINY = ["--backbone", "tiny", "--method", "decoder", "--device", "cpu", "--set", "data.cache=off",
+        "--set", "data.empty_ratio=null", "--set", "train.batch_size=4", "--set", "train.lr=0.001"]
+
+
+def test_train_predict_evaluate_round_trip(disc_folder, tmp_path):
+    out = tmp_path / "run"
+    run("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "3", *TINY)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backbone"]["name"] == "tiny" and manifest["training"]["epochs_run"] == 3
+    assert set(manifest["data"]["split"]) >= {"train", "val", "test"}
+    pred = tmp_path / "pred"
+    run("predict", str(disc_folder / "images"), "--run", str(out), "--out", str(pred), "--device", "cpu")
+    written = sorted(p.name for p in pred.iterdir())
+    assert written == sorted(p.name for p in (disc_folder / "images").iterdir())
+    for name in written:  # each mask has its image's size
+        assert Image.open(pred / name).size == Image.open(disc_folder / "images" / name).size
+    ev = tmp_path / "eval"
+    run("evaluate", str(pred), str(disc_folder / "masks"), "--out", str(ev))
+    summary = json.loads((ev / "summary.json").read_text())
+    assert (ev / "per_case.csv").is_file() and summary
+
+
+def test_two_process_ddp_training(disc_folder, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "samadapt.cli", "train", "--data", str(disc_folder), "--out", str(out), "--epochs", "2", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["best.json", "best.safetensors", "last.json", "last.safetensors"]
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + 2 epochs, written once (rank 0 only)
+
+
+def test_bad_input_errors(disc_folder, tmp_path):
+    bad = run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY, check=False)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    bad = run("train", "--data", str(disc_folder), "--method", "no-such-method", "--out", str(tmp_path / "r2"),
+              check=False)
+    assert bad.returncode == 2 and "unknown method 'no-such-method'" in bad.stderr
+    bad = run("train", "--data", str(disc_folder), "--backbone", "nope", "--out", str(tmp_path / "r3"), check=False)
+    assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
+    bad = run("train", "--data", str(disc_folder), "--set", "train.nosuchkey=1", check=False)
+    assert bad.returncode == 2 and "train.nosuchkey" in bad.stderr
+    # a checkpoint trained on another backbone is refused
+    out = tmp_path / "run"
+    run("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "1", *TINY)
+    manifest_path = out / "checkpoints" / "best.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backbone"]["weights_id"] = "0123456789abcdef"
+    manifest_path.write_text(json.dumps(manifest))
+    bad = run("predict", str(disc_folder / "images"), "--checkpoint", str(out / "checkpoints" / "best.safetensors"),
+              "--out", str(tmp_path / "p"), check=False)
+    assert bad.returncode == 2 and "trained on backbone tiny" in bad.stderr
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_info_lists_methods_and_backbones():
+    out = run("info").stdout
+    for name in ("decoder", "box-prompt", "unet", "litemedsam", "tiny", "sam_vit_b"):
+        assert name in out
