@@ -1,0 +1,382 @@
+"""Segmentation metrics with written conventions: Dice, IoU, HD95, NSD and ASSD.
+
+All functions take integer label maps (0 = background) as numpy arrays, 2D (H x W) or 3D (D x H x W), and score
+each requested class as a binary mask ``label == c``.
+
+Units
+-----
+Distances (HD95, ASSD) and the NSD tolerance are in **millimetres**, computed with the voxel spacing given in
+numpy axis order (for a SimpleITK image, ``image.GetSpacing()[::-1]``). Passing ``spacing=None`` or
+``units="voxel"`` gives the voxel-unit variant (spacing 1 on every axis) that SAMed and H-SAM report; use it only
+to compare with those papers. Axes of length 1 are dropped before scoring (a 2D slice stored as a 1 x H x W volume
+is scored as 2D; otherwise every one of its voxels would be a surface voxel).
+
+Surface definitions
+-------------------
+- **HD95 and ASSD** (the MedPy/SAMed/MONAI definition, computed by MONAI's ``compute_hausdorff_distance`` and
+  ``compute_average_surface_distance``): the surface of a mask is its set of boundary voxels, i.e. foreground
+  voxels with at least one face-neighbour (4-connectivity in 2D, 6 in 3D) in the background; the image border counts
+  as background. Distances are Euclidean between voxel centres, scaled by the spacing. HD95 is
+  ``max(P95(d(pred -> gt)), P95(d(gt -> pred)))`` with linearly interpolated percentiles; ASSD is the mean of the
+  distances of both directions pooled together.
+- **NSD** (normalised surface Dice at tolerance tau, Nikolov et al. 2021) follows DeepMind's ``surface-distance``
+  reference: the surface is made of sub-voxel surface elements (marching squares/cubes on the voxel-corner lattice),
+  each weighted by its length (2D) or area (3D) in mm; NSD = (area of pred surface within tau of the gt surface +
+  area of gt surface within tau of the pred surface) / (total area of both). Computed by MONAI's
+  ``compute_surface_dice(..., use_subvoxels=True)``, which matches DeepMind's code. A distance equal to tau counts
+  as within.
+
+Empty-mask conventions (per class and case)
+-------------------------------------------
+==================  =====  =====  =====  =====  =====
+case                Dice   IoU    HD95   NSD    ASSD
+==================  =====  =====  =====  =====  =====
+both empty          1      1      0      1      0
+only one empty      0      0      NaN    0      NaN
+==================  =====  =====  =====  =====  =====
+
+A NaN distance means "undefined", not "good": :func:`summarize` leaves NaNs out of means and standard deviations
+and reports how many values were missing for each class and metric; it never turns them into 0. Unlike SAMed's
+``calculate_metric_percase``, a false positive on a class absent from the ground truth scores Dice 0, not 1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from samadapt.errors import InputError
+
+METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "nsd", "assd")
+"""Names accepted by :func:`compute_metrics`, in the order they are reported."""
+
+DISTANCE_METRICS = frozenset({"hd95", "assd"})
+"""Metrics that are NaN (missing) when exactly one of the two masks is empty."""
+
+__all__ = [
+    "METRICS",
+    "DISTANCE_METRICS",
+    "compute_metrics",
+    "dice",
+    "iou",
+    "summarize",
+    "rows_from_result",
+    "batch_dice",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# input checking
+
+
+def _as_label_map(a: np.ndarray, name: str) -> np.ndarray:
+    """Return ``a`` as an integer (or bool) numpy array; floats must hold whole numbers."""
+    arr = np.asarray(a)
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.integer):
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise InputError(name, f"expected an integer label map, got {arr.dtype} values that are not whole numbers")
+        return arr.astype(np.int64)
+    raise InputError(name, f"expected an integer label map, got dtype {arr.dtype}")
+
+
+def _resolve_spacing(
+    spacing: float | Sequence[float] | None, ndim: int, units: str | None
+) -> tuple[tuple[float, ...], str]:
+    """Spacing in numpy axis order and the unit it yields ("mm" or "voxel")."""
+    if units not in (None, "mm", "voxel"):
+        raise InputError("units", f"expected 'mm' or 'voxel', got {units!r}")
+    if units == "voxel" or (units is None and spacing is None):
+        return (1.0,) * ndim, "voxel"
+    if spacing is None:
+        raise InputError("spacing", "units='mm' needs the voxel spacing; pass spacing=... or units='voxel'")
+    sp = tuple(float(s) for s in np.atleast_1d(np.asarray(spacing, dtype=float)))
+    if len(sp) == 1:
+        sp = sp * ndim
+    if len(sp) != ndim:
+        raise InputError("spacing", f"expected {ndim} values (one per array axis, numpy order), got {len(sp)}: {sp}")
+    if not all(math.isfinite(s) and s > 0 for s in sp):
+        raise InputError("spacing", f"expected positive finite values, got {sp}")
+    return sp, "mm"
+
+
+def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(metrics)
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise InputError("metrics", f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# overlap metrics
+
+
+def _overlap(p: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two boolean masks, with the empty conventions of the module docstring."""
+    sp = int(np.count_nonzero(p))
+    sg = int(np.count_nonzero(g))
+    if sp == 0 and sg == 0:
+        return 1.0, 1.0
+    inter = int(np.count_nonzero(p & g))
+    return 2.0 * inter / (sp + sg), inter / (sp + sg - inter)
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice coefficient of two binary masks (any non-zero value is foreground).
+
+    Both empty -> 1.0; exactly one empty -> 0.0.
+    """
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
+    if p.shape != g.shape:
+        raise InputError("pred/gt", f"shapes differ: {p.shape} vs {g.shape}")
+    return _overlap(p, g)[0]
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Intersection over union (Jaccard) of two binary masks. Both empty -> 1.0; exactly one empty -> 0.0."""
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
+    if p.shape != g.shape:
+        raise InputError("pred/gt", f"shapes differ: {p.shape} vs {g.shape}")
+    return _overlap(p, g)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# surface metrics (MONAI)
+
+
+def _surface(
+    p: np.ndarray, g: np.ndarray, spacing: tuple[float, ...], tau: float, wanted: set[str]
+) -> dict[str, float]:
+    """HD95 / ASSD / NSD of two non-empty boolean masks through MONAI."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+
+    yp = torch.from_numpy(np.ascontiguousarray(p))[None, None]
+    yg = torch.from_numpy(np.ascontiguousarray(g))[None, None]
+    sp = list(spacing)
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        # empty masks never reach MONAI (the caller applies the conventions), so its empty-mask warnings cannot
+        # concern us; its internal use of its own deprecated argument is not ours to fix either
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*is all 0.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy.*")
+        if "hd95" in wanted:
+            out["hd95"] = float(
+                compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=sp)[0, 0]
+            )
+        if "assd" in wanted:
+            out["assd"] = float(
+                compute_average_surface_distance(yp, yg, include_background=True, symmetric=True, spacing=sp)[0, 0]
+            )
+        if "nsd" in wanted:
+            out["nsd"] = float(
+                compute_surface_dice(
+                    yp.float(), yg.float(), [float(tau)], include_background=True, spacing=sp, use_subvoxels=True
+                )[0, 0]
+            )
+    return out
+
+
+def compute_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    classes: list[int],
+    spacing: float | Sequence[float] | None,
+    nsd_tolerance_mm: float = 1.0,
+    metrics: Sequence[str] = METRICS,
+    *,
+    units: str | None = None,
+) -> dict[int, dict[str, float]]:
+    """Score ``pred`` against ``gt`` for each class in ``classes``.
+
+    Args:
+        pred, gt: integer label maps of the same shape, 2D or 3D (axes of length 1 are dropped first).
+        classes: label values to score, each as the binary mask ``label == c``.
+        spacing: voxel size in mm per axis, in numpy axis order (a single number means isotropic). ``None`` scores
+            distances in voxel units (SAMed/H-SAM compatibility).
+        nsd_tolerance_mm: NSD tolerance tau, in mm (in voxels when the units are voxels).
+        metrics: which of ``"dice", "iou", "hd95", "nsd", "assd"`` to compute.
+        units: ``None`` (mm when ``spacing`` is given, voxels otherwise), ``"mm"`` (requires ``spacing``) or
+            ``"voxel"`` (ignores ``spacing``).
+
+    Returns:
+        ``{class: {metric: value}}``, metrics in the order asked. Empty masks follow the table in the module
+        docstring: both empty -> Dice 1, IoU 1, HD95 0, NSD 1, ASSD 0; exactly one empty -> Dice 0, IoU 0, NSD 0,
+        HD95 and ASSD NaN (missing, never 0).
+
+    Raises:
+        InputError: shapes differ, a map is not an integer label map, it is not 2D/3D, the spacing does not match
+            the number of axes, an unknown metric is asked, or the tolerance is negative.
+    """
+    names = _check_metrics(metrics)
+    p_all = _as_label_map(pred, "pred")
+    g_all = _as_label_map(gt, "gt")
+    if p_all.shape != g_all.shape:
+        raise InputError("pred/gt", f"shapes differ: prediction {p_all.shape} vs ground truth {g_all.shape}")
+    sp, _ = _resolve_spacing(spacing, g_all.ndim, units)
+    if not (math.isfinite(float(nsd_tolerance_mm)) and float(nsd_tolerance_mm) >= 0):
+        raise InputError("nsd_tolerance_mm", f"expected a finite value >= 0, got {nsd_tolerance_mm}")
+
+    keep = [ax for ax, n in enumerate(g_all.shape) if n != 1]
+    if len(keep) not in (2, 3):
+        raise InputError(
+            "pred/gt", f"expected a 2D or 3D label map (after dropping axes of length 1), got shape {g_all.shape}"
+        )
+    if len(keep) != g_all.ndim:
+        new_shape = tuple(g_all.shape[ax] for ax in keep)
+        p_all, g_all = p_all.reshape(new_shape), g_all.reshape(new_shape)
+        sp = tuple(sp[ax] for ax in keep)
+
+    surface_wanted = {m for m in names if m in ("hd95", "assd", "nsd")}
+    result: dict[int, dict[str, float]] = {}
+    for c in classes:
+        c = int(c)
+        p = p_all == c
+        g = g_all == c
+        d, j = _overlap(p, g)
+        values: dict[str, float] = {"dice": d, "iou": j}
+        p_any, g_any = bool(p.any()), bool(g.any())
+        if surface_wanted:
+            if not p_any and not g_any:
+                values.update(hd95=0.0, assd=0.0, nsd=1.0)
+            elif not p_any or not g_any:
+                values.update(hd95=math.nan, assd=math.nan, nsd=0.0)
+            else:
+                values.update(_surface(p, g, sp, float(nsd_tolerance_mm), surface_wanted))
+        result[c] = {m: float(values[m]) for m in names}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def rows_from_result(case: str, result: Mapping[int, Mapping[str, float]]) -> list[dict]:
+    """Flatten one :func:`compute_metrics` result into rows ``{"case", "class", metric...}`` for :func:`summarize`."""
+    return [{"case": case, "class": int(c), **{k: float(v) for k, v in vals.items()}} for c, vals in result.items()]
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=float)
+    ok = arr[~np.isnan(arr)]
+    return {
+        "mean": float(ok.mean()) if ok.size else math.nan,
+        "std": float(ok.std()) if ok.size else math.nan,
+        "n": int(ok.size),
+        "missing": int(arr.size - ok.size),
+    }
+
+
+def summarize(rows: Iterable[Mapping]) -> dict:
+    """Mean and standard deviation per class and metric, NaN-aware, with counts of missing values.
+
+    Args:
+        rows: records ``{"case": str, "class": int, "<metric>": float, ...}``, one per case and class (as written to
+            ``per_case.csv``; see :func:`rows_from_result`).
+
+    Returns:
+        ``{"metrics": [...], "classes": [...], "num_cases": N,
+        "per_class": {"<class>": {"<metric>": {"mean", "std", "n", "missing"}}},
+        "foreground": {"<metric>": {"mean", "std", "n", "missing"}}}``.
+
+        ``per_class``: over the cases of that class; ``n`` values were defined, ``missing`` were NaN (e.g. HD95 when
+        one mask is empty) and are left out of the mean and std, never counted as 0.
+        ``foreground``: each case is first averaged over its classes (NaNs left out), then the mean and std are taken
+        over cases; ``missing`` counts cases with no defined value for that metric in any class.
+        Standard deviations are population (ddof=0). Means of metrics with no defined value are NaN.
+    """
+    rows = list(rows)
+    metrics: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in ("case", "class") and k not in metrics:
+                metrics.append(k)
+    metrics.sort(key=lambda m: (METRICS.index(m) if m in METRICS else len(METRICS), m))
+    classes = sorted({int(r["class"]) for r in rows})
+    cases = list(dict.fromkeys(str(r["case"]) for r in rows))
+
+    def val(r: Mapping, m: str) -> float:
+        v = r.get(m)
+        return math.nan if v is None else float(v)
+
+    per_class = {
+        str(c): {m: _stats([val(r, m) for r in rows if int(r["class"]) == c]) for m in metrics} for c in classes
+    }
+    foreground: dict[str, dict] = {}
+    for m in metrics:
+        per_case = []
+        for case in cases:
+            vals = np.asarray([val(r, m) for r in rows if str(r["case"]) == case], dtype=float)
+            vals = vals[~np.isnan(vals)]
+            per_case.append(float(vals.mean()) if vals.size else math.nan)
+        foreground[m] = _stats(per_case)
+    return {
+        "metrics": metrics,
+        "classes": classes,
+        "num_cases": len(cases),
+        "per_class": per_class,
+        "foreground": foreground,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cheap validation metric for training
+
+
+@torch.no_grad()
+def batch_dice(probs_or_labels: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean foreground Dice of a batch, for validation during training (no surface metrics, no spacing).
+
+    Args:
+        probs_or_labels: predicted labels ``B x H x W`` (integer or bool); or class scores ``B x C x H x W``
+            (probabilities or logits, ``C == num_classes``; argmax over C); or, for a binary task
+            (``num_classes == 2``), floating foreground probabilities ``B x H x W`` thresholded at 0.5.
+            Any number of spatial axes works the same way.
+        labels: ground-truth integer labels ``B x H x W``.
+        num_classes: number of classes including background 0; foreground classes are ``1 .. num_classes - 1``.
+
+    Returns:
+        A 0-d float tensor on the input's device: Dice averaged over samples and foreground classes, each
+        (sample, class) scored with the module's empty convention (both empty -> 1, one empty -> 0).
+    """
+    if num_classes < 2:
+        raise InputError("num_classes", f"expected at least 2 (background + one foreground class), got {num_classes}")
+    if probs_or_labels.dim() == labels.dim() + 1:
+        if probs_or_labels.shape[1] != num_classes:
+            raise InputError(
+                "probs_or_labels", f"expected {num_classes} channels, got shape {tuple(probs_or_labels.shape)}"
+            )
+        pred = probs_or_labels.argmax(dim=1)
+    elif probs_or_labels.shape == labels.shape:
+        if probs_or_labels.is_floating_point():
+            if num_classes != 2:
+                raise InputError(
+                    "probs_or_labels",
+                    "floating B x H x W input is read as binary foreground probabilities; give labels (integers) or "
+                    f"B x {num_classes} x H x W scores for {num_classes} classes",
+                )
+            pred = probs_or_labels > 0.5
+        else:
+            pred = probs_or_labels
+    else:
+        raise InputError(
+            "probs_or_labels",
+            f"shape {tuple(probs_or_labels.shape)} fits neither labels {tuple(labels.shape)} "
+            "nor B x C x spatial scores",
+        )
+    pred = pred.long()
+    labels = labels.long()
+    dims = tuple(range(1, labels.dim()))
+    scores = []
+    for c in range(1, num_classes):
+        p = pred == c
+        g = labels == c
+        inter = (p & g).sum(dim=dims).float()
+        denom = p.sum(dim=dims).float() + g.sum(dim=dims).float()
+        scores.append(torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1.0), torch.ones_like(denom)))
+    return torch.stack(scores, dim=1).mean()
