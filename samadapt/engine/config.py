@@ -128,9 +128,16 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return loaded
     if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(loaded, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                loaded = float(loaded)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if not isinstance(loaded, (int, float)) or isinstance(loaded, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return type(current)(loaded) if isinstance(current, float) or float(loaded).is_integer() else loaded
+        if isinstance(current, int) and not float(loaded).is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return type(current)(loaded)
     if isinstance(current, tuple):
         if not isinstance(loaded, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
