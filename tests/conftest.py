@@ -20,3 +20,42 @@ def litemedsam_backbone():
     from samadapt.backbones import build_backbone
 
     return build_backbone("litemedsam").eval()
+
+
+@pytest.fixture(scope="session")
+def mni152_brain_dataset(tmp_path_factory):
+    """Path of the MNI152 brain-extraction dataset (nnU-Net raw: slabs mni152_train / _val / _test)."""
+    from samadapt.data.demo_data import build_mni152
+
+    return build_mni152(tmp_path_factory.mktemp("mni152") / "brain", task="brain")
+
+
+@pytest.fixture(scope="session")
+def mni152_tissue_dataset(tmp_path_factory):
+    """Path of the MNI152 3-class tissue dataset (same slabs as the brain task)."""
+    from samadapt.data.demo_data import build_mni152
+
+    return build_mni152(tmp_path_factory.mktemp("mni152") / "tissue", task="tissue")
+
+
+def _real_batch(dataset_path, n=4, input_size=256):
+    from samadapt.data.readers import open_dataset
+    from samadapt.data.slices import SliceDataset, collate
+
+    source = open_dataset(dataset_path)
+    ds = SliceDataset([source.load("mni152_train")], input_size, axis=0)
+    fg = [i for i, key in enumerate(ds.slice_keys) if key in set(ds.foreground_keys())]
+    picks = [fg[int(j)] for j in torch.linspace(0, len(fg) - 1, n + 2)[1:-1]]  # spread over the slab
+    return collate([ds[i] for i in picks])
+
+
+@pytest.fixture(scope="session")
+def real_brain_batch(mni152_brain_dataset):
+    """A collated batch of 4 foreground slices of the MNI152 training slab at 256 px (image, label, key, ...)."""
+    return _real_batch(mni152_brain_dataset)
+
+
+@pytest.fixture(scope="session")
+def real_tissue_batch(mni152_tissue_dataset):
+    """Like ``real_brain_batch`` for the 3-class tissue task."""
+    return _real_batch(mni152_tissue_dataset)
