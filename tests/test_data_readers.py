@@ -365,3 +365,18 @@ def test_single_file_input(tmp_path):
     assert case.id == "scan" and case.modality == "CT" and case.file_ending == ".nrrd"
     with pytest.raises(InputError, match="cannot tell the format"):
         open_dataset(tmp_path / "nothing.txt") if (tmp_path / "nothing.txt").write_text("x") else None
+
+
+def test_folder_of_volumes_for_prediction(tmp_path):
+    image = volume_pair()[0]
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for name in ("p1_0000", "p1_0001", "p2_0000", "p2_0001"):
+        sitk.WriteImage(sitk_image(image), str(folder / f"{name}.nii.gz"))
+    ds = open_dataset(folder)
+    assert ds.format == "volumes" and ds.test_case_ids == ["p1", "p2"]
+    case = ds.load("p2")
+    assert case.image.shape == (2, 6, 20, 24) and case.modality == "CT"
+    (folder / "p1_0000.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"p1_0001\.nii\.gz.*no _0000"):
+        open_dataset(folder)

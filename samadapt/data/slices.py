@@ -47,7 +47,7 @@ def _take(volume: np.ndarray, index: int, axis: int) -> np.ndarray:
 class SliceDataset(Dataset):
     """2D slices along ``axis`` of already loaded ``cases`` (see the module docstring for the item layout).
 
-    ``intensity`` normalises each case once at construction. ``augment``: a recipe name (``none``, ``light``,
+    ``intensity`` normalises each case once at construction (kept in fp16; slices are float32). ``augment``: a recipe name (``none``, ``light``,
     ``standard``, ``elastic``) or an :class:`Augment`; augmentation is seeded by (``seed``, epoch, index).
     ``empty_ratio``: training sampler; ``None`` keeps every slice, a number keeps all slices with foreground plus
     ``round(empty_ratio * n_foreground)`` slices without (seeded; redrawn by :meth:`set_epoch`). It raises
@@ -76,7 +76,10 @@ class SliceDataset(Dataset):
         self.empty_ratio = empty_ratio
         self.seed = seed
         self.epoch = 0
-        self._images = [normalize_intensity(c.image, c.modality, intensity) for c in self.cases]
+        if axis != 0 and any(c.is_2d for c in self.cases):
+            raise ConfigError(f"2D pictures can only be sliced along axis 0, got axis={axis}")
+        # normalised images are kept in fp16 (error <= 2.5e-4 on [0, 1]) to halve the memory of large volumes
+        self._images = [normalize_intensity(c.image, c.modality, intensity).astype(np.float16) for c in self.cases]
         self._case_index = {c.id: i for i, c in enumerate(self.cases)}
         self._foreground: list[np.ndarray] = []
         for c in self.cases:
@@ -147,7 +150,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ci, s = self.index[i]
         case = self.cases[ci]
-        image2d = torch.from_numpy(_take(self._images[ci], s, self.axis + 1))
+        image2d = torch.from_numpy(_take(self._images[ci], s, self.axis + 1).astype(np.float32))
         image, pad = resize_pad(image2d, self.input_size)
         item: dict[str, Any] = {"image": image.contiguous()}
         if case.label is not None:

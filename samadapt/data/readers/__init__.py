@@ -1,7 +1,8 @@
 """Dataset readers found by name in ``READERS`` and :func:`open_dataset`, which picks one by looking at the path.
 
 Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``npz`` (MedSAM-style),
-``dicom`` (a folder holding one series) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
+``dicom`` (a folder holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's
+``imagesTs``) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
 a :class:`DatasetSource` subclass with ``@READERS.register("name")`` (entry-point group ``samadapt.readers``);
 the class is built as ``cls(path, modality=None)``.
 """
@@ -23,7 +24,7 @@ from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The reader name for ``path``: nnunet (dataset.json), folder2d (images/), npz, dicom (a series), file."""
+    """The reader name for ``path``: nnunet (dataset.json), folder2d (images/), npz, volumes, dicom, file."""
     path = Path(path)
     if path.is_file():
         ending = file_ending(path)
@@ -40,12 +41,15 @@ def detect_format(path: str | os.PathLike) -> str:
         return "folder2d"
     if any(p.suffix == ".npz" for p in path.iterdir()):
         return "npz"
+    if any(p.is_file() and file_ending(p) in VOLUME_ENDINGS for p in path.iterdir()):
+        return "volumes"
     from .single import dicom_series
 
     if dicom_series(path):
         return "dicom"
     raise InputError(path, "cannot tell the dataset format: expected an nnU-Net raw folder (dataset.json, imagesTr/, "
-                           "labelsTr/), a 2D folder (images/ + masks/), .npz files or one DICOM series")
+                           "labelsTr/), a 2D folder (images/ + masks/), .npz files, a folder of NIfTI/NRRD/MHA "
+                           "volumes or one DICOM series")
 
 
 def open_dataset(path: str | os.PathLike, format: str = "auto", modality: str | None = None) -> DatasetSource:

@@ -118,3 +118,52 @@ class FileSource(DatasetSource):
                     origin=volume.origin, direction=volume.direction, source=str(self.root), modality=modality,
                     is_2d=two_d, file_ending=".png" if self.ending in IMAGE_2D_ENDINGS else self.ending,
                     meta={"dtype": str(stored), "geometry_source": str(self.root)})
+
+
+@READERS.register("volumes")
+class VolumeFolderSource(DatasetSource):
+    """A folder of unlabelled volumes to predict (NIfTI/NRRD/MHA), e.g. an nnU-Net ``imagesTs`` folder.
+
+    When every file name ends in ``_0000``-style channel suffixes, files are grouped into multi-channel cases as in
+    nnU-Net (``case_0000.nii.gz``, ``case_0001.nii.gz``); otherwise each file is one single-channel case.
+    """
+
+    format = "volumes"
+
+    def __init__(self, root: str | Path, modality: str | None = None):
+        super().__init__(root, modality)
+        if not self.root.is_dir():
+            raise InputError(self.root, "not a folder")
+        files = sorted(p for p in self.root.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and file_ending(p) in VOLUME_ENDINGS)
+        if not files:
+            raise InputError(self.root, f"no volumes ({', '.join(VOLUME_ENDINGS)}) in this folder")
+        stems = [strip_ending(p) for p in files]
+        channelled = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() for s in stems)
+        self.files: dict[str, list[Path]] = {}
+        for p, s in zip(files, stems):
+            self.files.setdefault(s[:-5] if channelled else s, []).append(p)
+        for cid, paths in self.files.items():
+            if channelled and strip_ending(paths[0])[-4:] != "0000":
+                raise InputError(paths[0], f"case {cid!r} has no _0000 channel file")
+        self.test_case_ids = sorted(self.files)
+
+    def case_files(self, case_id: str) -> dict[str, Any]:
+        self._check_id(case_id)
+        return {"image": list(self.files[case_id]), "label": None}
+
+    def load(self, case_id: str) -> Case:
+        paths = self.case_files(case_id)["image"]
+        volumes = [_io.read_volume(p) for p in paths]
+        for path, vol in zip(paths[1:], volumes[1:]):
+            problem = _io.same_geometry(volumes[0], vol)
+            if problem:
+                raise InputError(path, f"channel {problem}")
+        first = volumes[0]
+        image = np.concatenate([v.array for v in volumes], axis=0)
+        modality = self._modality_override or guess_modality(image, first.array.dtype)
+        self.modality = modality
+        return Case(id=case_id, image=image.astype(np.float32), label=None, spacing=first.spacing,
+                    origin=first.origin, direction=first.direction, source=str(paths[0]), modality=modality,
+                    is_2d=first.dimension == 2, file_ending=file_ending(paths[0]),
+                    meta={"dtype": str(first.array.dtype), "geometry_source": str(paths[0])})
