@@ -292,6 +292,8 @@ def test_folder2d_images_only_gives_test_cases(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "pred" / "images" / "q.png")
     ds = open_dataset(tmp_path / "pred")
     assert ds.case_ids == [] and ds.test_case_ids == ["q"] and ds.load("q").label is None
+    bare = open_dataset(tmp_path / "pred" / "images")  # a bare folder of pictures works too
+    assert bare.format == "folder2d" and bare.test_case_ids == ["q"]
 
 
 # --- npz -------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ READERS: Registry[type] = Registry("reader", "samadapt.readers")
 
 from .base import DatasetSource  # noqa: E402
 from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
-from .folder2d import IMAGE_DIRS, find_subdir  # noqa: E402
+from .folder2d import IMAGE_DIRS, find_subdir, has_pictures  # noqa: E402
 from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise InputError(path, "not found")
     if (path / "dataset.json").is_file() and ((path / "labelsTr").is_dir() or (path / "imagesTr").is_dir()):
         return "nnunet"
-    if find_subdir(path, IMAGE_DIRS) is not None:
+    if find_subdir(path, IMAGE_DIRS) is not None or has_pictures(path):
         return "folder2d"
     if any(p.suffix == ".npz" for p in path.iterdir()):
         return "npz"

@@ -5,7 +5,7 @@ palette PNG) holding either {0, 255} (binary; read as {0, 1}) or integer class i
 ``labels.json`` (``{"labels": {"background": 0, "polyp": 1}, "modality": "natural"}``); without one the dataset
 is binary. JPEG masks (lossy) are thresholded at 128 and must be binary. A mask may carry a suffix after the image
 stem (``ISIC_0000000_segmentation.png`` matches ``ISIC_0000000.jpg``). A folder with ``images/`` only gives test
-cases to predict. Folder names also accepted: ``imgs``/``image``/``Original`` and ``mask``/``labels``/``gts``/
+cases to predict, and so does a bare folder of pictures. Folder names also accepted: ``imgs``/``image``/``Original`` and ``mask``/``labels``/``gts``/
 ``Ground Truth``.
 """
 
@@ -35,6 +35,11 @@ def find_subdir(root: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def has_pictures(folder: Path) -> bool:
+    """Whether ``folder`` directly holds PNG/JPG/TIF/BMP files."""
+    return any(p.is_file() and file_ending(p) in IMAGE_2D_ENDINGS for p in folder.iterdir())
+
+
 def _pictures(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
@@ -55,10 +60,14 @@ class Folder2DSource(DatasetSource):
     def __init__(self, root: str | Path, modality: str | None = None):
         super().__init__(root, modality)
         images_dir = find_subdir(self.root, IMAGE_DIRS)
+        masks_dir = find_subdir(self.root, MASK_DIRS)
         if images_dir is None:
-            raise InputError(self.root, f"no images folder (expected one of {', '.join(IMAGE_DIRS)})")
+            if not self.root.is_dir() or not has_pictures(self.root):
+                raise InputError(self.root, f"no images folder (expected one of {', '.join(IMAGE_DIRS)}) "
+                                            "and no pictures in the folder itself")
+            images_dir, masks_dir = self.root, None  # a bare folder of pictures: cases to predict
         self.images_dir = images_dir
-        self.masks_dir = find_subdir(self.root, MASK_DIRS)
+        self.masks_dir = masks_dir
         labels, self.labels_file, content = optional_labels_file(self.root)
         self.labels = labels or {"background": 0, "foreground": 1}
         self.binary = self.num_classes == 1

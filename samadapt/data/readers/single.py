@@ -24,7 +24,12 @@ def dicom_series(folder: Path) -> list[str]:
     """Series instance UIDs of the DICOM files directly inside ``folder`` (SimpleITK/GDCM)."""
     import SimpleITK as sitk
 
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is an answer, not a warning
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 @READERS.register("dicom")
