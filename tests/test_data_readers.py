@@ -382,3 +382,19 @@ def test_folder_of_volumes_for_prediction(tmp_path):
     (folder / "p1_0000.nii.gz").unlink()
     with pytest.raises(InputError, match=r"p1_0001\.nii\.gz.*no _0000"):
         open_dataset(folder)
+
+
+def test_palette_pictures_image_colours_mask_indices(tmp_path):
+    root = tmp_path / "voc"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    palette = [0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * (256 * 3 - 9)
+    idx = np.zeros((6, 8), np.uint8)
+    idx[2:4, 2:6] = 1
+    for folder in ("images", "masks"):
+        pic = Image.fromarray(idx, mode="P")
+        pic.putpalette(palette)
+        pic.save(root / folder / "a.png")
+    case = open_dataset(root).load("a")
+    assert case.image.shape == (3, 1, 6, 8) and case.image[0, 0, 2, 2] == 200  # colours, not indices
+    np.testing.assert_array_equal(case.label[0], idx)  # indices are the class ids

@@ -131,8 +131,12 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return sitk_to_volume(read_sitk(path), str(path))
 
 
-def read_picture(path: str | os.PathLike) -> np.ndarray:
-    """Read a 2D picture with PIL: ``Y x X`` (gray, palette indices, 16-bit) or ``Y x X x 3`` (RGB; alpha dropped)."""
+def read_picture(path: str | os.PathLike, mask: bool = False) -> np.ndarray:
+    """Read a 2D picture with PIL: ``Y x X`` (gray, 16-bit) or ``Y x X x 3`` (RGB; alpha dropped).
+
+    Palette pictures give their colours (``mask=False``) or their palette indices (``mask=True``: class ids, as in
+    Pascal-VOC-style masks).
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = str(path)
@@ -148,6 +152,8 @@ def read_picture(path: str | os.PathLike) -> np.ndarray:
                 picture = picture.convert("RGB" if mode != "LA" else "L")
             elif mode == "1":
                 picture = picture.convert("L")
+            elif mode in ("P", "PA") and not mask:
+                picture = picture.convert("RGB")
             arr = np.asarray(picture)
     except InputError:
         raise

@@ -130,7 +130,7 @@ class Folder2DSource(DatasetSource):
         return "natural" if picture.dtype == np.uint8 else "other"
 
     def _read_mask(self, path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-        mask = _io.read_picture(path)
+        mask = _io.read_picture(path, mask=True)
         if mask.ndim == 3:
             if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
                 raise InputError(path, "colour mask (RGB channels differ); expected a gray or palette class map")

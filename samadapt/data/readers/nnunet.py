@@ -136,9 +136,9 @@ class NnUNetSource(DatasetSource):
         return {"image": self._check_channels(folder, case_id), "label": self._label_path(case_id)}
 
     # --- reading ------------------------------------------------------------------------------------------------
-    def _read(self, path: Path) -> _io.Volume:
+    def _read(self, path: Path, mask: bool = False) -> _io.Volume:
         if self.is_2d:
-            return _io.picture_to_volume(_io.read_picture(path))
+            return _io.picture_to_volume(_io.read_picture(path, mask=mask))
         return _io.read_volume(path)
 
     def load(self, case_id: str) -> Case:
@@ -156,7 +156,7 @@ class NnUNetSource(DatasetSource):
         label = None
         label_path = files["label"]
         if label_path is not None:
-            lab = self._read(label_path)
+            lab = self._read(label_path, mask=True)
             if lab.array.shape[0] != 1:
                 raise InputError(label_path, f"label has {lab.array.shape[0]} components; expected one class map")
             problem = _io.same_geometry(first, lab)
