@@ -88,7 +88,7 @@ def predict(
         checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
     if checkpoint:  # load the model first: a bad checkpoint fails before any data is read
         predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
-    source = open_dataset(inputs)
+    source = open_dataset(inputs, modality=predictor.modality if checkpoint else None)
     ids = source.test_case_ids or source.case_ids
     if not checkpoint:
         cfg = _config(config, set_, **{"train.device": device})
@@ -155,7 +155,7 @@ def data_check(path: str = typer.Argument(..., help="Dataset folder."),
 @data_app.command("build")
 @friendly
 def data_build(name: str = typer.Argument(..., help="mni152-brain | mni152-tissue | nuclei | invesalius-ct."),
-               out: str = typer.Argument(..., help="Parent folder; the dataset folder is created inside.")):
+               out: str = typer.Argument(..., help="Folder to write the dataset into (created; reused if complete).")):
     """Build one of the small real demo datasets in nnU-Net raw format."""
     from .data.demo_data import DEMO_DATASETS
 

@@ -61,6 +61,8 @@ class DataConfig:
     """Named CT window (e.g. abdomen) or None."""
     window_min: float | None = None
     window_max: float | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    """MR / percentile mode: clip to these intensity percentiles before scaling to [0, 1]."""
     augment: str = "none"
     """Augmentation recipe: none | light | standard | elastic. Image-space augmentation disables the cache."""
     empty_ratio: float | None = 0.25

@@ -36,6 +36,7 @@ class Predictor:
         self.batch_size = batch_size
         self.amp = amp
         self.feature_source = feature_source
+        self.modality: str | None = None  # the training data's modality, when known (from a checkpoint)
 
     @classmethod
     def from_config(cls, config: RunConfig, num_classes: int, checkpoint: str | Path | None = None,
@@ -63,7 +64,10 @@ class Predictor:
             raise CheckpointError(f"{checkpoint}: manifest has no run config; was it written by samadapt train?")
         config = RunConfig()
         _update(config, manifest["config"], "")
-        return cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size, use_cache)
+        predictor = cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size,
+                                    use_cache)
+        predictor.modality = ((manifest.get("data") or {}).get("source") or {}).get("modality")
+        return predictor
 
     @torch.inference_mode()
     def predict_probabilities(self, items: list[dict]) -> list[torch.Tensor]:

@@ -43,7 +43,7 @@ class PreparedData:
 
 def intensity_config(cfg: DataConfig) -> IntensityConfig:
     return IntensityConfig(mode=cfg.intensity_mode, window=cfg.window, window_min=cfg.window_min,
-                           window_max=cfg.window_max)
+                           window_max=cfg.window_max, percentiles=tuple(cfg.percentiles))
 
 
 def open_source(cfg: DataConfig):
@@ -85,19 +85,27 @@ def use_cache(method: Method, cfg: DataConfig) -> bool:
     return possible and cfg.augment == "none"
 
 
-def feature_source(backbone: Backbone, method: Method, cfg: DataConfig, device: torch.device):
-    """A function batch -> cached ``Features`` (computed on first use), or None when not caching."""
+def embedding_cache(backbone: Backbone, method: Method, cfg: DataConfig):
+    """The ``EmbeddingCache`` this run reads encoder outputs from, or None when not caching."""
     if not use_cache(method, cfg):
         return None
     from ..data.cache import EmbeddingCache
     from ..weights import cache_dir
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "embeddings"
-    cache = EmbeddingCache(root, backbone, intermediates=method.needs_intermediates)
+    return EmbeddingCache(root, backbone, intermediates=method.needs_intermediates)
+
+
+def feature_source(backbone: Backbone, method: Method, cfg: DataConfig, device: torch.device):
+    """A function batch -> cached ``Features`` (computed on first use), or None when not caching."""
+    cache = embedding_cache(backbone, method, cfg)
+    if cache is None:
+        return None
 
     def fetch(batch: dict):
         return cache.get_or_compute(batch["key"], batch["image"]).to(device, torch.float32)
 
+    fetch.cache = cache  # type: ignore[attr-defined]
     return fetch
 
 
@@ -142,8 +150,12 @@ def train(config: RunConfig, resume: bool = False) -> TrainResult | None:
         atomic_write_json(out / "manifest.json", manifest)
     if not method.trainable:
         return None
-    trainer = Trainer(method, config.train, out, manifest, device, collate=collate,
-                      feature_source=feature_source(backbone, method, config.data, device))
+    features = feature_source(backbone, method, config.data, device)
+    if features is not None:  # encode every slice once up front, so the time budget counts training only
+        for ds in (data.train, data.val):
+            if ds is not None and len(ds):
+                features.cache.precompute(ds, batch_size=config.train.batch_size, progress=dist_utils.is_main())
+    trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
     result = trainer.fit(data.train, data.val, resume=resume)
     if dist_utils.is_main():
         manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": result.best_metric,
