@@ -11,7 +11,8 @@ import SimpleITK as sitk
 from PIL import Image
 from rich.console import Console
 
-from samadapt.data.cases import Case, atomic_path, write_label_like, write_label_png
+from samadapt.data.cases import Case, write_label_like, write_label_png
+from samadapt.io_utils import atomic_path
 from samadapt.data.check import check_dataset, print_check
 from samadapt.errors import InputError
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from ..io_utils import atomic_path, atomic_write_text
 from ..backbones.base import Backbone, Features
 
 CACHE_FORMAT = 1
@@ -76,11 +76,7 @@ class EmbeddingCache:
         meta = self.dir / "namespace.json"
         if meta.is_file():
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".namespace.", suffix=".part", dir=self.dir)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.namespace, handle, indent=2)
-        os.replace(tmp, meta)
+        atomic_write_text(meta, json.dumps(self.namespace, indent=2))
 
     def load(self, key: str) -> Features | None:
         """The entry for ``key`` as fp16 CPU ``Features`` (unbatched ``C x h x w``), or None when absent/invalid.
@@ -133,15 +129,8 @@ class EmbeddingCache:
         meta = {"namespace": self.namespace_id, "key": key, "checksum": _checksum(tensors)}
         self._write_namespace()
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     def __contains__(self, key: str) -> bool:

@@ -15,14 +15,12 @@ Every writer here is atomic: it writes to a temporary name in the destination fo
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ..io_utils import atomic_path
 from ..errors import InputError
 
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -100,25 +98,6 @@ class Case:
         """JSON-able geometry (for manifests and checks)."""
         return {"shape": list(self.shape), "spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
-
-
-# --- atomic writes -------------------------------------------------------------------------------------------------
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same ending, so format-by-extension writers work); on success rename
-    it onto ``path``, on failure delete it. The destination never holds a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ending = file_ending(path) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{ending}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 # --- SimpleITK conversions -----------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io_utils import atomic_path, atomic_write_text
 from ..errors import CheckpointError, ConfigError
 
 ADAPTER_FORMAT = "samadapt-lora/1"
@@ -224,17 +224,6 @@ def _manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def save_adapter(module: nn.Module, path: str | os.PathLike, manifest: dict | None = None) -> Path:
     """Write the adapter tensors to ``path`` (.safetensors) and ``<path>.json`` beside it, each atomically.
 
@@ -257,8 +246,9 @@ def save_adapter(module: nn.Module, path: str | os.PathLike, manifest: dict | No
         full["base_model"] = module.name
     full["lora"] = lora_config(module)
     text = json.dumps(full, indent=2, default=str) + "\n"
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT}))
-    _atomic_write(_manifest_path(path), lambda tmp: tmp.write_text(text))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT})
+    atomic_write_text(_manifest_path(path), text)
     return path
 
 
