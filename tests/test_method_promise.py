@@ -127,6 +127,19 @@ def test_default_resnet34_apm(tiny_backbone, batch):
     assert method.apm_labels.tolist() == [1] * 8 + [0] * 8
 
 
+def test_feature_grid_pools_the_apm_input(tiny_backbone, batch):
+    """The CPU cap ``feature_grid`` average-pools the concatenated 16 x 16 maps to 8 x 8 before the FeatureMap."""
+    seen = []
+    method = make(tiny_backbone, feature_grid=8)
+    method.apm.feature_map.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    method(batch)
+    assert seen == [torch.Size([2, 192, 8, 8])]
+    full = make(tiny_backbone)
+    full.apm.feature_map.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    full(batch)
+    assert seen[-1] == torch.Size([2, 192, 16, 16])
+
+
 def test_ips_changes_output(tiny_backbone, batch):
     method = make(tiny_backbone)
     feats = method.features(batch)
@@ -375,3 +388,15 @@ def test_integration_litemedsam_loss_falls(litemedsam_backbone, real_brain_batch
     assert losses[-1] < losses[0] - 0.02, losses
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("preset", ["promise_cpu", "promise_paper"])
+def test_presets_build(tiny_backbone, batch, preset):
+    """The presets' options are valid ProMISe options (built here on the tiny backbone)."""
+    from samadapt.engine.config import load_config
+
+    cfg = load_config(preset)
+    assert cfg.method.name == "promise" and cfg.train.optimizer == "adam"
+    method = build_method("promise", tiny_backbone, cfg.method.options)
+    assert method.config.mode == "apm_ips" and method.config.opening_kernel == 5
+    assert method(batch)["points"].shape == (2, 16, 2)

@@ -57,6 +57,9 @@ class ProMISeConfig(MethodConfig):
     string. Default: first half positive, second half negative."""
     feature_channels: int = 256
     """Width of the FeatureMap convs that reduce the concatenated intermediates (paper: 256)."""
+    feature_grid: int | None = None
+    """ResNet APM CPU cap: average-pool the concatenated intermediates to at most this grid side before the
+    FeatureMap (None: the backbone's grid, as the paper). The points come from globally pooled ResNet features."""
     resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     """Blocks per ResNet stage (ResNet34: 3, 4, 6, 3)."""
     resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -134,14 +137,17 @@ class FeatureMap(nn.Sequential):
 
 
 class APMResNet(nn.Module):
-    """ResNet APM: intermediates -> FeatureMap -> MONAI ResNet (3x3 stride-1 stem, max-pool, 4 stages, GAP, fc)
-    -> 2 N_p values -> coordinates ``size * sigmoid``: B x N_p x 2 (x, y) in the S x S frame."""
+    """ResNet APM: intermediates (optionally average-pooled to ``grid``) -> FeatureMap -> MONAI ResNet (3x3
+    stride-1 stem, max-pool, 4 stages, GAP, fc) -> 2 N_p values -> coordinates ``size * sigmoid``: B x N_p x 2
+    (x, y) in the S x S frame."""
 
     def __init__(self, in_channels: int, num_points: int, input_size: int, feature_channels: int = 256,
-                 layers: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (64, 128, 256, 512)):
+                 layers: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (64, 128, 256, 512),
+                 grid: int | None = None):
         super().__init__()
         from monai.networks.nets import ResNet
 
+        self.grid = grid
         self.num_points = num_points
         self.input_size = input_size
         self.feature_map = FeatureMap(in_channels, feature_channels)
@@ -150,7 +156,11 @@ class APMResNet(nn.Module):
                              shortcut_type="B", num_classes=2 * num_points, feed_forward=True)
 
     def forward(self, features: Features) -> Tensor:
-        x = self.feature_map(concat_intermediates(features.intermediates))  # B x C x h x w
+        x = concat_intermediates(features.intermediates)  # B x sum(C_i) x h x w
+        if self.grid is not None and max(x.shape[-2:]) > self.grid:
+            f = math.ceil(max(x.shape[-2:]) / self.grid)
+            x = F.avg_pool2d(x, f, ceil_mode=True)
+        x = self.feature_map(x)  # B x C x h' x w'
         raw = self.resnet(x).view(x.shape[0], self.num_points, 2)  # B x N_p x 2
         return self.input_size * torch.sigmoid(raw)
 
@@ -366,7 +376,7 @@ class ProMISe(Method):
             widths = tuple(backbone.intermediate_widths)
             if config.apm == "resnet":
                 self.apm = APMResNet(sum(widths), config.num_points, backbone.input_size, config.feature_channels,
-                                     config.resnet_layers, config.resnet_widths)
+                                     config.resnet_layers, config.resnet_widths, config.feature_grid)
             else:
                 self.apm = APMCross(widths, config.num_points, backbone.input_size, config.cross_dim,
                                     config.cross_heads, config.cross_layers, config.cross_upsample,
