@@ -183,6 +183,15 @@ def test_swin_u_prompt_encoder_stage_choice_and_shapes():
         SwinUPromptEncoder(100, (16, 16), embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 
 
+def test_swin_b_release_sizes():
+    """The release's Swin-B branch: ~86.7M Swin parameters and a 9.44M SmallDecoder (METHODS.md 1.2)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        enc = SwinUPromptEncoder(512, (64, 64), 256, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path=0.3)
+    count = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+    assert count(enc.patch_embed, enc.stages, enc.norms) == pytest.approx(86.7e6, rel=0.01)
+    assert count(enc.ups, enc.head) == pytest.approx(9.44e6, rel=0.01)
+
+
 # --- the method on the tiny backbone ---------------------------------------------------------------------------------
 def test_shapes_predict_and_config_errors(tiny_backbone):
     m = make(tiny_backbone, light_decoder=True)
@@ -343,3 +352,13 @@ def test_litemedsam_real_brain_slices_loss_falls(litemedsam_backbone, real_brain
         losses.append((float(terms["bce"] + terms["dice"]), float(terms["light_bce"] + terms["light_dice"])))
     assert losses[-1][0] < 0.8 * losses[0][0], losses
     assert losses[-1][1] < losses[0][1], losses
+
+
+def test_multi_class_runs_one_vs_rest(tiny_backbone):
+    m = build_method("hetersam", tiny_backbone, {**SMALL, "fusion": "none"}, num_classes=2)
+    batch = tiny_batch()
+    batch["label"][:, 30:40, 30:40] = 2
+    m.loss(m(batch), batch)["loss"].backward()
+    m.eval()
+    assert m.predict(batch).shape == (2, 3, 64, 64)
+    assert not any(h.backbone.training for h in m.heads)

@@ -140,7 +140,8 @@ class SwinUPromptEncoder(nn.Module):
                               f"2^{len(depths) - 1} (the Swin stages halve the grid)")
         self.img_size, self.out_grid = img_size, tuple(out_grid)
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, patch_size)
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        total = sum(depths)
+        dpr = [drop_path * i / max(total - 1, 1) for i in range(total)]  # timm's linear stochastic-depth rule
         widths = [embed_dim * 2 ** i for i in range(len(depths))]
         self.grids = [grid0 // 2 ** i for i in range(len(depths))]
         stages, norms = [], []
