@@ -112,6 +112,32 @@ def evaluate(
     print_summary(summary)
 
 
+@app.command("evaluate-dg")
+@friendly
+def evaluate_dg(
+    run: str = typer.Argument(..., help="A `samadapt train` run folder (uses checkpoints/best) or a checkpoint."),
+    targets: List[str] = typer.Argument(..., help="Target datasets: folders, name=folder, or builder names "
+                                                  "(mni152-brain-2mm, mni152-brain-3mm, nuclei, invesalius-ct)."),
+    out: str = typer.Option(..., "--out", help="Folder for dg_table.{csv,json,md} and dg_per_case.csv."),
+    modes: List[str] = typer.Option([], "--mode", help="Inference modes to compare (e.g. --mode grid --mode box)."),
+    gt_slices_only: bool = typer.Option(False, "--gt-slices-only", help="Score only slices with ground truth."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Single-source domain generalisation: score one trained run on its test split and on each target dataset."""
+    from rich.table import Table
+
+    from .methods.desam_dg import TABLE_COLUMNS, evaluate_domain_generalisation
+
+    rows = evaluate_domain_generalisation(run, targets, out, modes=modes or None, gt_slices_only=gt_slices_only,
+                                          device=device, progress=lambda msg: console.print(msg))
+    table = Table(title="domain generalisation")
+    for c in TABLE_COLUMNS:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in TABLE_COLUMNS])
+    Console().print(table)
+
+
 @app.command()
 @friendly
 def cache(
