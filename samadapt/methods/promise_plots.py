@@ -26,11 +26,12 @@ def _numpy(t: Tensor | np.ndarray | None) -> np.ndarray | None:
 
 def plot_points(images: Tensor | np.ndarray, points: Tensor | np.ndarray, labels: Tensor | np.ndarray,
                 path: str | Path, masks: Tensor | np.ndarray | None = None, truth: Tensor | np.ndarray | None = None,
-                titles: Sequence[str] | None = None, columns: int = 4) -> Path:
+                titles: Sequence[str] | None = None, columns: int = 4, user_from: int | None = None) -> Path:
     """Write a PNG grid: each image with its points, the predicted mask contour (red) and the truth (green).
 
     images: B x 3 x S x S (or B x S x S); points: B x N x 2; labels: B x N; masks, truth: B x S x S (> 0 =
-    foreground). Returns ``path`` (written atomically).
+    foreground). Points from index ``user_from`` on are user clicks (drawn as large dots). Returns ``path``
+    (written atomically).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -53,18 +54,23 @@ def plot_points(images: Tensor | np.ndarray, points: Tensor | np.ndarray, labels
             ax.contour(truth_np[i] > 0, levels=[0.5], colors="lime", linewidths=0.8)
         if masks_np is not None and (masks_np[i] > 0).any():
             ax.contour(masks_np[i] > 0, levels=[0.5], colors="red", linewidths=0.8)
+        is_user = np.arange(lbs.shape[1]) >= (user_from if user_from is not None else lbs.shape[1])
         for value, marker, color in ((1, "+", "lime"), (0, "x", "red")):
-            sel = lbs[i] == value
+            # Pixel (x, y) indices; SAM's prompt encoder adds 0.5 to reach the pixel centre, as imshow does.
+            sel = (lbs[i] == value) & ~is_user
             if sel.any():
-                # Pixel (x, y) indices; SAM's prompt encoder adds 0.5 to reach the pixel centre, as imshow does.
                 ax.scatter(pts[i][sel, 0], pts[i][sel, 1], marker=marker, c=color, s=40, linewidths=1.5)
+            sel = (lbs[i] == value) & is_user
+            if sel.any():
+                ax.scatter(pts[i][sel, 0], pts[i][sel, 1], marker="o", c=color, s=70, edgecolors="white",
+                           linewidths=1.2)
         ax.set_xlim(-0.5, img.shape[1] - 0.5)
         ax.set_ylim(img.shape[0] - 0.5, -0.5)
         ax.set_xticks([])
         ax.set_yticks([])
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
-    fig.suptitle("points: + positive, x negative; red: prediction, green: ground truth", fontsize=9)
+    fig.suptitle("points: + positive, x negative (dots: user clicks); red: prediction, green: ground truth", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -84,5 +90,6 @@ def plot_method_points(method, batch: dict, path: str | Path, titles: Sequence[s
     pred = probs.argmax(dim=1)
     if titles is None:
         titles = [f"{method.last_point_source} points"] * pred.shape[0]
+    user_from = method.config.num_points if str(method.last_point_source).endswith("+user") else None
     return plot_points(batch["image"], method.last_points, method.last_point_labels, path, masks=pred,
-                       truth=batch.get("label"), titles=titles)
+                       truth=batch.get("label"), titles=titles, user_from=user_from)
