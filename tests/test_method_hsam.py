@@ -17,6 +17,15 @@ from samadapt.methods.base import upsample_to
 from samadapt.methods.hsam import HSAM, HSAMConfig, HSAMStage2, resample_profile, stage2_weight
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared, oversubscribed CPU two threads spin on each other (tiny ops, no gain)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _batch(k: int, b: int = 2, size: int = 64, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     label = torch.zeros(b, size, size, dtype=torch.long)
@@ -190,6 +199,31 @@ def test_inference_stages(tiny_backbone):
         torch.testing.assert_close(method(batch)["logits"], out["stage2"])
 
 
+def test_validation_predict_reuses_the_forward_of_the_same_batch(tiny_backbone):
+    method = _hsam(tiny_backbone, 3).eval()
+    calls = []
+    handle = method.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(3)
+    try:
+        with torch.no_grad():
+            out = method(batch)
+            probs = method.predict(batch)  # as the engine's validation does: loss forward, then predict
+            assert len(calls) == 1
+            torch.testing.assert_close(probs, torch.softmax(out["logits"], 1))
+            method.predict(batch)  # the memo is used once
+            assert len(calls) == 2
+            method(batch)
+            batch["image"].mul_(0.5)  # changed in place: recomputed
+            changed = method.predict(batch)
+            assert len(calls) == 4
+            assert not torch.allclose(changed, probs)
+            method(batch)
+            method.predict(dict(batch))  # another batch dict: recomputed
+            assert len(calls) == 6
+    finally:
+        handle.remove()
+
+
 def test_noise_only_in_training(tiny_backbone):
     method = _hsam(tiny_backbone, 3)
     batch = _batch(3)
@@ -304,7 +338,6 @@ def test_prior_weighted_attention():
 # --- integration: real LiteMedSAM weights, real MNI152 tissue slices --------------------------------------------
 @pytest.mark.integration
 def test_litemedsam_tissue_training_steps_reduce_the_loss(litemedsam_backbone, real_tissue_batch):
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     method = build_method("hsam", litemedsam_backbone, {}, num_classes=3)
     assert len(method.lora_layers) == 10
