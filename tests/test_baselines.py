@@ -79,3 +79,14 @@ def test_one_vs_rest_wraps_binary_methods(tiny_backbone):
 def test_unet_needs_no_backbone():
     m = build_method("unet", None, {"input_size": 64}, 2)
     assert m.input_size == 64 and m.predict(_batch(2)).shape == (2, 3, 64, 64)
+
+
+def test_decoder_starts_from_the_whole_box_baseline(tiny_backbone):
+    """With init_from_box, the untrained decoder baseline equals zero-shot box-prompt with the whole-image box."""
+    batch = {"image": torch.rand(2, 3, 64, 64)}
+    trained = build_method("decoder", tiny_backbone, {"init_from_box": True}, 1)
+    zero_shot = build_method("box-prompt", tiny_backbone, {"mode": "whole"}, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(trained.predict(batch), zero_shot.predict(batch), atol=1e-5, rtol=1e-5)
+        random_init = build_method("decoder", tiny_backbone, {"init_from_box": False}, 1)
+        assert not torch.allclose(random_init.predict(batch), zero_shot.predict(batch), atol=1e-3)

@@ -220,6 +220,12 @@ def test_validation_predict_reuses_the_forward_of_the_same_batch(tiny_backbone):
             method(batch)
             method.predict(dict(batch))  # another batch dict: recomputed
             assert len(calls) == 6
+        with torch.inference_mode():  # the Predictor's mode: inference tensors, no memo
+            image = batch["image"].clone()
+            inference_batch = {"image": image}
+            method(inference_batch)
+            torch.testing.assert_close(method.predict(inference_batch), changed)
+            assert len(calls) == 8
     finally:
         handle.remove()
 

@@ -91,6 +91,15 @@ def test_sam_frozen_and_modules_train(tiny_backbone, batch, options):
     assert any(n.startswith("ips.") for n in changed) == (method.ips is not None)
 
 
+def test_param_groups_scale_the_apm_lr(tiny_backbone):
+    method = make(tiny_backbone, apm_lr_scale=0.1)
+    groups = method.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3])
+    assert sum(len(g["params"]) for g in groups) == len(list(method.trainable_parameters()))
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in method.apm.parameters()}
+    assert len(make(tiny_backbone, mode="ips_gt").param_groups(1e-3)) == 1
+
+
 def test_backbone_stays_in_eval_mode(tiny_backbone):
     method = make(tiny_backbone).train()
     assert method.training and method.apm.training and not tiny_backbone.training

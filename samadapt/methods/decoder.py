@@ -19,6 +19,7 @@ from . import register_method
 from ..layers.sam_decoder import decode_masks
 from .base import Method, MethodConfig
 from .losses import dice_ce_loss, with_background
+from .prompting import encode_prompts, whole_image_boxes
 
 
 @dataclass
@@ -27,6 +28,9 @@ class DecoderConfig(MethodConfig):
     """Learned sparse prompt tokens per class."""
     learn_dense: bool = True
     """Learn a dense prompt map (h x w x 256) per class, added to ``no_mask_embed``."""
+    init_from_box: bool = True
+    """Start the first two sparse tokens at the prompt encoder's whole-image box embedding (the zero-shot
+    ``box-prompt`` whole-box baseline), instead of small random tokens; training then starts from that baseline."""
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
 
@@ -43,7 +47,13 @@ class DecoderBaseline(Method):
         self.mask_decoder = copy.deepcopy(backbone.mask_decoder).requires_grad_(True)
         dim = backbone.embed_dim
         h, w = backbone.embed_grid
-        self.sparse = nn.Parameter(torch.randn(num_classes, config.num_tokens, dim) * 0.02)
+        sparse = torch.randn(num_classes, config.num_tokens, dim) * 0.02
+        if config.init_from_box:
+            with torch.no_grad():
+                box, _ = encode_prompts(backbone, boxes=whole_image_boxes(1, backbone.input_size, sparse.device))
+            n = min(config.num_tokens, box.shape[1])
+            sparse[:, :n] = box[0, :n]
+        self.sparse = nn.Parameter(sparse)
         self.dense = nn.Parameter(torch.zeros(num_classes, dim, h, w)) if config.learn_dense else None
 
     def forward(self, batch: dict) -> dict[str, Tensor]:

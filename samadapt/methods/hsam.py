@@ -344,15 +344,17 @@ class HSAM(Method):
         out = self._forward(batch)
         # Without autograd (validation), keep the output for a ``predict`` on the same, unchanged batch: the engine's
         # validation computes the loss and then predicts, which would run the LoRA encoder twice.
-        self._memo = (batch, batch["image"], batch["image"]._version, out) if not torch.is_grad_enabled() else None
+        image = batch["image"]
+        remember = not torch.is_grad_enabled() and not image.is_inference()  # inference tensors have no version
+        self._memo = (batch, image, image._version, out) if remember else None
         return out
 
     def predict(self, batch: dict) -> Tensor:
         """Probabilities B x T x S x S (``inference_stage``); reuses the output of a ``forward`` on this very batch
         made without autograd (same dict, same image tensor, not modified since)."""
         memo, self._memo = getattr(self, "_memo", None), None
-        if (memo is not None and memo[0] is batch and memo[1] is batch["image"] and memo[2] == batch["image"]._version
-                and not self.training):
+        if (memo is not None and memo[0] is batch and memo[1] is batch["image"] and not self.training
+                and memo[2] == batch["image"]._version):
             return self.output_probabilities(memo[3])
         return self.output_probabilities(self._forward(batch))
 

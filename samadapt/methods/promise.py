@@ -74,6 +74,9 @@ class ProMISeConfig(MethodConfig):
     """Upsample level l by ConvT2x2/s2 + Conv3x3 (no pad) + BN + ReLU, l times (paper: True, 64 -> 126 -> 250)."""
     cross_max_tokens: int | None = 4096
     """CPU memory cap: average-pool each memory level to at most this many tokens (None: no cap)."""
+    apm_lr_scale: float = 1.0
+    """APM learning rate = ``apm_lr_scale`` x the run's lr (paper: 1, one lr for APM and IPS). A high lr drives
+    the coordinate sigmoid into saturation (all points stuck on the image border, the same for every image)."""
     ips_hidden: int = 1024
     """Hidden width of the IPS feed-forward (paper: 1024)."""
     ips_zero_init: bool = False
@@ -386,6 +389,15 @@ class ProMISe(Method):
         self.last_points: Tensor | None = None
         self.last_point_labels: Tensor | None = None
         self.last_point_source: str | None = None
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """APM at ``apm_lr_scale * lr``, IPS at ``lr``."""
+        groups = []
+        if self.apm is not None:
+            groups.append({"params": list(self.apm.parameters()), "lr": lr * self.config.apm_lr_scale})
+        if self.ips is not None:
+            groups.append({"params": list(self.ips.parameters()), "lr": lr})
+        return groups
 
     def train(self, mode: bool = True) -> "ProMISe":
         """Train/eval the add-on modules; the frozen backbone always stays in eval mode (no BN statistics drift)."""
