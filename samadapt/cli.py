@@ -1,4 +1,5 @@
-"""The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, cache, data, info, demo)."""
+"""The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, compare, cache, data, info,
+demo)."""
 
 from __future__ import annotations
 
@@ -217,6 +218,35 @@ def info():
     out.print(f"device: {resolve_device('auto')} (torch threads {torch.get_num_threads()})")
     out.print(f"weights cache: {cache_dir()}")
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
+
+
+@app.command()
+@friendly
+def compare(
+    data: str = typer.Argument(..., help="Dataset folder, or a demo dataset name (mni152-brain, mni152-tissue, "
+                                         "nuclei, invesalius-ct) built into OUT/data."),
+    models: List[str] = typer.Option(..., "--model", "-m", help="'LABEL=PRESET [key=value ...]' or "
+                                                               "'LABEL=@OTHER [key=value ...]'; repeat."),
+    out: str = typer.Option(..., "--out", help="Folder for runs/, cache/ and report/ (finished runs are reused)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Training budget per model (wall minutes)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per model (instead of the presets')."),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds, e.g. 0,1,2."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
+    overrides: List[str] = typer.Option([], "--set", help="key.sub=value applied to every model; repeat."),
+    title: str = typer.Option("comparison", "--title"),
+    report: str = typer.Option("report", "--report", help="Report folder name inside OUT."),
+):
+    """Train several models with the same budget and compare them on the test split in one report."""
+    from .compare import ModelSpec
+    from .compare import compare as run_compare
+    from .data.demo_data import DEMO_DATASETS, build_demo
+
+    path = Path(data)
+    if not path.exists() and data in DEMO_DATASETS:
+        path = build_demo(data, Path(out) / "data" / data)
+    run_compare(path, [ModelSpec.parse(m) for m in models], out, minutes=minutes, epochs=epochs,
+                seeds=[int(s) for s in seeds.split(",")], threads=threads, common=overrides, title=title,
+                report=report)
 
 
 @app.command()

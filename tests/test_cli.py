@@ -101,3 +101,32 @@ def test_info_lists_methods_and_backbones():
     out = run("info").stdout
     for name in ("decoder", "box-prompt", "unet", "litemedsam", "tiny", "sam_vit_b"):
         assert name in out
+
+
+def test_compare_trains_reuses_and_reports(disc_folder, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", str(disc_folder), "--out", str(out), "--seeds", "0,1", "--epochs", "2",
+            "--set", "data.cache=off", "--set", "data.empty_ratio=null",
+            "-m", "dec=decoder_tiny", "-m", "dec_again=@dec", "-m", "box=box_prompt_whole backbone.name=tiny"]
+    first = run(*args)
+    rows = json.loads((out / "report" / "metrics.json").read_text())
+    test_cases = json.loads((out / "runs" / "dec" / "seed0" / "manifest.json").read_text())["data"]["split"]["test"]
+    assert len(rows) == 3 * 2 * len(test_cases)  # models x seeds x cases, one foreground class
+    for model in ("dec", "dec_again", "box"):
+        assert {r["seed"] for r in rows if r["model"] == model} == {0, 1}
+    by = {(r["model"], r["seed"], r["case"]): r["dice"] for r in rows}
+    for (model, seed, case), dice in by.items():  # the re-evaluation of an unchanged run scores the same
+        if model == "dec":
+            assert by[("dec_again", seed, case)] == pytest.approx(dice)
+    readme = (out / "report" / "README.md").read_text()
+    assert "| dec | 1 |" in readme and (out / "report" / "overlays.png").stat().st_size > 0
+    assert (out / "report" / "training_curves.png").is_file() and "reusing" not in first.stderr
+    second = run(*args)  # finished runs are reused, not trained again
+    assert second.stderr.count("reusing the finished run") == 2
+    again = json.loads((out / "report" / "metrics.json").read_text())
+    assert [(r["model"], r["dice"]) for r in again] == [(r["model"], r["dice"]) for r in rows]
+
+
+def test_compare_rejects_a_reuse_of_an_unknown_model(disc_folder, tmp_path):
+    proc = run("compare", str(disc_folder), "--out", str(tmp_path / "c"), "-m", "a=@nothing", check=False)
+    assert proc.returncode == 2 and "nothing" in proc.stderr

@@ -14,7 +14,7 @@ from samadapt.layers.lora_heads import LoRAHeadQKV, apply_qv_lora
 from samadapt.layers.two_way import PriorWeightedAttention, run_two_way
 from samadapt.methods import build_method
 from samadapt.methods.base import upsample_to
-from samadapt.methods.hsam import HSAM, HSAMConfig, HSAMStage2, resample_profile, stage2_weight
+from samadapt.methods.hsam import HSAM, HSAMStage2, resample_profile, stage2_weight
 
 
 @pytest.fixture(autouse=True)

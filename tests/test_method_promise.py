@@ -3,7 +3,6 @@ user points, loss, opening, plotting; an integration test on LiteMedSAM with rea
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ from ..data.slices import collate, reassemble, volume_slices
 from ..errors import CheckpointError
 from ..methods import Method
 from .checkpoint import load_checkpoint, read_manifest
-from .config import RunConfig, _update
+from .config import RunConfig, _update, apply_overrides
 from .device import autocast, resolve_device, to_device
 
 
@@ -57,13 +57,16 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 8,
-                        use_cache: bool = False) -> "Predictor":
-        """Rebuild the run's backbone and method from the checkpoint's manifest and load its weights."""
+                        use_cache: bool = False, overrides: list[str] | None = None) -> "Predictor":
+        """Rebuild the run's backbone and method from the checkpoint's manifest and load its weights.
+
+        ``overrides`` (``key.sub=value``) change the run's config first, e.g. an inference-only method option."""
         manifest = read_manifest(checkpoint)
         if "config" not in manifest:
             raise CheckpointError(f"{checkpoint}: manifest has no run config; was it written by samadapt train?")
         config = RunConfig()
         _update(config, manifest["config"], "")
+        apply_overrides(config, overrides or [])
         predictor = cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size,
                                     use_cache)
         predictor.modality = ((manifest.get("data") or {}).get("source") or {}).get("modality")

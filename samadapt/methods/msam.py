@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 

@@ -21,7 +21,6 @@ split (``--cases`` to pick others).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence

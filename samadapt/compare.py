@@ -1,0 +1,232 @@
+"""Train several models on one dataset with the same budget and compare them on its test split, in one report.
+
+A model is given as ``LABEL=CONFIG [key=value ...]``: a preset name (``samadapt/configs``) or YAML file plus dotted
+overrides, e.g. ``desam_box=desam_cpu method.options.mode=box``. ``LABEL=@OTHER [key=value ...]`` evaluates the
+trained run ``OTHER`` again with changed options and no training, e.g. ``promise_gt=@promise
+method.options.eval_points=gt`` or ``hsam_stage1=@hsam method.options.inference_stage=1``.
+
+Every run of ``OUT/runs/LABEL/seedN`` that already finished is reused, so an interrupted comparison continues where
+it stopped (delete a run's folder to train it again). Test metrics are 3D per case and foreground class (Dice, IoU,
+HD95/NSD/ASSD in mm); the summary gives mean and standard deviation over cases and seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .engine.config import RunConfig, load_config
+from .engine.predict import Predictor
+from .engine.run import open_source
+from .engine.run import train as run_train
+from .errors import ConfigError
+from .io_utils import atomic_write_text
+from .metrics import compute_metrics
+from .report import METRIC_ORDER, plot_overlays, plot_training_curves, write_metrics
+
+console = Console(stderr=True)
+
+
+@dataclass
+class ModelSpec:
+    """One model of a comparison: a config (preset, file, or ``@label`` of a trained model) plus overrides."""
+
+    label: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def reuses(self) -> str | None:
+        """The label of the trained model this one re-evaluates, if any."""
+        return self.config[1:] if self.config.startswith("@") else None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``"LABEL=CONFIG key=value ..."`` -> ModelSpec."""
+        head, *overrides = text.split()
+        label, sep, config = head.partition("=")
+        if not sep or not label or not config:
+            raise ConfigError(f"model {text!r} must look like LABEL=PRESET [key=value ...] or LABEL=@OTHER [...]")
+        return cls(label, config, overrides)
+
+
+@dataclass
+class Trained:
+    """A model ready for prediction, with what training it took."""
+
+    predictor: Predictor
+    history: list[dict]
+    train_seconds: float
+
+
+def _read_history(run: Path) -> list[dict]:
+    path = run / "log.csv"
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def _finished(run: Path) -> bool:
+    import json
+
+    manifest = run / "manifest.json"
+    return (run / "checkpoints" / "best.safetensors").exists() and manifest.exists() and \
+        "training" in json.loads(manifest.read_text())
+
+
+def _train_or_reuse(cfg: RunConfig, num_classes: int) -> Trained:
+    run = Path(cfg.output)
+    if _finished(run):
+        console.print(f"reusing the finished run {run}")
+        history = _read_history(run)
+    else:
+        result = run_train(cfg, resume=(run / "checkpoints" / "state.pt").exists())
+        if result is None:  # zero-shot: nothing to train
+            return Trained(Predictor.from_config(cfg, num_classes, device="cpu", use_cache=True), [], 0.0)
+        history = result.history
+    predictor = Predictor.from_checkpoint(run / "checkpoints" / "best.safetensors", device="cpu", use_cache=True)
+    return Trained(predictor, history, history[-1]["seconds"] if history else 0.0)
+
+
+def _evaluate(predictor: Predictor, case, classes: list[int]) -> tuple[np.ndarray, list[dict], float]:
+    t = time.perf_counter()
+    pred = predictor.predict_case(case)
+    seconds = time.perf_counter() - t
+    scores = compute_metrics(pred, case.label, classes=classes, spacing=case.spacing)
+    return pred, [{"class": c, **{m: scores[c][m] for m in METRIC_ORDER}} for c in classes], seconds
+
+
+def summarize_rows(rows: Sequence[dict]) -> list[dict]:
+    """Mean and std of each metric over cases and seeds, per model and class (NaNs left out and counted)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["class"]), []).append(row)
+    out = []
+    for (model, cls), items in groups.items():
+        summary = {"model": model, "class": cls, "n": len(items)}
+        for key in (*METRIC_ORDER, "train_s", "predict_s_per_slice"):
+            values = np.array([r[key] for r in items], dtype=float)
+            valid = values[~np.isnan(values)]
+            summary[key] = float(valid.mean()) if len(valid) else math.nan
+            summary[f"{key}_std"] = float(valid.std()) if len(valid) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def _cell(row: dict, key: str) -> str:
+    mean, std = row[key], row.get(f"{key}_std", 0.0)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f} ± {std:.3f}" if std else f"{mean:.3f}"
+
+
+def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, minutes: float | None = None,
+            epochs: int | None = None, seeds: Sequence[int] = (0,), threads: int | None = None,
+            common: Sequence[str] = (), title: str = "comparison", overlays: bool = True,
+            report: str = "report") -> list[dict]:
+    """Train (or reuse) each model for each seed, evaluate all on the test split; write ``OUT/<report>``.
+
+    Args:
+        data: dataset folder (any reader), the same for every model.
+        minutes, epochs: the shared training budget (``train.max_minutes`` / ``train.epochs``); None keeps presets'.
+        common: overrides applied to every model before its own.
+        report: name of the report folder inside ``out`` (several comparisons can share runs and cache).
+
+    Returns:
+        The per-case rows: model, seed, case, class, metrics, train_s, predict_s_per_slice.
+    """
+    out = Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model labels must be unique, got {labels}")
+    for m in models:
+        if m.reuses is not None and m.reuses not in labels:
+            raise ConfigError(f"model {m.label!r} re-evaluates {m.reuses!r}, which is not in the comparison")
+    base = [f"data.path={data}", f"data.cache_dir={out / 'cache'}", "train.device=cpu", *common]
+    budget = ([f"train.max_minutes={minutes}"] if minutes is not None else []) + \
+        ([f"train.epochs={epochs}"] if epochs is not None else [])
+    source = open_source(load_config(None, base).data)
+    classes = list(range(1, source.num_classes + 1))
+    test_cases = [source.load(case_id) for case_id in source.make_split().test]
+    if not test_cases:
+        raise ConfigError(f"{data}: the split has no test cases to compare on")
+
+    rows: list[dict] = []
+    histories: dict[str, list] = {}
+    shown: dict[str, np.ndarray] = {}
+    t0 = time.time()
+    for seed in seeds:
+        trained: dict[str, Trained] = {}
+        for m in models:
+            if m.reuses is not None:
+                continue
+            run = out / "runs" / m.label / f"seed{seed}"
+            cfg = load_config(m.config, base + [f"train.seed={seed}", f"output={run}"] + budget + m.overrides)
+            console.rule(f"{m.label} (seed {seed})")
+            trained[m.label] = _train_or_reuse(cfg, source.num_classes)
+            if trained[m.label].history:
+                histories[f"{m.label} s{seed}"] = trained[m.label].history
+        for m in models:
+            if m.reuses is not None:
+                ckpt = out / "runs" / m.reuses / f"seed{seed}" / "checkpoints" / "best.safetensors"
+                predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True, overrides=m.overrides)
+                trained[m.label] = Trained(predictor, [], trained[m.reuses].train_seconds)
+        for case in test_cases:
+            for m in models:
+                console.print(f"predicting {case.id} with {m.label} (seed {seed})")
+                pred, scores, seconds = _evaluate(trained[m.label].predictor, case, classes)
+                if seed == seeds[0] and case is test_cases[0]:
+                    shown[m.label] = pred
+                slices = case.label.shape[trained[m.label].predictor.axis]
+                for s in scores:
+                    rows.append({"model": m.label, "seed": seed, "case": case.id, **s,
+                                 "train_s": round(trained[m.label].train_seconds, 1),
+                                 "predict_s_per_slice": seconds / slices})
+    _write_report(out / report, rows, histories, shown, test_cases[0], title, models, budget, seeds,
+                  time.time() - t0, overlays)
+    return rows
+
+
+def _write_report(report: Path, rows, histories, shown, case, title, models, budget, seeds, total, overlays):
+    columns = ["model", "seed", "case", "class", *METRIC_ORDER, "train_s", "predict_s_per_slice"]
+    write_metrics(rows, columns, report)
+    summary = summarize_rows(rows)
+    keys = [*METRIC_ORDER, "train_s", "predict_s_per_slice"]
+    lines = ["| model | class | n | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    lines += [f"| {r['model']} | {r['class']} | {r['n']} | " + " | ".join(_cell(r, k) for k in keys) + " |"
+              for r in summary]
+    spec = "\n".join(f"- `{m.label}`: `{m.config}`" + (f" with `{' '.join(m.overrides)}`" if m.overrides else "")
+                     for m in models)
+    text = (f"# {title}\n\nBudget: {' '.join(budget) or 'the presets own'}; seeds {list(seeds)}. Test metrics in 3D "
+            "per case and class, mean ± std over cases and seeds (HD95/ASSD in mm, NSD at 1 mm).\n\n"
+            + "\n".join(lines) + f"\n\nModels:\n\n{spec}\n\nTotal wall time: {total / 60:.1f} min.\n")
+    if histories:
+        plot_training_curves(histories, report / "training_curves.png")
+        text += "\n![training curves](training_curves.png)\n"
+    if overlays and shown:
+        fg = [z for z in range(case.label.shape[0]) if case.label[z].any()]
+        picks = [fg[int(i)] for i in np.linspace(0, len(fg) - 1, 4)] if fg else [case.label.shape[0] // 2]
+        plot_overlays(case.image[0], case.label, shown, picks, report / "overlays.png")
+        text += "\n![overlays](overlays.png)\n"
+    atomic_write_text(report / "README.md", text)
+    atomic_write_text(report / "summary.md", "\n".join(lines) + "\n")
+    table = Table(title=title)
+    for c in ("model", "class", *keys):
+        table.add_column(c)
+    for r in summary:
+        table.add_row(r["model"], str(r["class"]), *[_cell(r, k) for k in keys])
+    Console().print(table)
+    console.print(f"report: {report}  (total {total / 60:.1f} min)")
