@@ -76,7 +76,8 @@ def test_nuclei_tiles_both_formats(tmp_path):
 
 
 def test_demo_registry_and_errors(tmp_path):
-    assert set(DEMO_DATASETS) == {"mni152-brain", "mni152-tissue", "nuclei", "invesalius-ct"}
+    assert set(DEMO_DATASETS) == {"mni152-brain", "mni152-tissue", "nuclei", "invesalius-ct", "mni152-brain-2mm",
+                                  "mni152-brain-3mm"}
     with pytest.raises(ConfigError):
         build_demo("imagenet", tmp_path)
     (tmp_path / "occupied").mkdir()

@@ -150,6 +150,30 @@ def mni152_slabs(mask: np.ndarray, fractions: tuple[float, float, float] = (0.6,
             "test": (first + n_train + n_val, last)}
 
 
+def write_mni152_slabs(out_dir: Path, t1: np.ndarray, label: np.ndarray, slabs: dict[str, tuple[int, int]],
+                       geometry: Case, labels: dict[str, int], overwrite: bool, **dataset_json) -> None:
+    """Write the axial ``slabs`` of ``t1`` / ``label`` (Z x Y x X, ``geometry``'s spacing, origin and direction) as
+    cases ``mni152_{train,val,test}`` of an nnU-Net raw dataset with ``splits.json``; each case's origin is moved to
+    its first slice."""
+    direction = np.asarray(geometry.direction).reshape(3, 3)
+    spacing_xyz = np.asarray(tuple(reversed(geometry.spacing)))
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        names = {}
+        for part, (start, stop) in slabs.items():
+            cid = f"mni152_{part}"
+            names[part] = cid
+            origin = np.asarray(geometry.origin) + direction @ (spacing_xyz * np.array([0.0, 0.0, float(start)]))
+            case = Case(id=cid, image=t1[None, start:stop], spacing=geometry.spacing, origin=tuple(origin.tolist()),
+                        direction=geometry.direction, modality="MR")
+            write_image_like(t1[start:stop].astype(np.float32), case, tmp / "imagesTr" / f"{cid}_0000.nii.gz")
+            write_label_like(label[start:stop].astype(np.uint8), case, tmp / "labelsTr" / f"{cid}.nii.gz")
+        write_dataset_json(tmp, {"0": "T1"}, labels, 3, ".nii.gz",
+                           slabs={names[k]: list(v) for k, v in slabs.items()}, **dataset_json)
+        _write_splits(tmp, [names["train"]], [names["val"]], [names["test"]])
+
+
 def build_mni152(out_dir: str | os.PathLike, task: str = "brain", overwrite: bool = False) -> Path:
     """Write the MNI152 ``task`` ("brain" or "tissue") dataset (three axial slabs + splits.json) to ``out_dir``."""
     out_dir = Path(out_dir)
@@ -160,28 +184,55 @@ def build_mni152(out_dir: str | os.PathLike, task: str = "brain", overwrite: boo
     slabs = mni152_slabs(label > 0)
     labels = {"background": 0, "brain": 1} if task == "brain" else \
         {"background": 0, "csf_other": 1, "grey_matter": 2, "white_matter": 3}
-    direction = np.asarray(geo.direction).reshape(3, 3)
-    spacing_xyz = np.asarray(tuple(reversed(geo.spacing)))
-    with _atomic_dir(out_dir, overwrite) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        names = {}
-        for part, (start, stop) in slabs.items():
-            cid = f"mni152_{part}"
-            names[part] = cid
-            origin = np.asarray(geo.origin) + direction @ (spacing_xyz * np.array([0.0, 0.0, float(start)]))
-            case = Case(id=cid, image=t1[None, start:stop], spacing=geo.spacing, origin=tuple(origin.tolist()),
-                        direction=geo.direction, modality="MR")
-            write_image_like(t1[start:stop].astype(np.float32), case, tmp / "imagesTr" / f"{cid}_0000.nii.gz")
-            write_label_like(label[start:stop], case, tmp / "labelsTr" / f"{cid}.nii.gz")
-        write_dataset_json(
-            tmp, {"0": "T1"}, labels, 3, ".nii.gz", name=f"MNI152_{task}", samadapt_demo=kind,
-            description=f"MNI152 2009 T1 template (nilearn), {task} labels, cut into three axial slabs "
-                        "(train 60 %, val 10 %, test 30 % of the brain slices, inferior to superior)",
-            slabs={names[k]: list(v) for k, v in slabs.items()},
-            reference="Fonov et al. 2009/2011, ICBM 2009 nonlinear asymmetric template, via nilearn",
-        )
-        _write_splits(tmp, [names["train"]], [names["val"]], [names["test"]])
+    write_mni152_slabs(
+        out_dir, t1, label, slabs, geo, labels, overwrite, name=f"MNI152_{task}", samadapt_demo=kind,
+        description=f"MNI152 2009 T1 template (nilearn), {task} labels, cut into three axial slabs "
+                    "(train 60 %, val 10 %, test 30 % of the brain slices, inferior to superior)",
+        reference="Fonov et al. 2009/2011, ICBM 2009 nonlinear asymmetric template, via nilearn",
+    )
+    return out_dir
+
+
+def build_mni152_resolution(out_dir: str | os.PathLike, resolution: int = 2, overwrite: bool = False) -> Path:
+    """MNI152 brain extraction at ``resolution`` mm (nilearn's resampled template and brain mask), nnU-Net raw.
+
+    Three axial slabs ``mni152_{train,val,test}`` covering the same physical z-ranges as the 1 mm demo dataset's
+    slabs (:func:`build_mni152`), plus ``splits.json``; only the test slab is normally used
+    as a DG target.
+    """
+    from nilearn import datasets
+
+    if resolution not in (1, 2, 3):
+        raise ConfigError(f"MNI152 resolution must be 1, 2 or 3 mm, got {resolution}")
+    out_dir = Path(out_dir)
+    kind = f"mni152-brain-{resolution}mm"
+    if _existing(out_dir, kind, overwrite):
+        return out_dir
+    ref_mask = datasets.load_mni152_brain_mask(resolution=1)
+    ref = mni152_slabs(_nib_to_zyx(ref_mask)[0] > 0.5)
+    template = datasets.load_mni152_template(resolution=resolution)
+    mask_img = datasets.load_mni152_brain_mask(resolution=resolution)
+    t1, spacing, origin, direction = _nib_to_zyx(template)
+    mask = _nib_to_zyx(mask_img)[0] > 0.5
+    # Map the 1 mm slab bounds (array axis 0 = the NIfTI k axis) to world z, then to this resolution's indices.
+    a1, a2 = np.asarray(ref_mask.affine), np.asarray(template.affine)
+    k = np.arange(t1.shape[0])
+    z_world = a2[2, 3] + a2[2, 2] * k
+    slabs = {}
+    for part, (start, stop) in ref.items():
+        lo, hi = sorted((a1[2, 3] + a1[2, 2] * (start - 0.5), a1[2, 3] + a1[2, 2] * (stop - 0.5)))
+        inside = np.flatnonzero((z_world >= lo) & (z_world < hi))
+        if inside.size == 0:
+            raise RuntimeError(f"the {part} slab holds no {resolution} mm slice")
+        slabs[part] = (int(inside[0]), int(inside[-1]) + 1)
+    geometry = Case(id="mni152", image=t1[None], spacing=spacing, origin=origin, direction=direction, modality="MR")
+    write_mni152_slabs(
+        out_dir, t1, mask, slabs, geometry, {"background": 0, "brain": 1}, overwrite,
+        name=f"MNI152_brain_{resolution}mm", samadapt_demo=kind,
+        description=f"MNI152 2009 T1 template resampled by nilearn to {resolution} mm, brain mask labels, cut "
+                    "into the same physical axial slabs as the 1 mm demo (same subject: a resolution shift)",
+        reference="Fonov et al. 2009/2011, ICBM 2009 nonlinear symmetric template, via nilearn",
+    )
     return out_dir
 
 
@@ -328,6 +379,8 @@ DEMO_DATASETS: dict[str, Callable[..., Path]] = {
     "mni152-tissue": partial(build_mni152, task="tissue"),
     "nuclei": build_nuclei,
     "invesalius-ct": build_invesalius_ct,
+    "mni152-brain-2mm": partial(build_mni152_resolution, resolution=2),
+    "mni152-brain-3mm": partial(build_mni152_resolution, resolution=3),
 }
 
 

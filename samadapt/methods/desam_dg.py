@@ -10,7 +10,8 @@ split) is used as is.
 
 A target is a dataset folder (any format ``open_dataset`` reads), ``name=folder``, or the name of a builder in
 :func:`target_builders` (built once under ``data_root``): the demo datasets (``mni152-brain``, ``nuclei``,
-``invesalius-ct``, ...) and ``mni152-brain-2mm`` / ``mni152-brain-3mm`` (:func:`build_mni152_resolution`).
+``invesalius-ct``, ...) and ``mni152-brain-2mm`` / ``mni152-brain-3mm``
+(:func:`samadapt.data.demo_data.build_mni152_resolution`).
 
 Label mapping: when the model is binary and a target has several foreground classes, the target's foreground is
 ``label > 0`` (recorded in the row as ``labels = any>0``); other class-count mismatches are an error.
@@ -41,77 +42,11 @@ TABLE_COLUMNS = ("target", "domain", "mode", "cases", "labels", "dice", "dice_st
 
 
 # --- target datasets ---------------------------------------------------------------------------------------------
-def build_mni152_resolution(out_dir: str | os.PathLike, resolution: int = 2, overwrite: bool = False) -> Path:
-    """MNI152 brain extraction at ``resolution`` mm (nilearn's resampled template and brain mask), nnU-Net raw.
-
-    Three axial slabs ``mni152_{train,val,test}`` covering the same physical z-ranges as the 1 mm demo dataset's
-    slabs (:func:`samadapt.data.demo_data.build_mni152`), plus ``splits.json``; only the test slab is normally used
-    as a DG target.
-    """
-    from nilearn import datasets
-
-    from ..data.cases import Case, write_image_like, write_label_like
-    from ..data.demo_data import _atomic_dir, _existing, _nib_to_zyx, _write_splits, mni152_slabs, \
-        write_dataset_json
-
-    if resolution not in (1, 2, 3):
-        raise ConfigError(f"MNI152 resolution must be 1, 2 or 3 mm, got {resolution}")
-    out_dir = Path(out_dir)
-    kind = f"mni152-brain-{resolution}mm"
-    if _existing(out_dir, kind, overwrite):
-        return out_dir
-    ref_mask = datasets.load_mni152_brain_mask(resolution=1)
-    ref = mni152_slabs(_nib_to_zyx(ref_mask)[0] > 0.5)
-    template = datasets.load_mni152_template(resolution=resolution)
-    mask_img = datasets.load_mni152_brain_mask(resolution=resolution)
-    t1, spacing, origin, direction = _nib_to_zyx(template)
-    mask = _nib_to_zyx(mask_img)[0] > 0.5
-    # Map the 1 mm slab bounds (array axis 0 = the NIfTI k axis) to world z, then to this resolution's indices.
-    a1, a2 = np.asarray(ref_mask.affine), np.asarray(template.affine)
-    k = np.arange(t1.shape[0])
-    z_world = a2[2, 3] + a2[2, 2] * k
-    slabs = {}
-    for part, (start, stop) in ref.items():
-        lo, hi = sorted((a1[2, 3] + a1[2, 2] * (start - 0.5), a1[2, 3] + a1[2, 2] * (stop - 0.5)))
-        inside = np.flatnonzero((z_world >= lo) & (z_world < hi))
-        if inside.size == 0:
-            raise RuntimeError(f"the {part} slab holds no {resolution} mm slice")
-        slabs[part] = (int(inside[0]), int(inside[-1]) + 1)
-    direction_m = np.asarray(direction).reshape(3, 3)
-    spacing_xyz = np.asarray(tuple(reversed(spacing)))
-    with _atomic_dir(out_dir, overwrite) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        names = {}
-        for part, (start, stop) in slabs.items():
-            cid = f"mni152_{part}"
-            names[part] = cid
-            org = np.asarray(origin) + direction_m @ (spacing_xyz * np.array([0.0, 0.0, float(start)]))
-            case = Case(id=cid, image=t1[None, start:stop], spacing=spacing, origin=tuple(org.tolist()),
-                        direction=direction, modality="MR")
-            write_image_like(t1[start:stop].astype(np.float32), case, tmp / "imagesTr" / f"{cid}_0000.nii.gz")
-            write_label_like(mask[start:stop].astype(np.uint8), case, tmp / "labelsTr" / f"{cid}.nii.gz")
-        write_dataset_json(
-            tmp, {"0": "T1"}, {"background": 0, "brain": 1}, 3, ".nii.gz", name=f"MNI152_brain_{resolution}mm",
-            samadapt_demo=kind, slabs={names[p]: list(v) for p, v in slabs.items()},
-            description=f"MNI152 2009 T1 template resampled by nilearn to {resolution} mm, brain mask labels, cut "
-                        "into the same physical axial slabs as the 1 mm demo (same subject: a resolution shift)",
-            reference="Fonov et al. 2009/2011, ICBM 2009 nonlinear symmetric template, via nilearn",
-        )
-        _write_splits(tmp, [names["train"]], [names["val"]], [names["test"]])
-    return out_dir
-
-
 def target_builders() -> dict[str, Callable[..., Path]]:
     """Target names that :func:`evaluate_domain_generalisation` builds on demand (under ``data_root``)."""
-    from functools import partial
-
     from ..data.demo_data import DEMO_DATASETS
 
-    builders = dict(DEMO_DATASETS)
-    builders["mni152-brain-2mm"] = partial(build_mni152_resolution, resolution=2)
-    builders["mni152-brain-3mm"] = partial(build_mni152_resolution, resolution=3)
-    return builders
+    return dict(DEMO_DATASETS)
 
 
 def resolve_target(spec: str, data_root: Path) -> tuple[str, Path]:
@@ -316,5 +251,5 @@ def write_dg_table(rows: Sequence[dict], per_case: Sequence[dict], out: Path, ch
     atomic_write_text(out / "dg_table.md", header + metrics_table(rows, TABLE_COLUMNS) + "\n")
 
 
-__all__ = ["TABLE_COLUMNS", "build_mni152_resolution", "evaluate_domain_generalisation", "resolve_target",
+__all__ = ["TABLE_COLUMNS", "evaluate_domain_generalisation", "resolve_target",
            "target_builders", "write_dg_table"]
