@@ -80,20 +80,25 @@ def predict(
     set_: List[str] = typer.Option([], "--set", help="Dotted override for --config."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
+    fast: bool = typer.Option(False, "--fast", help="Fast inference: conv+BN fusion, channels-last, bf16 where "
+                                                    "native (outputs within the tolerances of samadapt.engine.fast)."),
 ):
     """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures)."""
     from .data.readers import open_dataset
+    from .engine.fast import FastOptions
     from .engine.predict import Predictor
 
+    options = FastOptions() if fast else None
     if run:
         checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
     if checkpoint:  # load the model first: a bad checkpoint fails before any data is read
-        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, fast=options)
     source = open_dataset(inputs, modality=predictor.modality if checkpoint else None)
     ids = source.test_case_ids or source.case_ids
     if not checkpoint:
         cfg = _config(config, set_, **{"train.device": device})
-        predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size)
+        predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size,
+                                          fast=options)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
     console.print(f"wrote {len(written)} mask(s) to {out}")
 

@@ -22,26 +22,36 @@ from ..methods import Method
 from .checkpoint import load_checkpoint, read_manifest
 from .config import RunConfig, _update, apply_overrides
 from .device import autocast, resolve_device, to_device
+from .fast import FastOptions, apply_fast_options
 
 
 class Predictor:
-    """Runs ``method.predict`` over the slices of a case, in batches, under ``inference_mode``."""
+    """Runs ``method.predict`` over the slices of a case, in batches, under ``inference_mode``.
+
+    ``fast`` (a ``FastOptions``; None = the exact fp32 path) patches the method in place for faster inference
+    (conv+BN fusion, channels-last, bf16 where native); see ``samadapt.engine.fast`` for the tolerances."""
 
     def __init__(self, method: Method, intensity: IntensityConfig, axis: int = 0, batch_size: int = 8,
-                 device: torch.device | None = None, amp: str = "none", feature_source: Callable | None = None):
+                 device: torch.device | None = None, amp: str = "none", feature_source: Callable | None = None,
+                 fast: FastOptions | None = None):
         self.device = device or torch.device("cpu")
         self.method = method.to(self.device).eval()
         self.intensity = intensity
         self.axis = axis
         self.batch_size = batch_size
-        self.amp = amp
+        self.fast = fast
+        self.fast_report = apply_fast_options(self.method, fast) if fast is not None else {}
+        self.amp = fast.amp(self.device, amp) if fast is not None else amp
         self.feature_source = feature_source
         self.modality: str | None = None  # the training data's modality, when known (from a checkpoint)
+        self.input_size = self.method.input_size
 
     @classmethod
     def from_config(cls, config: RunConfig, num_classes: int, checkpoint: str | Path | None = None,
-                    device: str = "auto", batch_size: int = 8, use_cache: bool = False) -> "Predictor":
-        """Build the method of ``config``; ``use_cache`` reads/writes encoder outputs in the embedding cache."""
+                    device: str = "auto", batch_size: int = 8, use_cache: bool = False,
+                    fast: FastOptions | None = None) -> "Predictor":
+        """Build the method of ``config``; ``use_cache`` reads/writes encoder outputs in the embedding cache;
+        ``fast``: fast inference options (None = exact)."""
         from .run import build_model, feature_source, intensity_config
 
         dev = resolve_device(device)
@@ -53,11 +63,12 @@ class Predictor:
             raise CheckpointError(f"method {method.name!r} needs a trained checkpoint (--checkpoint or --run)")
         features = feature_source(backbone, method, config.data, dev) if use_cache else None
         return cls(method, intensity_config(config.data), config.data.axis, batch_size, dev, config.train.amp,
-                   features)
+                   features, fast)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 8,
-                        use_cache: bool = False, overrides: list[str] | None = None) -> "Predictor":
+                        use_cache: bool = False, overrides: list[str] | None = None,
+                        fast: FastOptions | None = None) -> "Predictor":
         """Rebuild the run's backbone and method from the checkpoint's manifest and load its weights.
 
         ``overrides`` (``key.sub=value``) change the run's config first, e.g. an inference-only method option."""
@@ -68,7 +79,7 @@ class Predictor:
         _update(config, manifest["config"], "")
         apply_overrides(config, overrides or [])
         predictor = cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size,
-                                    use_cache)
+                                    use_cache, fast)
         predictor.modality = ((manifest.get("data") or {}).get("source") or {}).get("modality")
         return predictor
 
@@ -81,6 +92,8 @@ class Predictor:
             if self.feature_source is not None:
                 batch["features"] = self.feature_source(batch)
             batch = to_device(batch, self.device)
+            if self.fast is not None and self.fast.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
                 probs = self.method.predict(batch)
             out.extend(probs.float().cpu())
@@ -88,7 +101,7 @@ class Predictor:
 
     def predict_case(self, case: Case) -> np.ndarray:
         """Label map Z x Y x X (the case's spatial shape) for one case."""
-        slices = volume_slices(case, self.axis, self.method.input_size, self.intensity)
+        slices = volume_slices(case, self.axis, self.input_size, self.intensity)
         probs = self.predict_probabilities([slices[i] for i in range(len(slices))])
         return reassemble(probs, self.axis, case)
 

@@ -1,0 +1,128 @@
+"""Fast inference options: outputs within the stated tolerances of the exact path, encoder run once per batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from samadapt.backbones import build_backbone
+from samadapt.data.preprocessing import IntensityConfig
+from samadapt.engine.fast import (BF16_TOLERANCE, EXACT, FP32_TOLERANCE, FastOptions, apply_fast_options,
+                                  bf16_native, fuse_conv_bn)
+from samadapt.engine.predict import Predictor
+from samadapt.errors import ConfigError
+from samadapt.methods import METHODS, build_method
+from synthetic import Discs
+
+# Small settings per method so that each builds and predicts in well under a second on the tiny backbone.
+SMALL = {
+    "desam": {"channels": [32, 16, 8], "se_reduction": 4, "min_mask_region_area": 4, "points_per_side": 3},
+    "hetersam": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "fusion_mlp_dim": 64,
+                 "drop_path": 0.0},
+    "msam": {"mea_pool_size": 8, "mea_mlp_ratio": 0.5, "infer_iterations": 3},
+    "promise": {"feature_channels": 16, "resnet_layers": [1, 1, 1, 1], "resnet_widths": [8, 16, 16, 16],
+                "cross_dim": 32, "cross_heads": 2, "ips_hidden": 64, "num_points": 8},
+    "unet": {"input_size": 64, "features": [8, 8, 16, 16, 32, 8]},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a loaded 2-core machine two threads run these small ops many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _items(n: int = 3) -> list[dict]:
+    return [{"image": d["image"]} for d in Discs(n, size=64, seed=3)]
+
+
+def _method(name: str):
+    torch.manual_seed(0)
+    return build_method(name, build_backbone("tiny"), SMALL.get(name, {}), 1).eval()
+
+
+def _predict(method, fast, items, batch_size=2):
+    predictor = Predictor(method, IntensityConfig(), batch_size=batch_size, fast=fast)
+    return torch.stack(predictor.predict_probabilities(items)), predictor
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_fast_fp32_options_match_exact_path(name):
+    method = _method(name)
+    fast_method = copy.deepcopy(method)
+    items = _items()
+    exact, _ = _predict(method, EXACT, items)
+    fast, predictor = _predict(fast_method, FastOptions(bf16="off"), items)
+    assert predictor.amp == "none"
+    assert exact.shape == fast.shape == (3, 2, 64, 64)
+    assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
+    assert predictor.fast_report["channels_last_convs"] > 0  # every method here has at least one Conv2d
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).uses_backbone])
+def test_encoder_runs_once_per_batch(name):
+    """The image embedding is computed once per image and reused (M-SAM iterations, DeSAM grid points, heads)."""
+    method = _method(name)
+    calls = []
+    encoders = [m for m in method.modules() if type(m).__name__ == "ImageEncoderViT"]
+    assert encoders
+    for enc in encoders:
+        enc.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    _predict(method, EXACT, _items(5), batch_size=2)
+    assert calls == [2, 2, 1]  # one encoder pass per batch of slices, whichever encoder copy the method uses
+
+
+def test_fuse_conv_bn_is_exact_and_counts():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)), nn.BatchNorm2d(4))
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 3, 16, 16)
+    net.train()
+    with pytest.raises(ConfigError, match="inference"):
+        fuse_conv_bn(net)
+    net.eval()
+    ref = net(x)
+    assert fuse_conv_bn(net) == 2  # the trailing BN follows a Sequential, not a Conv2d: left alone
+    assert isinstance(net[1], nn.Identity) and isinstance(net[3][1], nn.Identity) and isinstance(net[4], nn.BatchNorm2d)
+    assert torch.allclose(net(x), ref, atol=1e-5)
+
+
+def test_bf16_option():
+    cpu = torch.device("cpu")
+    assert FastOptions(bf16="off").amp(cpu) == "none"
+    assert FastOptions(bf16="on").amp(cpu) == "bf16"
+    assert FastOptions(bf16="auto").amp(cpu) == ("bf16" if bf16_native(cpu) else "none")
+    assert FastOptions(bf16="off").amp(cpu, "bf16") == "bf16"  # a run trained with amp keeps it
+    with pytest.raises(ConfigError, match="bf16"):
+        FastOptions(bf16="yes")
+    method = _method("decoder")
+    items = _items()
+    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
+    low, predictor = _predict(method, FastOptions(bf16="on"), items)
+    assert predictor.amp == "bf16"
+    err = (exact - low).abs().max().item()
+    assert 0 < err <= BF16_TOLERANCE  # bf16 really ran (not bit-identical) and stayed within tolerance
+
+
+@pytest.mark.integration
+def test_fast_litemedsam_decoder(real_brain_batch):
+    """On LiteMedSAM the 27 TinyViT Conv2d_BN blocks fuse and the fp32 options stay within tolerance."""
+    torch.manual_seed(0)
+    method = build_method("decoder", build_backbone("litemedsam"), {}, 1).eval()
+    items = [{"image": im} for im in real_brain_batch["image"][:2]]
+    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
+    fast, predictor = _predict(method, FastOptions(bf16="off"), items)
+    assert predictor.fast_report["fused_conv_bn"] == 27
+    assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
+    assert apply_fast_options(method, FastOptions(bf16="off"))["fused_conv_bn"] == 0  # nothing left to fuse
