@@ -1,5 +1,5 @@
 """The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, compare, cache, data, info,
-demo)."""
+demo, export)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def predict(
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
     fast: bool = typer.Option(False, "--fast", help="Fast inference: conv+BN fusion, channels-last, bf16 where "
                                                     "native (outputs within the tolerances of samadapt.engine.fast)."),
+    onnx: Optional[str] = typer.Option(None, "--onnx", help="A model from `samadapt export`, run with ONNX Runtime "
+                                                            "(CPU) instead of --run/--checkpoint/--config."),
 ):
     """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures)."""
     from .data.readers import open_dataset
@@ -89,13 +91,21 @@ def predict(
     from .engine.predict import Predictor
 
     options = FastOptions() if fast else None
+    predictor = None
+    if onnx:
+        if run or checkpoint or config or fast:
+            raise typer.BadParameter("--onnx runs an exported model; it cannot be combined with --run, --checkpoint, "
+                                     "--config or --fast")
+        from .engine.export import OnnxPredictor
+
+        predictor = OnnxPredictor(onnx, batch_size=batch_size)
     if run:
         checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
     if checkpoint:  # load the model first: a bad checkpoint fails before any data is read
         predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, fast=options)
-    source = open_dataset(inputs, modality=predictor.modality if checkpoint else None)
+    source = open_dataset(inputs, modality=predictor.modality if predictor else None)
     ids = source.test_case_ids or source.case_ids
-    if not checkpoint:
+    if predictor is None:
         cfg = _config(config, set_, **{"train.device": device})
         predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size,
                                           fast=options)
@@ -267,6 +277,33 @@ def demo(
     from .demo import run_demo
 
     run_demo(Path(out), method=method, minutes=minutes, threads=threads, baselines=baselines)
+
+
+@app.command()
+@friendly
+def export(
+    out: str = typer.Argument(..., help="ONNX file to write (e.g. model.onnx); written only if the check passes."),
+    run: Optional[str] = typer.Option(None, "--run", help="A run folder from `samadapt train` (uses best)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A .safetensors checkpoint."),
+    config: Optional[str] = typer.Option(None, "--config", help="Run file for zero-shot methods (box-prompt)."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override for --config."),
+    num_classes: int = typer.Option(1, "--num-classes", help="Foreground classes, for --config only."),
+):
+    """Export a model to ONNX (image -> class probabilities), verified against PyTorch with ONNX Runtime."""
+    from .engine.export import export_predictor
+    from .engine.predict import Predictor
+
+    if run:
+        checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
+    if bool(checkpoint) == bool(config):
+        raise typer.BadParameter("give exactly one of --run, --checkpoint or --config")
+    if checkpoint:
+        predictor = Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=1)
+    else:
+        predictor = Predictor.from_config(_config(config, set_), num_classes, device="cpu", batch_size=1)
+    meta = export_predictor(predictor, out, {"source": checkpoint or config})
+    console.print(f"wrote {out}: method {meta['method']}, {meta['num_classes']} class(es), "
+                  f"{meta['input_size']} px; ONNX Runtime vs PyTorch max |diff| {meta['check_max_abs_error']:.1e}")
 
 
 def main() -> None:

@@ -106,3 +106,15 @@ def test_schedules(sched):
         assert f[49] == 1.0 and f[50] == pytest.approx(0.1)
     if sched == "poly":
         assert f[0] == 1.0 and f[50] == pytest.approx(0.5 ** 0.9)
+
+
+def test_time_budget_stops_inside_an_epoch_and_still_validates(tmp_path):
+    backbone = build_backbone("tiny")
+    m = build_method("decoder", backbone, {}, 1)
+    cfg = TrainConfig(epochs=50, batch_size=2, lr=1e-3, max_minutes=1e-6, val_every=5)
+    losses = []
+    real_loss = m.loss
+    m.loss = lambda output, batch: losses.append(m.training) or real_loss(output, batch)
+    res = Trainer(m, cfg, tmp_path / "budget", {}, CPU).fit(Discs(16), Discs(4, seed=1))
+    assert len(res.history) == 1 and res.stopped_early and sum(losses) == 1  # 1 of the epoch's 8 steps
+    assert "val_dice" in res.history[0] and res.best_checkpoint.is_file()

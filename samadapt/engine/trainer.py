@@ -137,6 +137,7 @@ class Trainer:
                 if hasattr(train_ds, "set_epoch"):
                     train_ds.set_epoch(epoch)  # redraws sampled empty slices and augmentation seeds
                 loader = self._loader(train_ds, epoch)
+                out_of_time = False
                 for i, batch in enumerate(loader):
                     batch = self._prepare(batch)
                     with autocast(self.device, cfg.amp):
@@ -156,13 +157,18 @@ class Trainer:
                         optimizer.zero_grad(set_to_none=True)
                         scheduler.step()
                         progress.advance(task)
+                        # One process: stop inside the epoch when the budget is spent (DDP ranks would disagree on
+                        # the step, so they stop at the end of an epoch).
+                        out_of_time = self._over_budget(t_start) and dist_utils.world_size() == 1
                     running += float(loss.detach())
                     count += 1
                     progress.update(task, loss=running / count)
+                    if out_of_time:
+                        break
                 record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(count, 1),
                                           "lr": optimizer.param_groups[0]["lr"]}
                 improved = False
-                if val_ds is not None and len(val_ds) and (epoch + 1) % cfg.val_every == 0:
+                if val_ds is not None and len(val_ds) and ((epoch + 1) % cfg.val_every == 0 or out_of_time):
                     val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, cfg.amp, self.device)
                     record.update({f"val_{k}": v for k, v in val.items()})
                     improved = val["dice"] > best
@@ -191,15 +197,20 @@ class Trainer:
                     if main:
                         console.print(f"early stop after epoch {epoch + 1}: no val improvement for {cfg.patience}")
                     break
-                if cfg.max_minutes is not None and record["seconds"] > 60 * cfg.max_minutes:
+                if out_of_time or self._over_budget(t_start):
                     stopped_early = True
                     if main:
-                        console.print(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
+                        where = f"during epoch {epoch + 1} (step {count})" if out_of_time else f"after epoch {epoch + 1}"
+                        console.print(f"time budget of {cfg.max_minutes} min reached {where}")
                     break
         if writer is not None:
             writer.close()
         return TrainResult(ckpt_dir / "best.safetensors", ckpt_dir / "last.safetensors", history,
                            best, stopped_early, history[-1]["seconds"] if history else 0.0)
+
+    def _over_budget(self, t_start: float) -> bool:
+        """Whether ``train.max_minutes`` (training time since the run began, resumes included) is spent."""
+        return self.cfg.max_minutes is not None and time.time() - t_start > 60 * self.cfg.max_minutes
 
     def _log(self, record: dict[str, Any], writer) -> None:
         path = self.out / "log.csv"

@@ -1,0 +1,192 @@
+"""ONNX export of a method's whole prediction path, and an ONNX Runtime predictor.
+
+The exported graph maps ``image`` (B x 3 x S x S float32 in [0, 1], the batch convention; B dynamic) to
+``probabilities`` (B x (K + 1) x S x S float32): preprocessing, the frozen encoder and the method's head, as
+``method.predict({"image": image})`` computes them. The run's data settings (intensity, slicing axis, modality) and
+the method/backbone identity are stored in the model's metadata (key ``samadapt``, JSON), so that
+``OnnxPredictor`` reads and slices cases exactly as ``Predictor`` does.
+
+Every export is verified: ONNX Runtime's output on a second, different input (another batch size) must match
+PyTorch within ``ONNX_TOLERANCE`` (max absolute difference of probabilities), else nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.preprocessing import IntensityConfig
+from ..data.slices import collate
+from ..errors import ConfigError, InputError
+from ..io_utils import atomic_path
+from ..methods import Method
+from .predict import Predictor
+
+ONNX_TOLERANCE = 1e-4
+OPSET = 17
+
+# Methods whose ``predict`` does not trace into one graph with a dynamic batch, and why (found by exporting each
+# method and checking ONNX Runtime against PyTorch on another batch size; tests/test_export.py keeps this true).
+NOT_TRACEABLE = {
+    "desam": "its inference works image by image (grid mode: IoU filter, box NMS, small-region removal and lazy "
+             "decoding, all data-dependent; box mode: per-image valid-size boxes), so the traced graph has a fixed "
+             "batch and fails on another batch size",
+    "msam": "the Mask-Enhanced Adapter pools a dynamically sized map with adaptive_avg_pool2d, which torch.onnx "
+            "cannot export",
+    "promise": "its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
+               "batch size in the prompt encoder",
+}
+MODE_LIMITS = {"box-prompt": ("mode", "whole", "mode 'gt' needs ground-truth labels at prediction time")}
+
+
+class ImageToProbabilities(nn.Module):
+    """``method.predict`` as a plain module: image B x 3 x S x S in [0, 1] -> probabilities B x (K + 1) x S x S."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.method.predict({"image": image}).float()
+
+
+def check_exportable(method: Method) -> None:
+    """Raise ``ConfigError`` naming the method and why, when its prediction cannot be exported to ONNX."""
+    name = method.name
+    if name in NOT_TRACEABLE:
+        raise ConfigError(f"method {name!r} cannot be exported to ONNX: {NOT_TRACEABLE[name]}")
+    if name in MODE_LIMITS:
+        key, allowed, why = MODE_LIMITS[name]
+        if getattr(method.config, key, allowed) != allowed:
+            raise ConfigError(f"method {name!r} with {key}={getattr(method.config, key)!r} cannot be exported to "
+                              f"ONNX: {why}")
+
+
+def _session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check_image(size: int, batch: int, seed: int) -> Tensor:
+    """A smooth random image batch in [0, 1] (structure at several scales, so heads see non-trivial features)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 1, 8, 8, generator=g)
+    img = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    img = (img + 0.1 * torch.rand(batch, 1, size, size, generator=g)).clamp(0, 1)
+    return img.expand(-1, 3, -1, -1).contiguous()
+
+
+def export_onnx(method: Method, path: str | Path, metadata: dict[str, Any] | None = None, opset: int = OPSET,
+                tolerance: float = ONNX_TOLERANCE) -> dict[str, Any]:
+    """Export ``method``'s prediction (image -> probabilities) to ``path`` and verify it with ONNX Runtime.
+
+    ``metadata`` (JSON-able) is stored under the model's ``samadapt`` metadata key, together with the input size,
+    class count, method name and the measured error. Returns that metadata. Raises ``ConfigError`` for a method
+    that cannot be exported, or when ONNX Runtime disagrees with PyTorch by more than ``tolerance``.
+    """
+    import onnx
+
+    check_exportable(method)
+    method = method.eval()
+    module = ImageToProbabilities(method).eval()
+    size = method.input_size
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on shape asserts; correctness is checked below
+            try:
+                torch.onnx.export(module, (_check_image(size, 1, 0),), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=["image"], output_names=["probabilities"],
+                                  dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+            except Exception as exc:  # torch.onnx raises several types (SymbolicValueError, RuntimeError, ...)
+                raise ConfigError(f"method {method.name!r} cannot be exported to ONNX: {_first_line(exc)}") from exc
+            check = _check_image(size, 2, 1)
+            expected = module(check).numpy()
+        try:
+            got = _session(tmp).run(None, {"image": check.numpy()})[0]
+        except Exception as exc:  # onnxruntime's Fail/RuntimeException on a graph that only works for one batch
+            raise ConfigError(f"method {method.name!r}: exported graph fails in ONNX Runtime on a batch of 2 "
+                              f"({_first_line(exc)}); its prediction is not traceable") from exc
+        if got.shape != expected.shape:
+            raise ConfigError(f"method {method.name!r}: exported graph gives shape {got.shape} for a batch of 2, "
+                              f"PyTorch {expected.shape}; its prediction is not traceable with a dynamic batch")
+        error = float(np.abs(got - expected).max())
+        if not error <= tolerance:
+            raise ConfigError(f"method {method.name!r}: ONNX Runtime differs from PyTorch by {error:.2e} "
+                              f"(> {tolerance:.0e}) on a check input; its prediction is not traceable")
+        meta = {**(metadata or {}), "method": method.name, "num_classes": method.num_classes, "input_size": size,
+                "opset": opset, "check_max_abs_error": error, "tolerance": tolerance}
+        model = onnx.load(str(tmp))
+        model.metadata_props.add(key="samadapt", value=json.dumps(meta, default=str))
+        onnx.save(model, str(tmp))
+    return meta
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def export_predictor(predictor: Predictor, path: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export a ``Predictor``'s method with its data settings (intensity, axis, modality) as metadata."""
+    meta = {"intensity": dataclasses.asdict(predictor.intensity), "axis": predictor.axis,
+            "modality": predictor.modality, **(extra or {})}
+    return export_onnx(predictor.method, path, meta)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``samadapt`` metadata of an exported model; ``InputError`` if the file is not one."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such ONNX model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others on non-ONNX bytes
+        raise InputError(path, f"not a readable ONNX model ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if "samadapt" not in props:
+        raise InputError(path, "ONNX model has no samadapt metadata; export it with `samadapt export`")
+    return json.loads(props["samadapt"])
+
+
+class OnnxPredictor(Predictor):
+    """``Predictor`` with ONNX Runtime instead of PyTorch for the model; slicing, reassembly and writing are shared.
+
+    ``predict_probabilities`` feeds batches of ``batch_size`` slices (B x 3 x S x S float32) to the session."""
+
+    def __init__(self, path: str | Path, batch_size: int = 8, threads: int | None = None):
+        meta = read_metadata(path)
+        intensity = dict(meta.get("intensity") or {})
+        if "percentiles" in intensity:
+            intensity["percentiles"] = tuple(intensity["percentiles"])
+        self.path = Path(path)
+        self.metadata = meta
+        self.session = _session(path, threads)
+        self.intensity = IntensityConfig(**intensity)
+        self.axis = int(meta.get("axis", 0))
+        self.batch_size = batch_size
+        self.input_size = int(meta["input_size"])
+        self.modality = meta.get("modality")
+        self.device = torch.device("cpu")
+        self.fast = None
+
+    def predict_probabilities(self, items: list[dict]) -> list[Tensor]:
+        """Class probabilities (K+1) x S x S for each slice item."""
+        out: list[Tensor] = []
+        for start in range(0, len(items), self.batch_size):
+            image = collate(items[start:start + self.batch_size])["image"].float().contiguous().numpy()
+            probs = self.session.run(None, {"image": image})[0]
+            out.extend(torch.from_numpy(probs))
+        return out
