@@ -12,8 +12,10 @@ PyTorch within ``ONNX_TOLERANCE`` (max absolute difference of probabilities), el
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,33 @@ class ImageToProbabilities(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         return self.method.predict({"image": image}).float()
+
+
+def _patch_merging_forward(self, x: Tensor) -> Tensor:
+    """TinyViT ``PatchMerging.forward`` with the batch read as ``x.shape[0]`` (traced) instead of ``len(x)`` (a
+    Python int the tracer freezes, so the exported graph only worked for the export batch size). Same math."""
+    if x.ndim == 3:
+        h, w = self.input_resolution
+        x = x.view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    x = self.act(self.conv1(x))
+    x = self.act(self.conv2(x))
+    x = self.conv3(x)
+    return x.flatten(2).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def traceable_tinyvit(model: nn.Module):
+    """While exporting, give every TinyViT ``PatchMerging`` in ``model`` a trace-friendly forward (instance patch,
+    removed afterwards; the encoder's code and weights are untouched)."""
+    patched = [m for m in model.modules()
+               if type(m).__name__ == "PatchMerging" and hasattr(m, "input_resolution") and hasattr(m, "conv3")]
+    for m in patched:
+        m.forward = types.MethodType(_patch_merging_forward, m)
+    try:
+        yield len(patched)
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def check_exportable(method: Method) -> None:
@@ -103,7 +132,7 @@ def export_onnx(method: Method, path: str | Path, metadata: dict[str, Any] | Non
     size = method.input_size
     path = Path(path)
     with atomic_path(path) as tmp:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), traceable_tinyvit(module):
             warnings.simplefilter("ignore")  # tracer warnings on shape asserts; correctness is checked below
             try:
                 torch.onnx.export(module, (_check_image(size, 1, 0),), str(tmp), dynamo=False, opset_version=opset,
