@@ -28,6 +28,7 @@ from .engine.config import RunConfig, load_config
 from .engine.predict import Predictor
 from .engine.run import open_source
 from .engine.run import train as run_train
+from .data.slices import collate, volume_slices
 from .errors import ConfigError
 from .io_utils import atomic_write_text
 from .metrics import compute_metrics
@@ -167,6 +168,7 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
     rows: list[dict] = []
     histories: dict[str, list] = {}
     shown: dict[str, np.ndarray] = {}
+    plotters: dict[str, Predictor] = {}
     t0 = time.time()
     for seed in seeds:
         trained: dict[str, Trained] = {}
@@ -190,17 +192,40 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
                 pred, scores, seconds = _evaluate(trained[m.label].predictor, case, classes)
                 if seed == seeds[0] and case is test_cases[0]:
                     shown[m.label] = pred
+                    plotters[m.label] = trained[m.label].predictor
                 slices = case.label.shape[trained[m.label].predictor.axis]
                 for s in scores:
                     rows.append({"model": m.label, "seed": seed, "case": case.id, **s,
                                  "train_s": round(trained[m.label].train_seconds, 1),
                                  "predict_s_per_slice": seconds / slices})
-    _write_report(out / report, rows, histories, shown, test_cases[0], title, models, budget, seeds,
+    _write_report(out / report, rows, histories, shown, plotters, test_cases[0], title, models, budget, seeds,
                   time.time() - t0, overlays)
     return rows
 
 
-def _write_report(report: Path, rows, histories, shown, case, title, models, budget, seeds, total, overlays):
+def plot_prompts(predictor: Predictor, case, picks: Sequence[int], path: Path) -> Path | None:
+    """For a method that reports the point prompts it chose (``last_points``, e.g. ProMISe's APM), draw them with
+    its prediction on the slices ``picks`` (the method's S x S frame); None for other methods."""
+    if not hasattr(predictor.method, "last_points"):
+        return None
+    from .methods.promise_plots import plot_points
+
+    slices = volume_slices(case, predictor.axis, predictor.method.input_size, predictor.intensity)
+    items = [slices[i] for i in picks]
+    saved, predictor.batch_size = predictor.batch_size, len(items)  # one batch: last_points covers every pick
+    try:
+        probs = torch.stack(predictor.predict_probabilities(items))
+    finally:
+        predictor.batch_size = saved
+    method = predictor.method
+    batch = collate(items)
+    return plot_points(batch["image"], method.last_points, method.last_point_labels, path,
+                       masks=probs.argmax(dim=1), truth=batch.get("label"),
+                       titles=[f"slice {i}: {method.last_point_source} points" for i in picks])
+
+
+def _write_report(report: Path, rows, histories, shown, plotters, case, title, models, budget, seeds, total,
+                  overlays):
     columns = ["model", "seed", "case", "class", *METRIC_ORDER, "train_s", "predict_s_per_slice"]
     write_metrics(rows, columns, report)
     summary = summarize_rows(rows)
@@ -221,6 +246,10 @@ def _write_report(report: Path, rows, histories, shown, case, title, models, bud
         picks = [fg[int(i)] for i in np.linspace(0, len(fg) - 1, 4)] if fg else [case.label.shape[0] // 2]
         plot_overlays(case.image[0], case.label, shown, picks, report / "overlays.png")
         text += "\n![overlays](overlays.png)\n"
+        for label, predictor in plotters.items():
+            if plot_prompts(predictor, case, picks, report / f"points_{label}.png") is not None:
+                text += f"\n`{label}`: the point prompts it chose (green +: positive, red x: negative)\n\n" \
+                        f"![points {label}](points_{label}.png)\n"
     atomic_write_text(report / "README.md", text)
     atomic_write_text(report / "summary.md", "\n".join(lines) + "\n")
     table = Table(title=title)
