@@ -50,7 +50,7 @@ S=${SEEDS%%,*}
 "$PY" benchmarks/hetersam_light_decoder.py --out "$X/hetersam_light" \
   --run "deformable_se=$B/runs/hetersam-deformable-se/seed$S"
 for mode in grid box; do
-  "$SA" evaluate-dg "$B/runs/desam-$mode/seed$S" mni152-brain-2mm mni152-brain-3mm nuclei invesalius-ct \
+  "$SA" evaluate-dg "$B/runs/desam-$mode/seed$S" mni152-brain-2mm mni152-brain-3mm nuclei \
     --out "$X/desam_dg_$mode" --device cpu
 done
 
