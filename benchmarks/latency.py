@@ -156,8 +156,7 @@ def profile(folder: Path, work: Path, batch: int) -> None:
     ids = (source.test_case_ids or source.case_ids)[:batch]
     items = [volume_slices(source.load(i), axis, 256, intensity)[0] for i in ids]
     enc = method.backbone.image_encoder
-    stages = {"patch_embed": enc.patch_embed, **{f"layer{i}": enc.layers[i] for i in range(4)}, "neck": enc.neck,
-              "decoder head": method.mask_decoder}
+    stages = {"patch_embed": enc.patch_embed, **{f"layer{i}": enc.layers[i] for i in range(4)}, "neck": enc.neck}
     times: dict[str, float] = {k: 0.0 for k in stages}
     starts: dict[str, float] = {}
     for key, mod in stages.items():
@@ -171,8 +170,9 @@ def profile(folder: Path, work: Path, batch: int) -> None:
     predictor.predict_probabilities(items)
     total = time.perf_counter() - t0
     print(f"\nfast decoder, batch {batch}: {total / batch:.2f} s/image in predict_probabilities; per stage (s/image):")
+    times["rest: head, collate, pre/post"] = total - sum(times.values())
     for k, v in times.items():
-        print(f"  {k:13s} {v / batch:6.3f}  ({100 * v / total:4.1f}%)")
+        print(f"  {k:30s} {v / batch:6.3f}  ({100 * v / total:4.1f}%)")
     batch_t = collate(items)
     batch_t["image"] = batch_t["image"].contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
