@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 
 
 def run(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "samadapt.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "samadapt.cli", *args], capture_output=True, encoding="utf-8",
                           env=ENV, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"samadapt {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -64,7 +64,7 @@ def test_two_process_ddp_training(disc_folder, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "samadapt.cli", "train", "--data", str(disc_folder), "--out", str(out), "--epochs", "2", *TINY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2
