@@ -60,3 +60,7 @@ done
   -m "unet=unet_cpu" -m "decoder=decoder_cpu" -m "box-prompt-gt=box_prompt_gt" \
   -m "hsam=hsam_cpu" -m "hsam-stage1=@hsam method.options.inference_stage=1" \
   -m "hsam-stage2=@hsam method.options.inference_stage=2"
+
+"$PY" benchmarks/collate_results.py "$B"/report_desam "$B"/report_hetersam "$B"/report_promise "$B"/report_msam \
+  > "$OUT/brain.md"
+"$PY" benchmarks/collate_results.py "$OUT/tissue/report" > "$OUT/tissue.md"
