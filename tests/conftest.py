@@ -59,3 +59,13 @@ def real_brain_batch(mni152_brain_dataset):
 def real_tissue_batch(mni152_tissue_dataset):
     """Like ``real_brain_batch`` for the 3-class tissue task."""
     return _real_batch(mni152_tissue_dataset)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many small ops: on a loaded 2-core machine two threads run them many times
+    slower (thread oversubscription). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

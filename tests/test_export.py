@@ -24,12 +24,7 @@ from test_fast_predict import SMALL
 EXPORTABLE = [n for n in METHODS.names() if n not in NOT_TRACEABLE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _method(name: str, num_classes: int = 1):

@@ -17,13 +17,7 @@ SMALL = {"feature_channels": 16, "resnet_layers": [1, 1, 1, 1], "resnet_widths":
          "cross_dim": 32, "cross_heads": 2, "ips_hidden": 64, "num_points": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small graphs run fastest on one thread (the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(backbone, **options) -> ProMISe:
