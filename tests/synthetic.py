@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+
+
+def write_disc_pictures(root: Path, count: int, shape: tuple[int, int], seed: int, name: str,
+                        centre: tuple[int, int, int, int], radius: tuple[int, int]) -> Path:
+    """A 2D ``images/`` + ``masks/`` folder of ``count`` gray pictures (H x W ``shape``), one bright disc each,
+    masks stored as {0, 255}, file stems ``name.format(i)``; centres drawn from ``centre`` = (y_lo, y_hi, x_lo, x_hi), radii from ``radius``."""
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for i in range(count):
+        cy, cx, r = rng.integers(*centre[:2]), rng.integers(*centre[2:]), rng.integers(*radius)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        img = (40 + 150 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"{name.format(i)}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"{name.format(i)}.png")
+    return root
 
 
 class Discs(Dataset):

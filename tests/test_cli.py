@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from synthetic import write_disc_pictures
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 
@@ -24,18 +25,7 @@ def run(*args: str, check: bool = True, timeout: int = 300) -> subprocess.Comple
 @pytest.fixture(scope="module")
 def disc_folder(tmp_path_factory) -> Path:
     """A 2D images/ + masks/ dataset of 12 gray 80x96 pictures with one bright disc each ({0,255} masks)."""
-    root = tmp_path_factory.mktemp("discs")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:80, :96]
-    for i in range(12):
-        cy, cx, r = rng.integers(25, 55), rng.integers(25, 70), rng.integers(8, 18)
-        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
-        img = (40 + 150 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
-        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{i:02d}.png")
-    return root
+    return write_disc_pictures(tmp_path_factory.mktemp("discs"), 12, (80, 96), 0, "case{:02d}", (25, 55, 25, 70), (8, 18))
 
 
 TINY = ["--backbone", "tiny", "--method", "decoder", "--device", "cpu", "--set", "data.cache=off",

@@ -18,7 +18,7 @@ from samadapt.engine.export import NOT_TRACEABLE, ONNX_TOLERANCE, OnnxPredictor,
 from samadapt.engine.predict import Predictor
 from samadapt.errors import ConfigError, InputError
 from samadapt.methods import METHODS, build_method
-from synthetic import Discs
+from synthetic import Discs, write_disc_pictures
 from test_fast_predict import SMALL
 
 EXPORTABLE = [n for n in METHODS.names() if n not in NOT_TRACEABLE]
@@ -97,18 +97,7 @@ def test_bad_onnx_files(tmp_path):
 @pytest.fixture(scope="module")
 def picture_folder(tmp_path_factory) -> Path:
     """images/ + masks/ with 8 gray 70x90 pictures holding one bright disc each."""
-    root = tmp_path_factory.mktemp("pictures")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:70, :90]
-    for i in range(8):
-        cy, cx, r = rng.integers(20, 50), rng.integers(20, 70), rng.integers(8, 16)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        img = (40 + 150 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / "images" / f"p{i}.png")
-        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"p{i}.png")
-    return root
+    return write_disc_pictures(tmp_path_factory.mktemp("pictures"), 8, (70, 90), 1, "p{}", (20, 50, 20, 70), (8, 16))
 
 
 def _cli(*args: str) -> str:
