@@ -1,5 +1,5 @@
 """The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, compare, cache, data, info,
-demo, export)."""
+demo, export, benchmark)."""
 
 from __future__ import annotations
 
@@ -277,6 +277,36 @@ def demo(
     from .demo import run_demo
 
     run_demo(Path(out), method=method, minutes=minutes, threads=threads, baselines=baselines)
+
+
+@app.command()
+@friendly
+def benchmark(
+    out: str = typer.Option("bench_out", "--out", help="Folder for the part results (JSON), runs and RESULTS.md."),
+    parts: str = typer.Option("accuracy,latency,cost,volume", "--parts", help="Comma-separated parts to run."),
+    tasks: str = typer.Option("mni152-brain,mni152-tissue,nuclei", "--tasks", help="Accuracy tasks."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
+    minutes: float = typer.Option(1.5, "--minutes", help="Training budget per model and seed (wall minutes)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Methods of the latency/cost parts (default all)."),
+    images: int = typer.Option(4, "--images", help="Pictures per latency row."),
+    batch: int = typer.Option(4, "--batch", help="Batch size of the batched latency rows."),
+    threads: int = typer.Option(2, "--threads", help="torch / ONNX Runtime threads."),
+    profile: bool = typer.Option(True, "--profile/--no-profile", help="Profile the fast decoder path (latency)."),
+    steps: int = typer.Option(2, "--steps", help="Training steps per epoch of the cost part."),
+    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT (plain|fast|onnx) of the 3D part; repeat. "
+                                                           "Default: decoder:fast, decoder:onnx, unet:fast."),
+    backbone: str = typer.Option("litemedsam", "--backbone", help="Backbone of the latency/cost/volume parts."),
+    results: Optional[str] = typer.Option(None, "--results", help="Report path (default OUT/RESULTS.md)."),
+):
+    """Benchmark every method: accuracy over seeds, prediction latency against stock, training cost, 3D time."""
+    from .bench import volume as volume_part
+    from .bench.run import run_benchmark
+
+    path = run_benchmark(out, parts.split(","), tasks=tasks.split(","), seeds=[int(s) for s in seeds.split(",")],
+                         minutes=minutes, methods=methods.split(",") if methods else None, images=images,
+                         batch=batch, threads=threads, profile=profile, steps=steps,
+                         volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone, results=results)
+    console.print(f"report: {path}")
 
 
 @app.command()

@@ -1,0 +1,91 @@
+"""Accuracy part of the benchmark: every method and baseline on the demo tasks, one budget, several seeds.
+
+Each task is a ``samadapt compare`` run into ``OUT/accuracy/<task>`` (finished runs are reused, so an interrupted
+benchmark continues). The binary tasks train every method and baseline; the multi-class task (MNI152 tissue) the
+models that handle several classes natively (``decoder``, ``unet``, ``hsam``) and the oracle-box baseline (the
+one-class methods would run one-vs-rest: K heads, K times the cost). Test metrics are 3D per case and class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..compare import ModelSpec, compare, summarize_rows
+from ..data.demo_data import build_demo
+from ..errors import ConfigError
+from ..io_utils import atomic_write_json
+
+BINARY_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt",
+                 "box-prompt-whole=box_prompt_whole", "desam-box=desam_cpu method.options.mode=box",
+                 "hetersam=hetersam_cpu", "hsam=hsam_cpu", "msam=msam_cpu", "promise=promise_cpu")
+# DeSAM's grid mode decodes up to 81 point prompts per slice (about 14 s per slice on 2 CPU threads, 11 minutes per
+# seed on the 46 test slices of the MNI152 slab), so it runs on the small nuclei task only.
+DESAM_GRID = "desam-grid=desam_cpu"
+MULTICLASS_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt", "hsam=hsam_cpu")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task: a demo dataset and the models trained on it."""
+
+    title: str
+    models: tuple[str, ...]
+
+
+TASKS = {
+    "mni152-brain": Task("MNI152 brain extraction (binary; test slab in 3D)", BINARY_MODELS),
+    "mni152-tissue": Task("MNI152 tissue (3 classes: 1 CSF/other, 2 grey matter, 3 white matter)", MULTICLASS_MODELS),
+    "nuclei": Task("Stardist nuclei tiles (binary; 4 test tiles of 128 x 128)", (*BINARY_MODELS, DESAM_GRID)),
+}
+
+
+def _spec(task: str, seeds: Sequence[int], minutes: float, models: Sequence[str]) -> dict:
+    return {"task": task, "seeds": list(seeds), "minutes": minutes, "models": list(models)}
+
+
+def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float, threads: int | None = None,
+             models: Sequence[str] | None = None) -> dict:
+    """Train and score one task (or reuse its finished result); returns the summary written to ``result.json``.
+
+    The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
+    models = tuple(models or TASKS[task].models)
+    folder = out / "accuracy" / task
+    spec = _spec(task, seeds, minutes, models)
+    done = folder / "result.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous["spec"] == spec:
+            return previous
+    data = build_demo(task, folder / "data" / task)
+    rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, seeds=seeds,
+                   threads=threads, title=f"{TASKS[task].title}, {minutes:g} min per model, seeds {list(seeds)}",
+                   report="report")
+    result = {"spec": spec, "title": TASKS[task].title, "summary": summarize_rows(rows)}
+    atomic_write_json(done, result)
+    return result
+
+
+def _cell(row: dict, key: str, digits: int) -> str:
+    mean, std = row[key], row.get(f"{key}_std", 0.0)
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    """One task's table: Dice and HD95 (mean ± std over cases and seeds) with training and prediction time."""
+    spec = result["spec"]
+    lines = [f"### {result['title']}", "",
+             f"{spec['minutes']:g} min training per model, seeds {spec['seeds']}; n = cases x seeds.", "",
+             "| model | class | n | Dice | HD95 mm | NSD 1 mm | train s | predict s/slice |", "|" + "---|" * 8]
+    for r in result["summary"]:
+        lines.append(f"| {r['model']} | {r['class']} | {r['n']} | {_cell(r, 'dice', 3)} | {_cell(r, 'hd95', 1)} | "
+                     f"{_cell(r, 'nsd', 3)} | {r['train_s']:.0f} | {r['predict_s_per_slice']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,163 @@
+"""Training-cost part of the benchmark: time per training step with and without the embedding cache, and peak RSS
+of training and of prediction, for every trainable method on LiteMedSAM (MNI152 brain slices, each method's CPU
+preset and batch size).
+
+Every measurement runs in its own process (``python -m samadapt.bench.cost ...``), so its peak RSS is its own.
+A step is one optimiser step at the preset's batch size (forward, loss, backward, update; with the cache the
+encoder outputs are read from disk, filled beforehand and untimed). The time is that of the second of two
+epochs of ``steps`` steps each, divided by ``steps`` (the first epoch warms up), and includes the epoch's
+checkpoint save. Prediction: ``predict_probabilities`` over two batches of test slices (plain fp32 path, no cache),
+seconds per slice and the peak RSS of that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..data.slices import collate, volume_slices
+from ..engine.config import load_config
+from ..engine.predict import Predictor
+from ..engine.run import build_model, feature_source, intensity_config, open_source, prepare_data, use_cache
+from ..engine.trainer import Trainer
+from ..errors import ConfigError
+from .memory import peak_rss_mib, reset_peak_rss
+
+PRESETS = {"decoder": "decoder_cpu", "desam": "desam_cpu", "hetersam": "hetersam_cpu", "promise": "promise_cpu",
+           "hsam": "hsam_cpu", "msam": "msam_cpu", "unet": "unet_cpu"}
+
+
+def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backbone: str):
+    return load_config(PRESETS[method], [f"backbone.name={backbone}", f"data.path={data}", f"data.cache_dir={work / 'cache'}",
+                                         f"data.cache={'on' if cache else 'off'}", "data.augment=none",
+                                         "train.device=cpu", f"train.epochs={epochs}", "train.max_minutes=null",
+                                         "train.patience=null", f"output={work / 'run'}"])
+
+
+def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, backbone: str = "litemedsam") -> dict:
+    """Seconds per training step (second epoch of ``steps`` steps) and the peak RSS during training, in MiB."""
+    cfg = _config(method, data, work, cache, epochs=2, backbone=backbone)
+    source = open_source(cfg.data)
+    backbone, model = build_model(cfg, source.num_classes, torch.device("cpu"))
+    if cache and not use_cache(model, cfg.data):
+        raise ConfigError(f"{method} trains through the encoder: no embedding cache")
+    ds = prepare_data(cfg.data, model.input_size, source=source).train
+    keys = ds.slice_keys
+    ds.restrict(keys[:: max(len(keys) // (steps * cfg.train.batch_size), 1)][: steps * cfg.train.batch_size])
+    features = feature_source(backbone, model, cfg.data, torch.device("cpu"))
+    if features is not None:
+        features.cache.precompute(ds, batch_size=cfg.train.batch_size, progress=False)
+    reset_peak_rss()
+    trainer = Trainer(model, cfg.train, work / "run", {}, torch.device("cpu"), collate=collate,
+                      feature_source=features)
+    history = trainer.fit(ds, None).history
+    second_epoch = history[1]["seconds"] - history[0]["seconds"]
+    n_steps = -(-len(ds) // cfg.train.batch_size)
+    return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "steps": n_steps,
+            "step_s": second_epoch / n_steps, "rss": peak_rss_mib()}
+
+
+def predict_cost(method: str, data: Path, work: Path, backbone: str = "litemedsam") -> dict:
+    """Seconds per slice and peak RSS (MiB) of plain fp32 prediction over two batches of test slices."""
+    cfg = _config(method, data, work, cache=False, epochs=1, backbone=backbone)
+    source = open_source(cfg.data)
+    case = source.load(source.make_split().test[0])
+    model = build_model(cfg, source.num_classes, torch.device("cpu"))[1]  # untrained head: timing only
+    predictor = Predictor(model, intensity_config(cfg.data), cfg.data.axis)
+    slices = volume_slices(case, predictor.axis, predictor.input_size, predictor.intensity)
+    n = 2 * predictor.batch_size
+    middle = len(slices) // 2
+    items = [slices[i] for i in range(max(middle - n // 2, 0), min(middle - n // 2 + n, len(slices)))]
+    predictor.predict_probabilities(items[:1])  # warm-up
+    reset_peak_rss()
+    start = time.perf_counter()
+    predictor.predict_probabilities(items)
+    return {"method": method, "slices": len(items), "batch": predictor.batch_size,
+            "predict_s_per_slice": (time.perf_counter() - start) / len(items), "rss": peak_rss_mib()}
+
+
+def _in_subprocess(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "samadapt.bench.cost", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"samadapt.bench.cost {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(data: Path, work: Path, steps: int = 2, threads: int = 2,
+            methods: Sequence[str] = tuple(PRESETS), backbone: str = "litemedsam") -> dict:
+    """Training step time with and without the cache (where the method can cache) and prediction cost, per method.
+
+    Returns ``{"steps": ..., "threads": ..., "rows": [{"method", "batch", "step_s_no_cache", "step_s_cache",
+    "train_rss_no_cache", "train_rss_cache", "predict_s_per_slice", "predict_rss"}]}`` (None where not applicable).
+    """
+    rows = []
+    for method in methods:
+        if method not in PRESETS:
+            raise ConfigError(f"no training-cost preset for {method!r}; available: {', '.join(PRESETS)}")
+        common = ["--method", method, "--data", str(data), "--threads", str(threads), "--steps", str(steps),
+                  "--backbone", backbone]
+        row: dict = {"method": method}
+        for cache in (False, True):
+            tag = "cache" if cache else "no_cache"
+            try:
+                r = _in_subprocess([*common, "--work", str(work / method / tag), *(["--cache"] if cache else [])])
+            except RuntimeError as err:
+                if cache and "no embedding cache" in str(err):
+                    row.update({f"step_s_{tag}": None, f"train_rss_{tag}": None})
+                    continue
+                raise
+            row.update({"batch": r["batch"], f"step_s_{tag}": r["step_s"], f"train_rss_{tag}": r["rss"]})
+        p = _in_subprocess([*common, "--work", str(work / method / "predict"), "--predict"])
+        row.update({"predict_s_per_slice": p["predict_s_per_slice"], "predict_rss": p["rss"]})
+        print(f"  {method}: {row}", flush=True)
+        rows.append(row)
+    return {"backbone": backbone, "steps": steps, "threads": threads, "rows": rows}
+
+
+def _fmt(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Backbone {result['backbone']}; MNI152 brain training slices, each method's CPU preset and batch, {result['threads']} threads; step "
+             f"time = second epoch of {result['steps']} steps / {result['steps']}. `n/a`: the method trains through "
+             "the encoder (LoRA) or has none (unet), so there is nothing to cache.", "",
+             "| method | batch | step s, no cache | step s, cache | speed-up | train peak RSS MiB (no cache / cache) "
+             "| predict s/slice | predict peak RSS MiB |", "|" + "---|" * 8]
+    for r in result["rows"]:
+        plain, cached = r["step_s_no_cache"], r["step_s_cache"]
+        speedup = f"{plain / cached:.1f}x" if cached else "n/a"
+        lines.append(f"| {r['method']} | {r['batch']} | {_fmt(plain, 2)} | {_fmt(cached, 2)} | {speedup} | "
+                     f"{_fmt(r['train_rss_no_cache'], 0)} / {_fmt(r['train_rss_cache'], 0)} | "
+                     f"{r['predict_s_per_slice']:.2f} | {r['predict_rss']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="one training-cost measurement (used by samadapt benchmark)")
+    ap.add_argument("--method", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", action="store_true")
+    ap.add_argument("--backbone", default="litemedsam")
+    ap.add_argument("--predict", action="store_true", help="measure prediction instead of training")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.predict:
+        result = predict_cost(args.method, args.data, args.work, args.backbone)
+    else:
+        result = train_step(args.method, args.data, args.work, args.cache, args.steps, args.backbone)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""3D part of the benchmark: seconds per volume through the slice-wise pipeline.
+
+The case is the whole MNI152 T1 template (1 mm, 189 axial slices of 233 x 197), written as NIfTI; one timed run
+reads it, slices it, predicts every slice in batches, reassembles the label volume and writes it as NIfTI. Heads are
+untrained (timing only), built from each method's CPU preset; ``fast`` is ``FastOptions()``, ``onnx`` the
+exported graph under ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..backbones import build_backbone
+from ..data.cases import write_image_like
+from ..data.demo_data import mni152_volumes
+from ..data.readers import load_case
+from ..engine.config import load_config
+from ..engine.export import OnnxPredictor, export_predictor
+from ..engine.fast import EXACT, FastOptions
+from ..engine.predict import Predictor
+from ..engine.run import intensity_config
+from ..errors import ConfigError
+from ..methods import build_method
+from .latency import PRESETS
+from .memory import peak_rss_mib, reset_peak_rss
+
+VARIANTS = ("plain", "fast", "onnx")
+DEFAULT_RUNS = ("decoder:fast", "decoder:onnx", "unet:fast")
+
+
+def write_volume(folder: Path) -> Path:
+    """The MNI152 T1 template as ``folder/mni152_t1.nii.gz`` (written once)."""
+    path = folder / "mni152_t1.nii.gz"
+    if not path.exists():
+        t1, _, geometry = mni152_volumes("brain")
+        write_image_like(t1, geometry, path)
+    return path
+
+
+def _predictor(method: str, variant: str, batch: int, work: Path, backbone: str):
+    cfg = load_config(PRESETS[method], [])
+    torch.manual_seed(0)
+    model = build_method(method, build_backbone(backbone), cfg.method.options, 1).eval()
+    predictor = Predictor(model, intensity_config(cfg.data), cfg.data.axis, batch_size=batch,
+                          fast=FastOptions() if variant == "fast" else EXACT)
+    if variant != "onnx":
+        return predictor
+    onnx_path = work / f"{method}.onnx"
+    export_predictor(predictor, onnx_path)
+    return OnnxPredictor(onnx_path, batch_size=batch, threads=torch.get_num_threads())
+
+
+def measure(work: Path, runs: Sequence[str] = DEFAULT_RUNS, batch: int = 8, threads: int = 2,
+            backbone: str = "litemedsam") -> dict:
+    """Seconds per volume for each ``method:variant`` in ``runs`` (read, predict, write), with the peak RSS."""
+    torch.set_num_threads(threads)
+    path = write_volume(work)
+    rows = []
+    for spec in runs:
+        method, _, variant = spec.partition(":")
+        if method not in PRESETS or variant not in VARIANTS:
+            raise ConfigError(f"volume run {spec!r} must be METHOD:VARIANT with METHOD in {sorted(PRESETS)} and "
+                              f"VARIANT in {VARIANTS}")
+        predictor = _predictor(method, variant, batch, work, backbone)
+        reset_peak_rss()
+        start = time.perf_counter()
+        case = load_case(path)
+        predictor.predict_cases([case], work / spec.replace(":", "-"))
+        seconds = time.perf_counter() - start
+        slices = case.image.shape[1 + predictor.axis]
+        rows.append({"method": method, "variant": variant, "seconds": seconds, "slices": slices,
+                     "s_per_slice": seconds / slices, "rss": peak_rss_mib()})
+        print(f"  {spec}: {seconds:.1f} s per volume ({slices} slices), peak RSS {rows[-1]['rss']:.0f} MiB",
+              flush=True)
+        del predictor
+    return {"backbone": backbone, "case": "MNI152 T1 1 mm", "shape": list(case.image.shape[1:]), "batch": batch, "threads": threads,
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    z, y, x = result["shape"]
+    lines = [f"Backbone {result['backbone']}; {result['case']} ({z} x {y} x {x}, sliced along z), batch {result['batch']}, {result['threads']} "
+             "threads; end to end: read NIfTI, predict every slice, reassemble, write NIfTI.", "",
+             "| method | variant | s per volume | s per slice | peak RSS MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['variant']} | {r['seconds']:.1f} | {r['s_per_slice']:.2f} | {r['rss']:.0f} |"
+              for r in result["rows"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""``samadapt benchmark``: every part runs end to end (tiny backbone, smallest sizes) into one RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from samadapt.bench import accuracy
+from samadapt.bench.run import report, run_benchmark
+from samadapt.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY_MODELS = ("decoder=decoder_tiny train.batch_size=4", "box-prompt-whole=box_prompt_whole backbone.name=tiny")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\| (\d+\.\d+) ", text)]
+
+
+def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "samadapt.cli", "benchmark", "--out", str(out), "--parts", "latency,cost,volume",
+         "--methods", "decoder", "--images", "1", "--batch", "2", "--threads", "1", "--no-profile", "--steps", "1",
+         "--volume", "decoder:fast", "--volume", "decoder:onnx", "--backbone", "tiny"],
+        capture_output=True, encoding="utf-8", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "RESULTS.md").read_text()
+    assert "Missing parts: accuracy." in text
+    lat = json.loads((out / "latency.json").read_text())
+    variants = {(r["variant"], r["batch"]) for r in lat["rows"]}
+    assert variants == {("plain", 1), ("plain", 2), ("fast", 1), ("fast", 2), ("onnx", 1), ("onnx", 2)}
+    assert all(r["s"] > 0 and r["agree"] > 0.99 for r in lat["rows"]) and lat["stock"] > 0
+    cost = json.loads((out / "cost.json").read_text())["rows"][0]
+    assert cost["method"] == "decoder" and cost["step_s_no_cache"] > 0 and cost["step_s_cache"] > 0
+    assert cost["train_rss_cache"] > 100 and cost["predict_rss"] > 100  # MiB: a whole torch process
+    vol = json.loads((out / "volume.json").read_text())
+    assert [r["variant"] for r in vol["rows"]] == ["fast", "onnx"]
+    assert all(r["slices"] == vol["shape"][0] and r["seconds"] > 0 for r in vol["rows"])
+    assert (out / "volume" / "decoder-onnx" / "mni152_t1.nii.gz").exists()
+    for heading in ("Prediction latency", "Training cost", "3D: seconds per volume"):
+        assert heading in text
+    assert "samadapt benchmark --out" in text  # the command that produced the numbers is in the report
+    assert len(_numbers(text)) > 10
+
+
+def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
+    result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], minutes=0.02, models=TINY_MODELS)
+    rows = {r["model"]: r for r in result["summary"]}
+    assert set(rows) == {"decoder", "box-prompt-whole"}
+    assert rows["decoder"]["n"] == 4 * 2  # 4 test tiles x 2 seeds
+    assert 0.0 <= rows["decoder"]["dice"] <= 1.0 and rows["decoder"]["dice_std"] >= 0.0
+    assert (tmp_path / "accuracy" / "nuclei" / "runs" / "decoder" / "seed1" / "checkpoints").is_dir()
+    table = accuracy.markdown(result)
+    assert "| decoder | 1 | 8 |" in table and " ± " in table
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished task with the same settings must not run again")
+
+    monkeypatch.setattr(accuracy, "compare", no_training)
+    reused = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], minutes=0.02, models=TINY_MODELS)
+    assert json.dumps(reused) == json.dumps(result)  # (as text: NaN metrics are not equal to themselves)
+    with pytest.raises(AssertionError):  # other settings: runs again
+        accuracy.run_task(tmp_path, "nuclei", seeds=[0], minutes=0.02, models=TINY_MODELS)
+
+
+def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
+    assert "Missing parts: accuracy, latency, cost, volume." in report(tmp_path)
+    with pytest.raises(ConfigError, match="unknown benchmark part"):
+        run_benchmark(tmp_path, ["speed"])
+    with pytest.raises(ConfigError, match="unknown benchmark task"):
+        accuracy.run_task(tmp_path, "liver", seeds=[0], minutes=1)
+    assert not list(Path(tmp_path).iterdir())  # nothing written for a rejected request
