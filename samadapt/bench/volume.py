@@ -3,7 +3,7 @@
 The case is the whole MNI152 T1 template (1 mm, 189 axial slices of 233 x 197), written as NIfTI; one timed run
 reads it, slices it, predicts every slice in batches, reassembles the label volume and writes it as NIfTI. Heads are
 untrained (timing only), built from each method's CPU preset; ``fast`` is ``FastOptions()``, ``onnx`` the
-exported graph under ONNX Runtime.
+exported graph under ONNX Runtime, ``int8`` its int8 copy (``samadapt export --int8``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..data.cases import write_image_like
 from ..data.demo_data import mni152_volumes
 from ..data.readers import load_case
 from ..engine.config import load_config
-from ..engine.export import OnnxPredictor, export_predictor
+from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
 from ..engine.fast import EXACT, FastOptions
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
@@ -28,8 +28,8 @@ from ..methods import build_method
 from .latency import PRESETS
 from .memory import peak_rss_mib, reset_peak_rss
 
-VARIANTS = ("plain", "fast", "onnx")
-DEFAULT_RUNS = ("decoder:fast", "decoder:onnx", "unet:fast")
+VARIANTS = ("plain", "fast", "onnx", "int8")
+DEFAULT_RUNS = ("decoder:fast", "decoder:onnx", "decoder:int8", "unet:fast")
 
 
 def write_volume(folder: Path) -> Path:
@@ -47,10 +47,13 @@ def _predictor(method: str, variant: str, batch: int, work: Path, backbone: str)
     model = build_method(method, build_backbone(backbone), cfg.method.options, 1).eval()
     predictor = Predictor(model, intensity_config(cfg.data), cfg.data.axis, batch_size=batch,
                           fast=FastOptions() if variant == "fast" else EXACT)
-    if variant != "onnx":
+    if variant not in ("onnx", "int8"):
         return predictor
     onnx_path = work / f"{method}.onnx"
     export_predictor(predictor, onnx_path)
+    if variant == "int8":
+        quantize_int8(onnx_path, work / f"{method}-int8.onnx")
+        onnx_path = work / f"{method}-int8.onnx"
     return OnnxPredictor(onnx_path, batch_size=batch, threads=torch.get_num_threads())
 
 
