@@ -283,7 +283,8 @@ def demo(
 @friendly
 def benchmark(
     out: str = typer.Option("bench_out", "--out", help="Folder for the part results (JSON), runs and RESULTS.md."),
-    parts: str = typer.Option("accuracy,latency,cost,volume", "--parts", help="Comma-separated parts to run."),
+    parts: str = typer.Option("accuracy,latency,cost,volume", "--parts",
+                              help="Comma-separated parts to run; '' only rewrites the report from OUT's results."),
     tasks: str = typer.Option("mni152-brain,mni152-tissue,nuclei", "--tasks", help="Accuracy tasks."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
     minutes: float = typer.Option(1.5, "--minutes", help="Training budget per model and seed (wall minutes)."),
@@ -302,7 +303,7 @@ def benchmark(
     from .bench import volume as volume_part
     from .bench.run import run_benchmark
 
-    path = run_benchmark(out, parts.split(","), tasks=tasks.split(","), seeds=[int(s) for s in seeds.split(",")],
+    path = run_benchmark(out, [p for p in parts.split(",") if p], tasks=tasks.split(","), seeds=[int(s) for s in seeds.split(",")],
                          minutes=minutes, methods=methods.split(",") if methods else None, images=images,
                          batch=batch, threads=threads, profile=profile, steps=steps,
                          volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone, results=results)

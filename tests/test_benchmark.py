@@ -49,6 +49,11 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
         assert heading in text
     assert "samadapt benchmark --out" in text  # the command that produced the numbers is in the report
     assert len(_numbers(text)) > 10
+    (out / "RESULTS.md").unlink()  # --parts '': the report again from the stored results, nothing measured
+    again = subprocess.run([sys.executable, "-m", "samadapt.cli", "benchmark", "--out", str(out), "--parts", "",
+                            "--results", str(tmp_path / "R.md")], capture_output=True, encoding="utf-8", timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "R.md").read_text() == text
 
 
 def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
