@@ -294,8 +294,9 @@ def benchmark(
     threads: int = typer.Option(2, "--threads", help="torch / ONNX Runtime threads."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Profile the fast decoder path (latency)."),
     steps: int = typer.Option(2, "--steps", help="Training steps per epoch of the cost part."),
-    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT (plain|fast|onnx) of the 3D part; repeat. "
-                                                           "Default: decoder:fast, decoder:onnx, unet:fast."),
+    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|onnx|int8; batch 8) "
+                                                           "of the 3D part; repeat. Default: decoder:fast:8, "
+                                                           "decoder:fast:1, decoder:int8:1, unet:fast:8."),
     backbone: str = typer.Option("litemedsam", "--backbone", help="Backbone of the latency/cost/volume parts."),
     results: Optional[str] = typer.Option(None, "--results", help="Report path (default OUT/RESULTS.md)."),
 ):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from samadapt.bench import accuracy
+from samadapt.bench import accuracy, volume
 from samadapt.bench.run import report, run_benchmark
 from samadapt.errors import ConfigError
 
@@ -28,7 +28,7 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "samadapt.cli", "benchmark", "--out", str(out), "--parts", "latency,cost,volume",
          "--methods", "decoder", "--images", "1", "--batch", "2", "--threads", "1", "--no-profile", "--steps", "1",
-         "--volume", "decoder:fast", "--volume", "decoder:int8", "--backbone", "tiny"],
+         "--volume", "decoder:fast", "--volume", "decoder:int8:2", "--backbone", "tiny"],
         capture_output=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "RESULTS.md").read_text()
@@ -42,9 +42,9 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
     assert cost["method"] == "decoder" and cost["step_s_no_cache"] > 0 and cost["step_s_cache"] > 0
     assert cost["train_rss_cache"] > 100 and cost["predict_rss"] > 100  # MiB: a whole torch process
     vol = json.loads((out / "volume.json").read_text())
-    assert [r["variant"] for r in vol["rows"]] == ["fast", "int8"]
+    assert [(r["variant"], r["batch"]) for r in vol["rows"]] == [("fast", 8), ("int8", 2)]
     assert all(r["slices"] == vol["shape"][0] and r["seconds"] > 0 for r in vol["rows"])
-    assert (out / "volume" / "decoder-int8" / "mni152_t1.nii.gz").exists()
+    assert (out / "volume" / "decoder-int8-b2" / "mni152_t1.nii.gz").exists()
     for heading in ("Prediction latency", "Training cost", "3D: seconds per volume"):
         assert heading in text
     assert "samadapt benchmark --out" in text  # the command that produced the numbers is in the report
@@ -80,6 +80,10 @@ def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
     assert "Missing parts: accuracy, latency, cost, volume." in report(tmp_path)
     with pytest.raises(ConfigError, match="unknown benchmark part"):
         run_benchmark(tmp_path, ["speed"])
+    for bad in ("decoder", "decoder:slow", "decoder:fast:0", "nope:fast", "decoder:fast:2:x"):
+        with pytest.raises(ConfigError, match="METHOD:VARIANT"):
+            volume.parse_run(bad)
+    assert volume.parse_run("unet:int8:3") == ("unet", "int8", 3)
     with pytest.raises(ConfigError, match="unknown benchmark task"):
         accuracy.run_task(tmp_path, "liver", seeds=[0], minutes=1)
     assert not list(Path(tmp_path).iterdir())  # nothing written for a rejected request

@@ -29,7 +29,7 @@ from .latency import PRESETS
 from .memory import peak_rss_mib, reset_peak_rss
 
 VARIANTS = ("plain", "fast", "onnx", "int8")
-DEFAULT_RUNS = ("decoder:fast", "decoder:onnx", "decoder:int8", "unet:fast")
+DEFAULT_RUNS = ("decoder:fast:8", "decoder:fast:1", "decoder:int8:1", "unet:fast:8")
 
 
 def write_volume(folder: Path) -> Path:
@@ -57,38 +57,46 @@ def _predictor(method: str, variant: str, batch: int, work: Path, backbone: str)
     return OnnxPredictor(onnx_path, batch_size=batch, threads=torch.get_num_threads())
 
 
-def measure(work: Path, runs: Sequence[str] = DEFAULT_RUNS, batch: int = 8, threads: int = 2,
-            backbone: str = "litemedsam") -> dict:
-    """Seconds per volume for each ``method:variant`` in ``runs`` (read, predict, write), with the peak RSS."""
+def parse_run(spec: str) -> tuple[str, str, int]:
+    """``"METHOD:VARIANT[:BATCH]"`` -> (method, variant, batch); batch 8 when not given."""
+    fields = spec.split(":")
+    batch = fields[2] if len(fields) == 3 else "8"
+    if len(fields) not in (2, 3) or fields[0] not in PRESETS or fields[1] not in VARIANTS or not batch.isdigit() \
+            or int(batch) < 1:
+        raise ConfigError(f"volume run {spec!r} must be METHOD:VARIANT[:BATCH] with METHOD in {sorted(PRESETS)}, "
+                          f"VARIANT in {VARIANTS} and BATCH a positive integer")
+    return fields[0], fields[1], int(batch)
+
+
+def measure(work: Path, runs: Sequence[str] = DEFAULT_RUNS, threads: int = 2, backbone: str = "litemedsam") -> dict:
+    """Seconds per volume for each ``METHOD:VARIANT[:BATCH]`` in ``runs`` (read, predict, write; batch 8 unless
+    given), with the peak RSS."""
     torch.set_num_threads(threads)
     path = write_volume(work)
     rows = []
     for spec in runs:
-        method, _, variant = spec.partition(":")
-        if method not in PRESETS or variant not in VARIANTS:
-            raise ConfigError(f"volume run {spec!r} must be METHOD:VARIANT with METHOD in {sorted(PRESETS)} and "
-                              f"VARIANT in {VARIANTS}")
+        method, variant, batch = parse_run(spec)
         predictor = _predictor(method, variant, batch, work, backbone)
         reset_peak_rss()
         start = time.perf_counter()
         case = load_case(path)
-        predictor.predict_cases([case], work / spec.replace(":", "-"))
+        predictor.predict_cases([case], work / f"{method}-{variant}-b{batch}")
         seconds = time.perf_counter() - start
         slices = case.image.shape[1 + predictor.axis]
-        rows.append({"method": method, "variant": variant, "seconds": seconds, "slices": slices,
+        rows.append({"method": method, "variant": variant, "batch": batch, "seconds": seconds, "slices": slices,
                      "s_per_slice": seconds / slices, "rss": peak_rss_mib()})
         print(f"  {spec}: {seconds:.1f} s per volume ({slices} slices), peak RSS {rows[-1]['rss']:.0f} MiB",
               flush=True)
         del predictor
-    return {"backbone": backbone, "case": "MNI152 T1 1 mm", "shape": list(case.image.shape[1:]), "batch": batch, "threads": threads,
+    return {"backbone": backbone, "case": "MNI152 T1 1 mm", "shape": list(case.image.shape[1:]), "threads": threads,
             "rows": rows}
 
 
 def markdown(result: dict) -> str:
     z, y, x = result["shape"]
-    lines = [f"Backbone {result['backbone']}; {result['case']} ({z} x {y} x {x}, sliced along z), batch {result['batch']}, {result['threads']} "
+    lines = [f"Backbone {result['backbone']}; {result['case']} ({z} x {y} x {x}, sliced along z), {result['threads']} "
              "threads; end to end: read NIfTI, predict every slice, reassemble, write NIfTI.", "",
-             "| method | variant | s per volume | s per slice | peak RSS MiB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['variant']} | {r['seconds']:.1f} | {r['s_per_slice']:.2f} | {r['rss']:.0f} |"
-              for r in result["rows"]]
+             "| method | variant | batch | s per volume | s per slice | peak RSS MiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['variant']} | {r['batch']} | {r['seconds']:.1f} | {r['s_per_slice']:.2f} | "
+              f"{r['rss']:.0f} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
