@@ -45,7 +45,7 @@ def machine() -> dict:
 
 def _store(out: Path, part: str, result: dict, command: str) -> None:
     result = {**result, "command": command, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine()}
+              "machine": machine(), "load_average": list(os.getloadavg())}
     atomic_write_json(out / f"{part}.json", result)
 
 
@@ -108,7 +108,11 @@ def report(out: Path) -> str:
         lines += [f"## {titles[part]}", ""]
         if part != "accuracy":
             lines += [f"Command: `{result['command']}` (finished {result['finished']}).", ""]
-        lines += [f"Machine: {_machine_text(result['machine'])}.", ""]
+        load = result.get("load_average")
+        lines += [f"Machine: {_machine_text(result['machine'])}." + (
+            f" Load average when the part finished (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
+            f"{result['machine']['cores']} cores (above the core count, other work shared the CPU and times are "
+            "pessimistic)." if load else ""), ""]
         if part == "accuracy":
             for task in result["tasks"].values():
                 lines += [accuracy.markdown(task), f"Command: `{task['command']}`.", ""]
