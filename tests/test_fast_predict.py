@@ -49,6 +49,10 @@ def _predict(method, fast, items, batch_size=2):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_fast_fp32_options_match_exact_path(name):
     method = _method(name)
+    with torch.no_grad():  # trained-looking LoRA updates (B starts at zero), so merging them changes weights
+        for key, param in method.named_parameters():
+            if "lora_B" in key:
+                param.normal_(0.0, 0.05)
     fast_method = copy.deepcopy(method)
     items = _items()
     exact, _ = _predict(method, EXACT, items)
@@ -57,6 +61,9 @@ def test_fast_fp32_options_match_exact_path(name):
     assert exact.shape == fast.shape == (3, 2, 64, 64)
     assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
     assert predictor.fast_report["channels_last_convs"] > 0  # every method here has at least one Conv2d
+    has_lora = any("lora_B" in key for key, _ in method.named_parameters())
+    assert (predictor.fast_report["merged_lora"] > 0) == has_lora
+    assert not any("lora_B" in key for key, _ in fast_method.named_parameters())
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).uses_backbone])

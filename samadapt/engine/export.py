@@ -13,6 +13,7 @@ PyTorch within ``ONNX_TOLERANCE`` (max absolute difference of probabilities), el
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import types
@@ -28,6 +29,7 @@ from ..data.preprocessing import IntensityConfig
 from ..data.slices import collate
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_path
+from ..layers.lora import lora_modules, merge_lora
 from ..methods import Method
 from .predict import Predictor
 
@@ -139,6 +141,9 @@ def export_onnx(method: Method, path: str | Path, metadata: dict[str, Any] | Non
 
     check_exportable(method)
     method = method.eval()
+    if lora_modules(method):  # one matmul per adapted Linear in the graph; the caller's method keeps its adapters
+        method = copy.deepcopy(method)
+        merge_lora(method)
     module = ImageToProbabilities(method).eval()
     size = method.input_size
     path = Path(path)

@@ -4,6 +4,8 @@
   (TinyViT's ``Conv2d_BN`` blocks, 27 in LiteMedSAM) into the convolution. Exact up to fp32 rounding.
 - ``channels_last``: convolution weights and the input images in NHWC memory order (TinyViT's first stage runs
   1x1 and depthwise convolutions at full 256 px resolution; oneDNN avoids layout reorders). Exact up to rounding.
+- ``merge_lora``: fold every LoRA update into its base weight (H-SAM's and M-SAM's encoders), so each adapted
+  Linear is one matmul instead of three plus an add. Exact up to fp32 rounding.
 - ``bf16``: bfloat16 autocast; ``"auto"`` enables it only where the device computes bf16 natively (CUDA with
   bf16, or a CPU with AVX512-BF16/AMX as oneDNN reports it); elsewhere it would be emulated and slower.
 
@@ -33,6 +35,7 @@ class FastOptions:
 
     fuse_bn: bool = True
     channels_last: bool = True
+    merge_lora: bool = True
     bf16: str = "auto"  # auto | on | off
 
     def __post_init__(self):
@@ -48,7 +51,7 @@ class FastOptions:
         return "none"
 
 
-EXACT = FastOptions(fuse_bn=False, channels_last=False, bf16="off")
+EXACT = FastOptions(fuse_bn=False, channels_last=False, merge_lora=False, bf16="off")
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -99,7 +102,11 @@ def conv_weights_channels_last(model: nn.Module) -> int:
 def apply_fast_options(method: nn.Module, options: FastOptions) -> dict[str, int]:
     """Patch ``method`` (in eval mode) for ``options``; returns what was changed (counts per option)."""
     method.eval()
-    done = {"fused_conv_bn": 0, "channels_last_convs": 0}
+    done = {"fused_conv_bn": 0, "channels_last_convs": 0, "merged_lora": 0}
+    if options.merge_lora:
+        from ..layers.lora import merge_lora
+
+        done["merged_lora"] = len(merge_lora(method))
     if options.fuse_bn:
         done["fused_conv_bn"] = fuse_conv_bn(method)
     if options.channels_last:
