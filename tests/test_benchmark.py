@@ -87,3 +87,14 @@ def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
     with pytest.raises(ConfigError, match="unknown benchmark task"):
         accuracy.run_task(tmp_path, "liver", seeds=[0], minutes=1)
     assert not list(Path(tmp_path).iterdir())  # nothing written for a rejected request
+
+
+def test_cost_of_a_method_without_cache_is_not_applicable(tmp_path, mni152_brain_dataset):
+    from samadapt.bench import cost
+
+    row = cost.train_step("unet", mni152_brain_dataset, tmp_path, cache=True, steps=1, backbone="tiny")
+    assert row["step_s"] is None and row["rss"] is None
+    text = cost.markdown({"backbone": "tiny", "steps": 1, "threads": 1, "rows": [
+        {"method": "unet", "batch": 4, "step_s_no_cache": 1.0, "step_s_cache": None, "train_rss_no_cache": 900.0,
+         "train_rss_cache": None, "predict_s_per_slice": 0.1, "predict_rss": 800.0}]})
+    assert "| unet | 4 | 1.00 | n/a | n/a | 900 / n/a | 0.10 | 800 |" in text

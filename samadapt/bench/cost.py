@@ -28,6 +28,7 @@ from ..engine.predict import Predictor
 from ..engine.run import build_model, feature_source, intensity_config, open_source, prepare_data, use_cache
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
+from ..io_utils import atomic_write_json
 from .memory import peak_rss_mib, reset_peak_rss
 
 PRESETS = {"decoder": "decoder_cpu", "desam": "desam_cpu", "hetersam": "hetersam_cpu", "promise": "promise_cpu",
@@ -35,19 +36,21 @@ PRESETS = {"decoder": "decoder_cpu", "desam": "desam_cpu", "hetersam": "hetersam
 
 
 def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backbone: str):
-    return load_config(PRESETS[method], [f"backbone.name={backbone}", f"data.path={data}", f"data.cache_dir={work / 'cache'}",
-                                         f"data.cache={'on' if cache else 'off'}", "data.augment=none",
+    return load_config(PRESETS[method], [f"backbone.name={backbone}", f"data.path={data}",
+                                         f"data.cache_dir={work / 'cache'}", f"data.cache={'auto' if cache else 'off'}",
+                                         "data.augment=none",
                                          "train.device=cpu", f"train.epochs={epochs}", "train.max_minutes=null",
                                          "train.patience=null", f"output={work / 'run'}"])
 
 
 def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, backbone: str = "litemedsam") -> dict:
-    """Seconds per training step (second epoch of ``steps`` steps) and the peak RSS during training, in MiB."""
+    """Seconds per training step (second epoch of ``steps`` steps) and the peak RSS during training, in MiB; both
+    None with ``cache`` for a method that cannot use the cache (it trains through the encoder or has none)."""
     cfg = _config(method, data, work, cache, epochs=2, backbone=backbone)
     source = open_source(cfg.data)
     backbone, model = build_model(cfg, source.num_classes, torch.device("cpu"))
     if cache and not use_cache(model, cfg.data):
-        raise ConfigError(f"{method} trains through the encoder: no embedding cache")
+        return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "step_s": None, "rss": None}
     ds = prepare_data(cfg.data, model.input_size, source=source).train
     keys = ds.slice_keys
     ds.restrict(keys[:: max(len(keys) // (steps * cfg.train.batch_size), 1)][: steps * cfg.train.batch_size])
@@ -101,22 +104,22 @@ def measure(data: Path, work: Path, steps: int = 2, threads: int = 2,
     for method in methods:
         if method not in PRESETS:
             raise ConfigError(f"no training-cost preset for {method!r}; available: {', '.join(PRESETS)}")
+        settings = {"steps": steps, "threads": threads, "backbone": backbone}
+        done = work / method / "row.json"  # a finished method is not measured again with the same settings
+        if done.exists() and json.loads(done.read_text())["settings"] == settings:
+            rows.append(json.loads(done.read_text())["row"])
+            continue
         common = ["--method", method, "--data", str(data), "--threads", str(threads), "--steps", str(steps),
                   "--backbone", backbone]
         row: dict = {"method": method}
         for cache in (False, True):
             tag = "cache" if cache else "no_cache"
-            try:
-                r = _in_subprocess([*common, "--work", str(work / method / tag), *(["--cache"] if cache else [])])
-            except RuntimeError as err:
-                if cache and "no embedding cache" in str(err):
-                    row.update({f"step_s_{tag}": None, f"train_rss_{tag}": None})
-                    continue
-                raise
+            r = _in_subprocess([*common, "--work", str(work / method / tag), *(["--cache"] if cache else [])])
             row.update({"batch": r["batch"], f"step_s_{tag}": r["step_s"], f"train_rss_{tag}": r["rss"]})
         p = _in_subprocess([*common, "--work", str(work / method / "predict"), "--predict"])
         row.update({"predict_s_per_slice": p["predict_s_per_slice"], "predict_rss": p["rss"]})
         print(f"  {method}: {row}", flush=True)
+        atomic_write_json(done, {"settings": settings, "row": row})
         rows.append(row)
     return {"backbone": backbone, "steps": steps, "threads": threads, "rows": rows}
 
