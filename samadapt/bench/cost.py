@@ -129,9 +129,10 @@ def _fmt(value, digits: int) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Backbone {result['backbone']}; MNI152 brain training slices, each method's CPU preset and batch, {result['threads']} threads; step "
-             f"time = second epoch of {result['steps']} steps / {result['steps']}. `n/a`: the method trains through "
-             "the encoder (LoRA) or has none (unet), so there is nothing to cache.", "",
+    lines = [f"Backbone {result['backbone']}; MNI152 brain training slices, each method's CPU preset and batch, "
+             f"{result['threads']} thread(s); step time: the second of two epochs of {result['steps']} step(s), per "
+             "step. `n/a`: the method trains through the encoder (LoRA) or has none (unet), so there is nothing to "
+             "cache. Prediction: plain fp32, batch 8.", "",
              "| method | batch | step s, no cache | step s, cache | speed-up | train peak RSS MiB (no cache / cache) "
              "| predict s/slice | predict peak RSS MiB |", "|" + "---|" * 8]
     for r in result["rows"]:
