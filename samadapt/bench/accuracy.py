@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -67,7 +68,8 @@ def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float, threads
     rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, seeds=seeds,
                    threads=threads, title=f"{TASKS[task].title}, {minutes:g} min per model, seeds {list(seeds)}",
                    report="report")
-    result = {"spec": spec, "title": TASKS[task].title, "summary": summarize_rows(rows)}
+    result = {"spec": spec, "title": TASKS[task].title, "summary": summarize_rows(rows),
+              "load_average": list(os.getloadavg())}
     atomic_write_json(done, result)
     return result
 
@@ -79,11 +81,19 @@ def _cell(row: dict, key: str, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _load_text(load: list[float] | None) -> str:
+    if not load:
+        return ""
+    return " Load average when the task finished (1/5/15 min): " + " / ".join(f"{x:.1f}" for x in load) + "."
+
+
 def markdown(result: dict) -> str:
     """One task's table: Dice and HD95 (mean ± std over cases and seeds) with training and prediction time."""
     spec = result["spec"]
     lines = [f"### {result['title']}", "",
-             f"{spec['minutes']:g} min training per model, seeds {spec['seeds']}; n = cases x seeds.", "",
+             f"{spec['minutes']:g} min training per model, seeds {spec['seeds']}; n = cases x seeds; train s: wall "
+             "time of training including its last validation (a step in progress when the budget runs out finishes)."
+             + _load_text(result.get("load_average")), "",
              "| model | class | n | Dice | HD95 mm | NSD 1 mm | train s | predict s/slice |", "|" + "---|" * 8]
     for r in result["summary"]:
         lines.append(f"| {r['model']} | {r['class']} | {r['n']} | {_cell(r, 'dice', 3)} | {_cell(r, 'hd95', 1)} | "

@@ -108,7 +108,7 @@ def report(out: Path) -> str:
         lines += [f"## {titles[part]}", ""]
         if part != "accuracy":
             lines += [f"Command: `{result['command']}` (finished {result['finished']}).", ""]
-        load = result.get("load_average")
+        load = result.get("load_average") if part != "accuracy" else None  # accuracy: per task
         lines += [f"Machine: {_machine_text(result['machine'])}." + (
             f" Load average when the part finished (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
             f"{result['machine']['cores']} cores (above the core count, other work shared the CPU and times are "
