@@ -14,18 +14,14 @@ from typing import Sequence
 
 import torch
 
-from ..backbones import build_backbone
 from ..data.cases import write_image_like
 from ..data.demo_data import mni152_volumes
 from ..data.readers import load_case
-from ..engine.config import load_config
 from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
 from ..engine.fast import EXACT, FastOptions
 from ..engine.predict import Predictor
-from ..engine.run import intensity_config
 from ..errors import ConfigError
-from ..methods import build_method
-from .latency import PRESETS
+from .latency import PRESETS, build
 from .memory import peak_rss_mib, reset_peak_rss
 
 VARIANTS = ("plain", "fast", "onnx", "int8")
@@ -42,10 +38,8 @@ def write_volume(folder: Path) -> Path:
 
 
 def _predictor(method: str, variant: str, batch: int, work: Path, backbone: str):
-    cfg = load_config(PRESETS[method], [])
-    torch.manual_seed(0)
-    model = build_method(method, build_backbone(backbone), cfg.method.options, 1).eval()
-    predictor = Predictor(model, intensity_config(cfg.data), cfg.data.axis, batch_size=batch,
+    model, intensity, axis = build(method, backbone)
+    predictor = Predictor(model, intensity, axis, batch_size=batch,
                           fast=FastOptions() if variant == "fast" else EXACT)
     if variant not in ("onnx", "int8"):
         return predictor
