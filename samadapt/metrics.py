@@ -13,11 +13,21 @@ is scored as 2D; otherwise every one of its voxels would be a surface voxel).
 
 Surface definitions
 -------------------
-- **HD95 and ASSD** (the MedPy/SAMed/MONAI definition, computed by MONAI's ``compute_hausdorff_distance`` and
-  ``compute_average_surface_distance``): the surface of a mask is its set of boundary voxels, i.e. foreground
-  voxels with at least one face-neighbour (4-connectivity in 2D, 6 in 3D) in the background; the image border counts
-  as background. Distances are Euclidean between voxel centres, scaled by the spacing. HD95 is
-  ``max(P95(d(pred -> gt)), P95(d(gt -> pred)))`` with linearly interpolated percentiles; ASSD is the mean of the
+- **Surfaces** (HD95 and ASSD): the surface of a mask is its set of boundary voxels, i.e. foreground voxels with at
+  least one face-neighbour (4-connectivity in 2D, 6 in 3D) in the background; the image border counts as background
+  (MedPy's and MONAI's definition). Distances are Euclidean between voxel centres, scaled by the spacing. Let
+  ``d(pred -> gt)`` be the distance of each pred surface voxel to the nearest gt surface voxel, and the reverse.
+- **HD95** has two definitions in the literature, and they differ (by ~0.1-0.3 mm on small anisotropic masks):
+
+  - ``hd95`` (samadapt's default, MONAI's ``compute_hausdorff_distance(percentile=95)``): the larger of the two
+    directed 95th percentiles, ``max(P95(d(pred -> gt)), P95(d(gt -> pred)))``.
+  - ``hd95_medpy`` (MedPy's ``medpy.metric.binary.hd95``, used by SAMed, TransUNet and H-SAM): the 95th percentile
+    of both directions' distances pooled, ``P95(d(pred -> gt) + d(gt -> pred))`` (``+`` = concatenation).
+
+  Percentiles are linearly interpolated (numpy's default, as in MedPy). Each has a ``_vox`` twin (``hd95_vox``,
+  ``hd95_medpy_vox``) that is always in voxel units (spacing 1 on every axis) whatever the spacing and ``units``, so
+  one call can report millimetres and the voxel numbers that SAMed and H-SAM publish side by side.
+- **ASSD** (computed by MONAI's ``compute_average_surface_distance``; matches MedPy's ``assd``): the mean of the
   distances of both directions pooled together.
 - **NSD** (normalised surface Dice at tolerance tau, Nikolov et al. 2021) follows DeepMind's ``surface-distance``
   reference: the surface is made of sub-voxel surface elements (marching squares/cubes on the voxel-corner lattice),
@@ -35,7 +45,7 @@ both empty          1      1      0      1      0
 only one empty      0      0      NaN    0      NaN
 ==================  =====  =====  =====  =====  =====
 
-A NaN distance means "undefined", not "good": :func:`summarize` leaves NaNs out of means and standard deviations
+The HD95 column holds for every HD95 variant. A NaN distance means "undefined", not "good": :func:`summarize` leaves NaNs out of means and standard deviations
 and reports how many values were missing for each class and metric; it never turns them into 0. Unlike SAMed's
 ``calculate_metric_percase``, a false positive on a class absent from the ground truth scores Dice 0, not 1.
 """
@@ -52,13 +62,25 @@ import torch
 from samadapt.errors import InputError
 
 METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "nsd", "assd")
-"""Names accepted by :func:`compute_metrics`, in the order they are reported."""
+"""The metrics :func:`compute_metrics` computes by default, in the order they are reported."""
 
-DISTANCE_METRICS = frozenset({"hd95", "assd"})
+HD95_VARIANTS: tuple[str, ...] = ("hd95_vox", "hd95_medpy", "hd95_medpy_vox")
+"""Further HD95 definitions/units :func:`compute_metrics` accepts (see the module docstring)."""
+
+ALL_METRICS: tuple[str, ...] = (*METRICS[:3], *HD95_VARIANTS, *METRICS[3:])
+"""Every name :func:`compute_metrics` accepts, in the order they are reported."""
+
+VOXEL_METRICS = frozenset({"hd95_vox", "hd95_medpy_vox"})
+"""Distances always in voxel units, whatever the spacing."""
+
+DISTANCE_METRICS = frozenset({"hd95", "assd", *HD95_VARIANTS})
 """Metrics that are NaN (missing) when exactly one of the two masks is empty."""
 
 __all__ = [
     "METRICS",
+    "ALL_METRICS",
+    "HD95_VARIANTS",
+    "VOXEL_METRICS",
     "DISTANCE_METRICS",
     "compute_metrics",
     "dice",
@@ -107,9 +129,9 @@ def _resolve_spacing(
 
 def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
     names = tuple(metrics)
-    unknown = [m for m in names if m not in METRICS]
+    unknown = [m for m in names if m not in ALL_METRICS]
     if unknown:
-        raise InputError("metrics", f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+        raise InputError("metrics", f"unknown metric(s) {unknown}; expected some of {list(ALL_METRICS)}")
     return names
 
 
@@ -150,25 +172,60 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 # surface metrics (MONAI)
 
 
+def _surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Coordinates (N x ndim, voxel units) of the boundary voxels of a boolean mask (face connectivity)."""
+    from scipy.ndimage import binary_erosion, generate_binary_structure
+
+    interior = binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), border_value=0)
+    return np.argwhere(mask & ~interior).astype(np.float64)
+
+
+def _directed_distances(
+    sp_coords: np.ndarray, sg_coords: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances ``d(pred -> gt)`` and ``d(gt -> pred)`` between two surfaces (voxel coordinates), in spacing units."""
+    from scipy.spatial import cKDTree
+
+    scale = np.asarray(spacing, dtype=np.float64)
+    a, b = sp_coords * scale, sg_coords * scale
+    return cKDTree(b).query(a, k=1)[0], cKDTree(a).query(b, k=1)[0]
+
+
+def _hd95(
+    p: np.ndarray, g: np.ndarray, spacing: tuple[float, ...], wanted: set[str]
+) -> dict[str, float]:
+    """The HD95 variants in ``wanted`` of two non-empty boolean masks (definitions in the module docstring)."""
+    sp_coords, sg_coords = _surface_voxels(p), _surface_voxels(g)
+    out: dict[str, float] = {}
+    for suffix, sp in (("", spacing), ("_vox", (1.0,) * p.ndim)):
+        names = {f"hd95{suffix}", f"hd95_medpy{suffix}"} & wanted
+        if not names:
+            continue
+        d_pg, d_gp = _directed_distances(sp_coords, sg_coords, sp)
+        if f"hd95{suffix}" in names:
+            out[f"hd95{suffix}"] = float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
+        if f"hd95_medpy{suffix}" in names:
+            out[f"hd95_medpy{suffix}"] = float(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+    return out
+
+
 def _surface(
     p: np.ndarray, g: np.ndarray, spacing: tuple[float, ...], tau: float, wanted: set[str]
 ) -> dict[str, float]:
-    """HD95 / ASSD / NSD of two non-empty boolean masks through MONAI."""
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+    """HD95 variants (scipy), ASSD and NSD (MONAI) of two non-empty boolean masks."""
+    from monai.metrics import compute_average_surface_distance, compute_surface_dice
 
+    out = _hd95(p, g, spacing, wanted)
+    if not wanted & {"assd", "nsd"}:
+        return out
     yp = torch.from_numpy(np.ascontiguousarray(p))[None, None]
     yg = torch.from_numpy(np.ascontiguousarray(g))[None, None]
     sp = list(spacing)
-    out: dict[str, float] = {}
     with warnings.catch_warnings():
         # empty masks never reach MONAI (the caller applies the conventions), so its empty-mask warnings cannot
         # concern us; its internal use of its own deprecated argument is not ours to fix either
         warnings.filterwarnings("ignore", category=UserWarning, message=".*is all 0.*")
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy.*")
-        if "hd95" in wanted:
-            out["hd95"] = float(
-                compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=sp)[0, 0]
-            )
         if "assd" in wanted:
             out["assd"] = float(
                 compute_average_surface_distance(yp, yg, include_background=True, symmetric=True, spacing=sp)[0, 0]
@@ -200,14 +257,15 @@ def compute_metrics(
         spacing: voxel size in mm per axis, in numpy axis order (a single number means isotropic). ``None`` scores
             distances in voxel units (SAMed/H-SAM compatibility).
         nsd_tolerance_mm: NSD tolerance tau, in mm (in voxels when the units are voxels).
-        metrics: which of ``"dice", "iou", "hd95", "nsd", "assd"`` to compute.
+        metrics: which of :data:`ALL_METRICS` to compute (default :data:`METRICS`); ``hd95_medpy`` is the paper
+            definition of SAMed/H-SAM, the ``_vox`` names are always in voxels.
         units: ``None`` (mm when ``spacing`` is given, voxels otherwise), ``"mm"`` (requires ``spacing``) or
             ``"voxel"`` (ignores ``spacing``).
 
     Returns:
         ``{class: {metric: value}}``, metrics in the order asked. Empty masks follow the table in the module
         docstring: both empty -> Dice 1, IoU 1, HD95 0, NSD 1, ASSD 0; exactly one empty -> Dice 0, IoU 0, NSD 0,
-        HD95 and ASSD NaN (missing, never 0).
+        HD95 (every variant) and ASSD NaN (missing, never 0).
 
     Raises:
         InputError: shapes differ, a map is not an integer label map, it is not 2D/3D, the spacing does not match
@@ -232,7 +290,7 @@ def compute_metrics(
         p_all, g_all = p_all.reshape(new_shape), g_all.reshape(new_shape)
         sp = tuple(sp[ax] for ax in keep)
 
-    surface_wanted = {m for m in names if m in ("hd95", "assd", "nsd")}
+    surface_wanted = {m for m in names if m in DISTANCE_METRICS or m == "nsd"}
     result: dict[int, dict[str, float]] = {}
     for c in classes:
         c = int(c)
@@ -243,9 +301,9 @@ def compute_metrics(
         p_any, g_any = bool(p.any()), bool(g.any())
         if surface_wanted:
             if not p_any and not g_any:
-                values.update(hd95=0.0, assd=0.0, nsd=1.0)
+                values.update({m: 0.0 for m in DISTANCE_METRICS}, nsd=1.0)
             elif not p_any or not g_any:
-                values.update(hd95=math.nan, assd=math.nan, nsd=0.0)
+                values.update({m: math.nan for m in DISTANCE_METRICS}, nsd=0.0)
             else:
                 values.update(_surface(p, g, sp, float(nsd_tolerance_mm), surface_wanted))
         result[c] = {m: float(values[m]) for m in names}
@@ -296,7 +354,7 @@ def summarize(rows: Iterable[Mapping]) -> dict:
         for k in r:
             if k not in ("case", "class") and k not in metrics:
                 metrics.append(k)
-    metrics.sort(key=lambda m: (METRICS.index(m) if m in METRICS else len(METRICS), m))
+    metrics.sort(key=lambda m: (ALL_METRICS.index(m) if m in ALL_METRICS else len(ALL_METRICS), m))
     classes = sorted({int(r["class"]) for r in rows})
     cases = list(dict.fromkeys(str(r["case"]) for r in rows))
 

@@ -68,11 +68,12 @@ def test_nifti_round_trip_uses_gt_spacing_in_numpy_order(tmp_path):
     assert [(r["case"], r["class"]) for r in rows] == [
         ("case_a", "1"), ("case_a", "2"), ("case_b", "1"), ("case_b", "2"), ("case_c", "1"), ("case_c", "2"),
     ]
-    assert list(rows[0]) == ["case", "class", "dice", "iou", "hd95", "nsd", "assd"]
+    assert list(rows[0]) == ["case", "class", "dice", "iou", "hd95", "hd95_vox", "nsd", "assd"]
     a1 = rows[0]
-    # 36 of the 152 rim voxels of each box are 3 voxels * 2.5 mm away from the other box: HD95 = 7.5 mm.
+    # 36 of the 152 rim voxels of each box are 3 voxels * 2.5 mm away from the other box: HD95 = 7.5 mm (3 voxels).
     # Had the spacing not been reversed to numpy order, the shift would be 3 * 1 mm.
     assert float(a1["hd95"]) == pytest.approx(7.5, abs=1e-4)
+    assert float(a1["hd95_vox"]) == pytest.approx(3.0, abs=1e-4)
     assert float(a1["dice"]) == pytest.approx(0.5)
     expected = compute_metrics(pred, gt, [1, 2], (2.5, 1.0, 1.0))
     for m in ("dice", "iou", "hd95", "nsd", "assd"):
@@ -92,6 +93,29 @@ def test_nifti_round_trip_uses_gt_spacing_in_numpy_order(tmp_path):
     a1_vox = read_csv(tmp_path / "out_vox" / "per_case.csv")[0]
     assert float(a1_vox["hd95"]) == pytest.approx(3.0, abs=1e-4)
     assert voxel["units"] == "voxel"
+
+
+def test_hd95_reported_in_mm_and_voxels_and_the_medpy_variant_labelled(tmp_path):
+    z, y, x = np.ogrid[:14, :20, :22]
+    gt = (((z - 6) / 4.0) ** 2 + ((y - 9) / 6.0) ** 2 + ((x - 10) / 7.0) ** 2 <= 1).astype(np.uint8)
+    pred = (((z - 7) / 3.5) ** 2 + ((y - 10) / 7.0) ** 2 + ((x - 11) / 5.5) ** 2 <= 1).astype(np.uint8)
+    write(tmp_path / "gt" / "c.nii.gz", gt, (0.7, 0.8, 3.0))  # numpy spacing (3.0, 0.8, 0.7)
+    write(tmp_path / "pred" / "c.nii.gz", pred, (0.7, 0.8, 3.0))
+    metrics = ("dice", "hd95", "hd95_vox", "hd95_medpy", "hd95_medpy_vox")
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", metrics=metrics)
+    row = read_csv(tmp_path / "out" / "per_case.csv")[0]
+    assert list(row) == ["case", "class", *metrics]
+    # MedPy 0.5.2 medpy.metric.binary.hd95 on these arrays (see tests/test_metrics.py): 3.0806 mm, 2.2361 voxels
+    assert float(row["hd95_medpy"]) == pytest.approx(3.0805843601, abs=1e-6)
+    assert float(row["hd95_medpy_vox"]) == pytest.approx(2.2360679775, abs=1e-6)
+    assert float(row["hd95"]) > float(row["hd95_medpy"]) + 0.05
+    from rich.console import Console
+
+    buf = io.StringIO()
+    print_summary(summary, console=Console(file=buf, width=250, color_system=None))
+    text = buf.getvalue()
+    for header in ("HD95 (mm)", "HD95 (vox)", "HD95 MedPy (mm)", "HD95 MedPy (vox)"):
+        assert header in text
 
 
 def test_png_round_trip_infers_classes_and_ignores_print_resolution(tmp_path):

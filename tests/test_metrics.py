@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from samadapt.errors import InputError
-from samadapt.metrics import METRICS, batch_dice, compute_metrics, dice, iou, rows_from_result, summarize
+from samadapt.metrics import ALL_METRICS, HD95_VARIANTS, METRICS, batch_dice, compute_metrics, dice, iou, rows_from_result, summarize
 
 SQRT5 = math.sqrt(5.0)
 
@@ -153,6 +153,59 @@ def test_nsd_matches_deepmind_reference_values():
     spacing = (2.5, 1.0, 0.7)
     assert compute_metrics(pred, gt, [1], spacing, 1.0, ("nsd",))[1]["nsd"] == pytest.approx(0.8137652212, abs=1e-5)
     assert compute_metrics(pred, gt, [1], spacing, 1.5, ("nsd",))[1]["nsd"] == pytest.approx(0.9504024918, abs=1e-5)
+
+
+def two_ellipsoids():
+    """Two overlapping ellipsoids of different radii, offset by one voxel on every axis (CT-like spacing below)."""
+    z, y, x = np.ogrid[:14, :20, :22]
+    gt = ((z - 6) / 4.0) ** 2 + ((y - 9) / 6.0) ** 2 + ((x - 10) / 7.0) ** 2 <= 1
+    pred = ((z - 7) / 3.5) ** 2 + ((y - 10) / 7.0) ** 2 + ((x - 11) / 5.5) ** 2 <= 1
+    return pred.astype(np.uint8), gt.astype(np.uint8)
+
+
+# Golden values of MedPy 0.5.2, computed once with ``medpy.metric.binary.hd95(pred, gt, voxelspacing=spacing,
+# connectivity=1)`` (and without ``voxelspacing`` for voxels) on these exact arrays; MedPy is not a dependency.
+MEDPY_HD95 = {  # case: (spacing, hd95 in mm, hd95 in voxels)
+    "disc_and_ellipse": ((1.5, 0.8), 2.9066068868, 2.8284271247),
+    "two_ellipsoids": ((3.0, 0.8, 0.7), 3.0805843601, 2.2360679775),
+}
+
+
+def test_hd95_medpy_variant_matches_medpy_and_differs_from_the_default():
+    shapes = {"disc_and_ellipse": disc_and_ellipse(), "two_ellipsoids": two_ellipsoids()}
+    for name, (spacing, medpy_mm, medpy_vox) in MEDPY_HD95.items():
+        pred, gt = shapes[name]
+        r = compute_metrics(pred, gt, [1], spacing, metrics=("hd95", *HD95_VARIANTS))[1]
+        assert r["hd95_medpy"] == pytest.approx(medpy_mm, abs=1e-8)
+        assert r["hd95_medpy_vox"] == pytest.approx(medpy_vox, abs=1e-8)
+        # samadapt's default (larger directed P95) is the brute-force value, and it is not MedPy's pooled P95
+        assert r["hd95"] == pytest.approx(_reference(pred.astype(bool), gt.astype(bool), spacing)[0], rel=1e-9)
+        assert r["hd95"] > r["hd95_medpy"] + 0.05
+        vox = compute_metrics(pred, gt, [1], None, metrics=("hd95", "hd95_medpy"))[1]
+        assert r["hd95_vox"] == pytest.approx(vox["hd95"], abs=1e-12)
+        assert r["hd95_medpy_vox"] == pytest.approx(vox["hd95_medpy"], abs=1e-12)
+    # hand check on two_squares (voxels: [3]*6 + [0,1,2,2,1,0] + [2,1,0,0]*2 per direction, both directions equal)
+    pred, gt = two_squares()
+    r = compute_metrics(pred, gt, [1], (2.0, 1.0), metrics=ALL_METRICS)[1]
+    assert list(r) == list(ALL_METRICS)
+    assert (r["hd95"], r["hd95_medpy"], r["hd95_vox"], r["hd95_medpy_vox"]) == pytest.approx((6.0, 6.0, 3.0, 3.0))
+
+
+def test_hd95_variants_follow_the_empty_conventions_and_voxel_twins_ignore_units():
+    empty = np.zeros((8, 9), np.uint8)
+    some = empty.copy()
+    some[2:5, 3:6] = 1
+    assert compute_metrics(empty, empty, [1], (1.0, 2.0), metrics=HD95_VARIANTS)[1] == dict.fromkeys(HD95_VARIANTS, 0.0)
+    one = compute_metrics(some, empty, [1], (1.0, 2.0), metrics=HD95_VARIANTS)[1]
+    assert all(math.isnan(one[m]) for m in HD95_VARIANTS)
+    pred, gt = disc_and_ellipse()
+    mm = compute_metrics(pred, gt, [1], (1.5, 0.8), metrics=("hd95_vox",))[1]
+    forced = compute_metrics(pred, gt, [1], (1.5, 0.8), metrics=("hd95_vox",), units="voxel")[1]
+    brute_vox = _reference(pred.astype(bool), gt.astype(bool), (1.0, 1.0))[0]
+    assert mm == forced == {"hd95_vox": pytest.approx(brute_vox, rel=1e-9)}
+    assert brute_vox != pytest.approx(MEDPY_HD95["disc_and_ellipse"][2], abs=1e-3)  # 2.871 vs MedPy's 2.828
+    with pytest.raises(InputError, match="unknown metric"):
+        compute_metrics(pred, gt, [1], (1.5, 0.8), metrics=("hd99",))
 
 
 # ---- empty masks ---------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ their distances are in pixels; the summary counts such cases. Metrics and their 
 
 Outputs (each written to a temporary name, then renamed; nothing is written before every case has been scored):
 
-- ``per_case.csv``: one row per case and class: ``case, class, dice, iou, hd95, nsd, assd``; an undefined distance
-  (exactly one of the two masks empty) is written ``nan``.
+- ``per_case.csv``: one row per case and class: ``case, class, dice, iou, hd95, hd95_vox, nsd, assd`` by default
+  (HD95 in the run's units, mm unless ``units="voxel"``, and always in voxels; add ``hd95_medpy``/``hd95_medpy_vox``
+  for the pooled MedPy definition of SAMed/H-SAM); an undefined distance (exactly one of the two masks empty) is
+  written ``nan``.
 - ``summary.json``: :func:`samadapt.metrics.summarize` of those rows (mean/std/n/missing per class and for the
   foreground average) plus the settings (units, NSD tolerance, classes) and any warnings; NaN is written ``null``.
 """
@@ -29,9 +31,12 @@ import numpy as np
 
 from samadapt.errors import InputError
 from samadapt.io_utils import atomic_path, atomic_write_json
-from samadapt.metrics import METRICS, compute_metrics, rows_from_result, summarize
+from samadapt.metrics import DISTANCE_METRICS, VOXEL_METRICS, compute_metrics, rows_from_result, summarize
 
-__all__ = ["LABEL_EXTENSIONS", "evaluate_folders", "print_summary", "read_label_map"]
+__all__ = ["EVALUATION_METRICS", "LABEL_EXTENSIONS", "evaluate_folders", "print_summary", "read_label_map"]
+
+EVALUATION_METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "hd95_vox", "nsd", "assd")
+"""What :func:`evaluate_folders` scores by default: HD95 both in the run's units and in voxels (published tables)."""
 
 LABEL_EXTENSIONS: tuple[str, ...] = (
     ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp",
@@ -174,7 +179,7 @@ def evaluate_folders(
     nsd_tolerance_mm: float = 1.0,
     *,
     units: str = "mm",
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] = EVALUATION_METRICS,
 ) -> dict:
     """Score every ground-truth file in ``gt_dir`` against the prediction of the same name stem in ``pred_dir``.
 
@@ -185,7 +190,7 @@ def evaluate_folders(
         classes: labels to score; default: every non-zero label found in the ground truth.
         nsd_tolerance_mm: NSD tolerance in mm (in voxels with ``units="voxel"``).
         units: ``"mm"`` (spacing of each ground-truth image) or ``"voxel"`` (SAMed/H-SAM compatibility).
-        metrics: subset of :data:`samadapt.metrics.METRICS`.
+        metrics: names from :data:`samadapt.metrics.ALL_METRICS` (default :data:`EVALUATION_METRICS`).
 
     Returns:
         The summary also written to ``summary.json`` (NaN as ``None``).
@@ -292,7 +297,7 @@ def _fmt(stat: dict, metric: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         text = "n/a"
     else:
-        digits = 2 if metric in ("hd95", "assd") else 3
+        digits = 2 if metric in DISTANCE_METRICS else 3
         text = f"{mean:.{digits}f}±{std:.{digits}f}"
     if missing:
         text += f" ({missing} missing)"
@@ -315,8 +320,9 @@ def print_summary(summary: dict, console=None) -> None:
     table = Table(title=title, box=box.SIMPLE_HEAVY, caption="mean±std over cases")
     table.add_column("class", justify="right")
     for m in metrics:
-        header = {"dice": "Dice", "iou": "IoU"}.get(m, m.upper())
-        table.add_column(f"{header} ({dist_unit})" if m in ("hd95", "assd") else header, justify="right")
+        header = {"dice": "Dice", "iou": "IoU"}.get(m, m.upper().replace("_VOX", "").replace("_MEDPY", " MedPy"))
+        unit = "vox" if m in VOXEL_METRICS else dist_unit
+        table.add_column(f"{header} ({unit})" if m in DISTANCE_METRICS else header, justify="right")
     for c, stats in summary["per_class"].items():
         table.add_row(str(c), *(_fmt(stats[m], m) for m in metrics))
     table.add_row("foreground", *(_fmt(summary["foreground"][m], m) for m in metrics), style="bold")
