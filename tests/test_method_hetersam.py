@@ -1,5 +1,6 @@
-"""HeterSAM: deformable SE attention (init = local average, known-offset sampling), Swin-U prompt encoder, fusion
-switches, frozen SAM parts, light decoder, loss variants; integration on LiteMedSAM + real MNI152 slices."""
+"""HeterSAM: deformable SE attention (ring init, sampling points that learn apart, known-offset sampling), Swin-U
+prompt encoder, fusion switches, frozen SAM parts, light decoder and its distillation path, loss variants;
+integration on LiteMedSAM + real MNI152 slices."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from samadapt.errors import ConfigError
 from samadapt.layers.deformable_attention import (DeformableAttention, DeformableSEFusion, DeformableTwoWayBlock,
-                                                  TokenReferences, ValueSEGate, deformable_sample, grid_reference)
+                                                  ValueSEGate, deformable_sample, grid_reference)
 from samadapt.methods import build_method
 from samadapt.methods.hetersam import HeterSAM, SwinUPromptEncoder, minmax_normalise, soft_dice_loss
 
@@ -68,9 +69,9 @@ def _projected(attn: DeformableAttention, value: torch.Tensor) -> torch.Tensor:
     return v.reshape(b, -1, h, w).permute(0, 2, 3, 1)
 
 
-def test_deformable_attention_init_is_average_of_points_at_reference():
+def test_deformable_attention_zero_init_is_average_of_points_at_reference():
     torch.manual_seed(0)
-    attn = DeformableAttention(32, num_heads=4, num_points=3, downsample_rate=2)
+    attn = DeformableAttention(32, num_heads=4, num_points=3, downsample_rate=2, offset_init="zero")
     h, w = 6, 7
     value = torch.randn(2, 32, h, w)
     query = torch.randn(2, h * w, 32)
@@ -85,9 +86,9 @@ def test_deformable_attention_init_is_average_of_points_at_reference():
     assert torch.allclose(attn(torch.randn_like(query), ref, value), out, atol=1e-5)
 
 
-def test_deformable_attention_grid_init_is_local_average():
+def test_deformable_attention_ring_init_is_local_average():
     torch.manual_seed(0)
-    attn = DeformableAttention(16, num_heads=4, num_points=1, offset_init="grid")
+    attn = DeformableAttention(16, num_heads=4, num_points=1)  # the default init: ring
     with torch.no_grad():  # identity output projection: read the per-head samples directly
         attn.out_proj.weight.copy_(torch.eye(16))
         attn.out_proj.bias.zero_()
@@ -109,7 +110,7 @@ def test_deformable_attention_grid_init_is_local_average():
 
 def test_deformable_attention_known_offset_reads_expected_location():
     torch.manual_seed(0)
-    attn = DeformableAttention(16, num_heads=2, num_points=2)
+    attn = DeformableAttention(16, num_heads=2, num_points=2, offset_init="zero")
     with torch.no_grad():
         attn.sampling_offsets.bias.copy_(torch.tensor([2.0, -1.0]).repeat(4))  # every head/point: dx=+2, dy=-1
     h, w = 8, 9
@@ -138,17 +139,44 @@ def test_value_se_gate_scales_channels_by_token_mean():
     assert se(x).abs().max() < 1e-10  # the gate can close channels
 
 
-def test_token_references_and_sparse_queries():
+def _point_spread(attn: DeformableAttention) -> tuple[float, float]:
+    """Largest difference between the learned query maps of two sampling points of one head: (offsets, weights)."""
+    heads, k = attn.num_heads, attn.num_points
+    off = attn.sampling_offsets.weight.detach().reshape(heads, k, 2, -1)
+    att = attn.attention_weights.weight.detach().reshape(heads, k, -1)
+    return (float((off[:, :, None] - off[:, None]).abs().amax()),
+            float((att[:, :, None] - att[:, None]).abs().amax()))
+
+
+def _train_fusion(offset_init: str, steps: int = 6) -> DeformableSEFusion:
     torch.manual_seed(0)
-    refs = TokenReferences(32)
-    tokens = torch.randn(2, 5, 32)
-    p = refs(tokens)
-    assert p.shape == (2, 5, 2) and bool(((p > 0) & (p < 1)).all())
-    attn = DeformableAttention(32, num_heads=4, num_points=4)
-    out = attn(tokens, p, torch.randn(2, 32, 16, 16))
-    assert out.shape == (2, 5, 32)
-    out.sum().backward()
-    assert refs.proj.weight.grad is not None and refs.proj.weight.grad.abs().sum() > 0
+    fusion = DeformableSEFusion(32, num_heads=4, num_points=3, mlp_dim=64, offset_init=offset_init)
+    e, d, pe = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8), torch.randn(1, 32, 8, 8)
+    target = torch.randn(2, 32, 8, 8)
+    opt = torch.optim.Adam(fusion.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (fusion(e, d, pe) - target).square().mean().backward()
+        opt.step()
+    return fusion
+
+
+def test_sampling_points_of_a_head_learn_apart():
+    """With the default (ring) init, the K points of every head learn different offsets and weights within a few
+    Adam steps; all-zero init keeps them identical (K copies of one point), which is why it is not the default."""
+    attns = [m for m in _train_fusion("ring").modules() if isinstance(m, DeformableAttention)]
+    assert len(attns) == 3  # self-attention and both cross-attentions
+    for attn in attns:
+        for h in range(attn.num_heads):  # every head, every pair of its points
+            off = attn.sampling_offsets.weight.reshape(attn.num_heads, attn.num_points, -1)[h]
+            att = attn.attention_weights.weight.reshape(attn.num_heads, attn.num_points, -1)[h]
+            for i in range(attn.num_points):
+                for j in range(i):
+                    assert (off[i] - off[j]).abs().max() > 1e-3, (h, i, j)
+                    assert (att[i] - att[j]).abs().max() > 1e-3, (h, i, j)
+    for attn in (m for m in _train_fusion("zero").modules() if isinstance(m, DeformableAttention)):
+        assert attn.sampling_offsets.weight.abs().max() > 1e-3  # it did train ...
+        assert max(_point_spread(attn)) < 1e-6  # ... but its points never separated
 
 
 @pytest.mark.parametrize("attention", ["se", "deformable_se"])

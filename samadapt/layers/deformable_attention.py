@@ -12,13 +12,14 @@ Building blocks:
   channel gate of the released (unused) ``DeformableAttention``; on a B x N x C token tensor.
 - :class:`DeformableAttention`: queries B x Nq x C with reference points B x Nq x 2 attend to a value map
   B x C x h x w. Offsets ``Linear(q) -> H*K*2`` (pixels of the value map) and weights ``softmax_k(Linear(q) -> H*K)``;
-  value projection C -> C / downsample, SE gate, per-head sampling, output projection back to C. Offsets start at
-  0 and weights uniform (both Linear layers zero-initialised), so at initialisation the output is the average of
-  the K points sampled at the reference location (``offset_init="grid"`` instead spreads the K points of each head
-  over a ring around the reference, Deformable-DETR style, so initialisation is a genuine local average).
+  value projection C -> C / downsample, SE gate, per-head sampling, output projection back to C. Both Linear
+  layers start with zero weights (weights uniform over the K points). ``offset_init="ring"`` (default,
+  Deformable-DETR style) sets the offset bias so that head h looks along its own direction
+  ``2 pi h / H`` and point k sits k + 1 pixels out on it: the K points of a head start apart, so they receive
+  different gradients and learn different offsets and weights. ``offset_init="zero"`` (METHODS.md 1.4 read
+  literally: every point at the reference) is symmetric: the K points of a head get identical gradients and stay
+  identical under any optimiser, i.e. K copies of one point; it is kept as an ablation only.
 - :class:`SEAttention`: the released attention (full multi-head softmax attention, SE gate on V), SAM layout.
-- :class:`TokenReferences`: learned reference points ``sigmoid(Linear(token_pe))`` for sparse tokens (the token ->
-  image direction of 1.4 inside a two-way transformer).
 - :class:`DeformableTwoWayBlock`: SAM's ``TwoWayAttentionBlock`` layout between a dense *query* map (the prompt
   stream) and a dense *key* map (the image stream), each sub-layer followed by residual + LayerNorm exactly as in
   SAM: self-attention on the queries (norm1) -> query-to-key cross-attention (norm2) -> MLP (norm3) ->
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 
 ATTENTIONS = ("se", "deformable_se")
-OFFSET_INITS = ("zero", "grid")
+OFFSET_INITS = ("ring", "zero")
 
 
 def grid_reference(h: int, w: int, batch: int, like: Tensor) -> Tensor:
@@ -93,7 +94,7 @@ class DeformableAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_points: int = 4, downsample_rate: int = 1,
-                 se_reduction: int | None = 4, offset_init: str = "zero"):
+                 se_reduction: int | None = 4, offset_init: str = "ring"):
         super().__init__()
         internal = dim // downsample_rate
         if internal % num_heads:
@@ -108,15 +109,16 @@ class DeformableAttention(nn.Module):
         self.out_proj = nn.Linear(internal, dim)
         self.reset_offsets(offset_init)
 
-    def reset_offsets(self, offset_init: str = "zero") -> None:
-        """Zero offset/weight projections: offsets 0 (``"zero"``) or a ring of radius 1..K per head (``"grid"``),
-        attention weights uniform over the K points."""
+    def reset_offsets(self, offset_init: str = "ring") -> None:
+        """Zero offset/weight weights; offset bias: point k of head h at (k + 1) pixels along direction
+        ``2 pi h / H`` (``"ring"``, the direction scaled so that its larger coordinate is 1) or at the reference
+        (``"zero"``); attention weights uniform over the K points."""
         nn.init.zeros_(self.sampling_offsets.weight)
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         with torch.no_grad():
             bias = torch.zeros(self.num_heads, self.num_points, 2)
-            if offset_init == "grid":
+            if offset_init == "ring":
                 theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
                 direction = torch.stack([theta.cos(), theta.sin()], -1)
                 direction = direction / direction.abs().max(-1, keepdim=True).values
@@ -177,17 +179,6 @@ class SEAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class TokenReferences(nn.Module):
-    """Learned reference points for sparse tokens: token PE B x T x C -> sigmoid(Linear) B x T x 2 in [0, 1]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2)
-
-    def forward(self, token_pe: Tensor) -> Tensor:
-        return torch.sigmoid(self.proj(token_pe))
-
-
 class _MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -207,7 +198,7 @@ class DeformableTwoWayBlock(nn.Module):
 
     def __init__(self, dim: int = 256, num_heads: int = 8, num_points: int = 4, mlp_dim: int = 1024,
                  attention: str = "deformable_se", downsample_rate: int = 2, se_reduction: int | None = 4,
-                 kv_grid: int = 16, offset_init: str = "zero"):
+                 kv_grid: int = 16, offset_init: str = "ring"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ConfigError(f"attention must be one of {ATTENTIONS}, got {attention!r}")

@@ -82,8 +82,9 @@ class HeterSAMConfig(MethodConfig):
     """SE gate on the values: hidden width C / this."""
     kv_grid: int = 16
     """fusion=se only: keys/values average-pooled to at most kv_grid x kv_grid (0: full grid)."""
-    offset_init: str = "zero"
-    """zero (all K points at the reference: identity at init) | grid (a ring around it: local average)."""
+    offset_init: str = "ring"
+    """ring (head h looks along direction 2 pi h / H, its K points 1..K pixels out: the points start apart and learn
+    apart) | zero (every point at the reference; the K points of a head then stay identical: ablation only)."""
     fusion_zero_init: bool = True
     """Zero-initialise the fusion output so that E' = E at initialisation."""
     light_decoder: bool = False
