@@ -1,6 +1,7 @@
 """Dataset readers found by name in ``READERS`` and :func:`open_dataset`, which picks one by looking at the path.
 
-Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``npz`` (MedSAM-style),
+Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``pranet`` (PraNet's polyp
+TrainDataset/ + TestDataset/<set>/), ``isic2018`` (the ISIC-2018 Task 1 folders), ``npz`` (MedSAM-style),
 ``dicom`` (a folder holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's
 ``imagesTs``) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
 a :class:`DatasetSource` subclass with ``@READERS.register("name")`` (entry-point group ``samadapt.readers``);
@@ -19,12 +20,16 @@ READERS: Registry[type] = Registry("reader", "samadapt.readers")
 
 from .base import DatasetSource  # noqa: E402
 from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
+from . import isic, pranet  # noqa: E402,F401
+from .isic import is_isic2018_root  # noqa: E402
+from .pranet import is_pranet_root  # noqa: E402
 from .folder2d import IMAGE_DIRS, find_subdir, has_pictures  # noqa: E402
 from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The reader name for ``path``: nnunet (dataset.json), folder2d (images/), npz, volumes, dicom, file."""
+    """The reader name for ``path``: nnunet (dataset.json), pranet, isic2018, folder2d (images/), npz, volumes,
+    dicom, file."""
     path = Path(path)
     if path.is_file():
         ending = file_ending(path)
@@ -37,6 +42,10 @@ def detect_format(path: str | os.PathLike) -> str:
         raise InputError(path, "not found")
     if (path / "dataset.json").is_file() and ((path / "labelsTr").is_dir() or (path / "imagesTr").is_dir()):
         return "nnunet"
+    if is_pranet_root(path):
+        return "pranet"
+    if is_isic2018_root(path):
+        return "isic2018"
     if find_subdir(path, IMAGE_DIRS) is not None or has_pictures(path):
         return "folder2d"
     if any(p.suffix == ".npz" for p in path.iterdir()):

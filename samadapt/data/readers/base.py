@@ -19,6 +19,8 @@ class DatasetSource:
     ``imagesTs``, a DICOM series, a single file; may be empty); ``labels``: class name -> id with
     ``background = 0``; ``num_classes``: foreground class count; ``modality``: ``"CT" | "MR" | "natural" | "other"``;
     ``split_file``: a ``splits.json`` shipped with the dataset (used by :meth:`make_split` unless overridden);
+    ``test_sets``: named labelled test sets (set name -> case ids, e.g. PraNet's five polyp sets) that form the
+    dataset's fixed test split and are reported one by one; empty when the test split is one unnamed set;
     ``warnings``: non-fatal findings for ``samadapt data check``. ``load(case_id)`` returns a :class:`Case`
     (``image`` C x Z x Y x X float32, ``label`` Z x Y x X or None) and raises ``InputError`` naming the file on
     bad input.
@@ -34,6 +36,7 @@ class DatasetSource:
         self.modality: str = modality or "other"
         self._modality_override = modality
         self.split_file: Path | None = None
+        self.test_sets: dict[str, list[str]] = {}
         self.warnings: list[str] = []
 
     # --- the interface ----------------------------------------------------------------------------------------

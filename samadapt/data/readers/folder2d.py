@@ -57,10 +57,15 @@ class Folder2DSource(DatasetSource):
 
     format = "folder2d"
 
-    def __init__(self, root: str | Path, modality: str | None = None):
+    def __init__(self, root: str | Path, modality: str | None = None, images_dir: Path | None = None,
+                 masks_dir: Path | None = None, threshold_masks: bool = False):
+        """``images_dir`` / ``masks_dir``: explicit folders (layouts whose folder names are not the usual ones, e.g.
+        ISIC-2018's); by default they are found under ``root``. ``threshold_masks``: binary masks holding grey
+        levels (once-JPEG or anti-aliased edges, as in PraNet's polyp sets) are thresholded at 128 like JPEG masks."""
         super().__init__(root, modality)
-        images_dir = find_subdir(self.root, IMAGE_DIRS)
-        masks_dir = find_subdir(self.root, MASK_DIRS)
+        self.threshold_masks = threshold_masks
+        if images_dir is None:
+            images_dir, masks_dir = find_subdir(self.root, IMAGE_DIRS), find_subdir(self.root, MASK_DIRS)
         if images_dir is None:
             if not self.root.is_dir() or not has_pictures(self.root):
                 raise InputError(self.root, f"no images folder (expected one of {', '.join(IMAGE_DIRS)}) "
@@ -138,7 +143,7 @@ class Folder2DSource(DatasetSource):
         if tuple(mask.shape) != tuple(image_hw):
             raise InputError(path, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
                                    f"{image_hw[1]}x{image_hw[0]} (W x H)")
-        if file_ending(path) in LOSSY:
+        if file_ending(path) in LOSSY or (self.threshold_masks and self.binary and mask.max() > 1):
             if not self.binary:
                 raise InputError(path, "JPEG (lossy) masks can only be binary; store class ids as PNG")
             mask = (mask >= 128).astype(np.uint8)
