@@ -22,3 +22,7 @@ class ConfigError(SamadaptError):
 
 class CheckpointError(SamadaptError):
     """A checkpoint is missing, for another backbone/method, or its keys do not match the model."""
+
+
+class TrainingError(SamadaptError):
+    """Training cannot go on (a non-finite loss); the message names the epoch and the cases of the batch."""

@@ -1,12 +1,15 @@
 """Adapter-only checkpoints (trainable parameters in safetensors + a JSON manifest) and resumable state.
 
 ``<name>.safetensors`` holds only the method's trainable tensors (plus buffers of trainable modules such as
-BatchNorm statistics); ``<name>.json`` says which method, config, backbone (name and weights hash), epoch and
-metrics produced it. ``state.pt`` holds what ``--resume`` needs: optimizer, scheduler, epoch, RNG states.
+BatchNorm statistics) and, in its header metadata, the SHA-256 of those tensors (:func:`tensors_digest`);
+``<name>.json`` says which method, config, backbone (name and weights hash), epoch and metrics produced it, and
+repeats the digest so a manifest never describes other weights than its own. Loading verifies both and refuses
+non-finite weights. ``state.pt`` holds what ``--resume`` needs: weights, optimizer, scheduler, epoch, RNG states.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -34,24 +37,75 @@ def adapter_state(method: Method) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(method: Method, path: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``path`` (.safetensors) and its ``.json`` manifest atomically."""
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``tensors`` in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(method: Method, path: str | Path, manifest: dict[str, Any],
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``path`` (.safetensors, the digest in its metadata) and its ``.json`` manifest atomically.
+
+    ``tensors`` (default: ``adapter_state(method)``) lets the trainer write weights it committed earlier."""
     path = Path(path).with_suffix(".safetensors")
-    tensors = adapter_state(method)
+    tensors = adapter_state(method) if tensors is None else tensors
+    digest = tensors_digest(tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"method": str(manifest.get("method", {}).get("name", ""))})
-    atomic_write_json(path.with_suffix(".json"), manifest)
+        save_file(tensors, str(tmp), metadata={"method": str(manifest.get("method", {}).get("name", "")),
+                                                "sha256": digest})
+    atomic_write_json(path.with_suffix(".json"), {**manifest, "sha256": digest})
     return path
 
 
+def checkpoint_digest(path: str | Path) -> str | None:
+    """The digest recorded in a checkpoint's header metadata (None for files written before digests)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("sha256")
+    except (SafetensorError, OSError):
+        return None
+
+
+def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` when the tensors do not match their recorded digest or are not finite."""
+    recorded = checkpoint_digest(path)
+    if recorded is not None:
+        actual = tensors_digest(tensors)
+        if actual != recorded:
+            raise CheckpointError(f"{path}: corrupted checkpoint: the weights' SHA-256 {actual[:12]} differs from "
+                                  f"the {recorded[:12]} recorded when it was written")
+        if manifest.get("sha256") not in (None, recorded):
+            raise CheckpointError(f"{path.with_suffix('.json')}: describes other weights (SHA-256 "
+                                  f"{str(manifest['sha256'])[:12]}) than {path.name} ({recorded[:12]}); an "
+                                  "interrupted save? `samadapt train --resume` repairs a run folder")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite (NaN/Inf) weights in {len(bad)} tensor(s): "
+                              f"{', '.join(sorted(bad)[:5])}{'...' if len(bad) > 5 else ''}")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path).with_suffix(".json")
+    """The ``.json`` manifest of checkpoint ``path``; a missing checkpoint is named by its .safetensors file."""
+    weights = Path(path).with_suffix(".safetensors")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: checkpoint file not found")
+    path = weights.with_suffix(".json")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint manifest not found (expected beside the .safetensors file)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: manifest is not a JSON object")
+    return manifest
 
 
 def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | None = None) -> dict[str, Any]:
@@ -66,12 +120,18 @@ def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | No
                     f"{path}: trained on backbone {have.get('name')} ({str(have.get('weights_id'))[:12]}), "
                     f"but the model uses {want.get('name')} ({str(want.get('weights_id'))[:12]})"
                 )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    verify_tensors(path, tensors, manifest)
+    apply_adapter_state(method, tensors, path)
+    return manifest
+
+
+def apply_adapter_state(method: Method, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load ``tensors`` (an ``adapter_state``, read from ``path``) into ``method``; fail loudly on no match, missing
+    keys or shape mismatches."""
     expected = adapter_state(method)
     matched = [k for k in tensors if k in expected]
     if not matched:
@@ -88,7 +148,6 @@ def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | No
         raise CheckpointError(f"{path}: shape mismatches: {bad[:10]}")
     result = method.load_state_dict(tensors, strict=False)
     assert not result.unexpected_keys
-    return manifest
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The training loop: optimiser + schedule, accumulation, AMP, validation on a split carved from the training data,
 best-checkpoint selection and early stopping, CSV/TensorBoard logs, rich progress, exact resume, DDP.
 
-Resume granularity is the epoch: ``state.pt`` is written after every epoch with the optimiser, scheduler, RNG
-states and counters, so ``resume=True`` continues with the next epoch as if training had never stopped (the
-shuffling order of epoch e depends only on ``seed + e``).
+Resume granularity is the epoch. The end of an epoch is committed as one unit: ``state.pt`` (weights,
+optimiser, scheduler, scaler, RNG states, best-so-far, counters and the log history) is written atomically first;
+``checkpoints/last.*``, ``checkpoints/best.*``, ``log.csv`` and the TensorBoard scalars are then derived from it.
+A kill at any instant leaves either the previous commit or the new one, and ``resume=True`` rewrites the derived
+files from the commit before continuing with the next epoch as if training had never stopped (the shuffling
+order of epoch e depends only on ``seed + e``), so no log row is ever held twice.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..errors import TrainingError
+from ..io_utils import atomic_path
 from ..methods.base import Method
 from . import distributed as dist_utils
-from .checkpoint import (load_checkpoint, load_training_state, rng_state, save_checkpoint, save_training_state,
-                         set_rng_state)
+from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, load_training_state, rng_state,
+                         save_checkpoint, save_training_state, set_rng_state)
 from .config import TrainConfig
 from .device import autocast, to_device
 from .schedulers import build_optimizer, build_scheduler
@@ -100,18 +105,24 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
 
-        start_epoch, best, bad_validations, history = 0, -math.inf, 0, []
+        start_epoch, best, best_epoch, bad_validations, history = 0, -math.inf, 0, 0, []
+        state: dict[str, Any] | None = None
         if resume:
-            state = load_training_state(self.out / "state.pt")
-            load_checkpoint(method, ckpt_dir / "last.safetensors")
+            state_path = self.out / "state.pt"
+            state = load_training_state(state_path)
+            if "weights" in state:
+                apply_adapter_state(method, state["weights"], state_path)
+            else:  # a state.pt written before the weights were part of the commit
+                load_checkpoint(method, ckpt_dir / "last.safetensors")
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
             start_epoch, best = state["epoch"] + 1, state["best"]
+            best_epoch = state.get("best_epoch", 0)
             bad_validations, history = state["bad_validations"], state["history"]
             if main:
-                console.print(f"[bold]resuming[/] from epoch {start_epoch} (best val Dice {best:.4f})")
+                console.print(f"[bold]resuming[/] from epoch {start_epoch + 1} (best val Dice {best:.4f})")
         else:
             torch.manual_seed(cfg.seed)
 
@@ -119,7 +130,12 @@ class Trainer:
         if main:
             from torch.utils.tensorboard import SummaryWriter
 
+            if resume:  # the scalars are rewritten from the committed history: none twice, none missing
+                for old in (self.out / "tensorboard").glob("events.out.tfevents.*"):
+                    old.unlink()
             writer = SummaryWriter(str(self.out / "tensorboard"))
+            if state is not None:
+                self._publish(state, writer, resumed=True)
         t_start = time.time() - (history[-1]["seconds"] if history else 0.0)
         stopped_early = False
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -145,7 +161,9 @@ class Trainer:
                         terms = method.loss(output, batch)
                     loss = terms["loss"]
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, batch {i}: {terms}")
+                        raise TrainingError(f"non-finite loss {float(loss)} at epoch {epoch + 1}, batch {i + 1} "
+                                            f"({_batch_cases(batch)}); training stopped with {epoch} epoch(s) saved "
+                                            "(lower train.lr, set train.grad_clip or check these cases)")
                     scaler.scale(loss / cfg.grad_accum).backward()
                     if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
                         if cfg.grad_clip:
@@ -178,19 +196,18 @@ class Trainer:
                         bad_validations += 1
                 elif val_ds is None or not len(val_ds):
                     improved = True  # no validation data: the last epoch is the best one
+                if improved:
+                    best_epoch = epoch + 1
                 record["seconds"] = time.time() - t_start
                 history.append(record)
                 if main:
-                    self._log(record, writer)
-                    save_checkpoint(method, ckpt_dir / "last.safetensors", self._checkpoint_manifest(epoch + 1, record))
-                    if improved:
-                        save_checkpoint(method, ckpt_dir / "best.safetensors",
-                                        self._checkpoint_manifest(epoch + 1, record))
-                    save_training_state(self.out / "state.pt", {
-                        "epoch": epoch, "best": best, "bad_validations": bad_validations, "history": history,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": rng_state(),
-                    })
+                    state = {
+                        "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad_validations": bad_validations,
+                        "history": history, "weights": adapter_state(method), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                    }
+                    save_training_state(self.out / "state.pt", state)  # the commit
+                    self._publish(state, writer)
                 dist_utils.barrier()
                 if cfg.patience is not None and bad_validations >= cfg.patience:
                     stopped_early = True
@@ -212,17 +229,35 @@ class Trainer:
         """Whether ``train.max_minutes`` (training time since the run began, resumes included) is spent."""
         return self.cfg.max_minutes is not None and time.time() - t_start > 60 * self.cfg.max_minutes
 
-    def _log(self, record: dict[str, Any], writer) -> None:
-        path = self.out / "log.csv"
-        new = not path.exists()
+    def _publish(self, state: dict[str, Any], writer, resumed: bool = False) -> None:
+        """Write what derives from a committed ``state``: last (and, for a new best, best) checkpoints, log.csv and
+        the TensorBoard scalars (all of the history after a resume, the new epoch otherwise)."""
+        ckpt_dir = self.out / "checkpoints"
+        history, epoch = state["history"], state["epoch"] + 1
+        save_checkpoint(self.method, ckpt_dir / "last.safetensors",
+                        self._checkpoint_manifest(epoch, history[-1]), tensors=state["weights"])
+        if state["best_epoch"] == epoch:
+            save_checkpoint(self.method, ckpt_dir / "best.safetensors",
+                            self._checkpoint_manifest(epoch, history[-1]), tensors=state["weights"])
         fields = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
-        with path.open("a", newline="") as handle:
+        with atomic_path(self.out / "log.csv") as tmp, tmp.open("w", newline="") as handle:
             w = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(record)
-        for key, value in record.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
-        parts = [f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)]
-        console.print(f"epoch {record['epoch']}: " + " ".join(parts))
+            w.writeheader()
+            w.writerows(history)
+        for record in history if resumed else history[-1:]:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
+        if not resumed:
+            parts = [f"{k}={v:.4g}" for k, v in history[-1].items() if isinstance(v, float)]
+            console.print(f"epoch {epoch}: " + " ".join(parts))
+
+
+def _batch_cases(batch: dict) -> str:
+    """The cases (and slices) of a batch, for error messages."""
+    cases, slices = batch.get("case"), batch.get("slice")
+    if cases is None:
+        return "items " + ", ".join(map(str, batch.get("key", [])[:8]))
+    if slices is not None:
+        return "cases " + ", ".join(f"{c} slice {int(s)}" for c, s in list(zip(cases, slices))[:8])
+    return "cases " + ", ".join(map(str, cases[:8]))
