@@ -56,6 +56,20 @@ def test_box_prompt_modes(tiny_backbone):
         build_method("box-prompt", tiny_backbone, {"mdoe": "gt"}, 1)
 
 
+def test_box_prompt_takes_user_points_and_boxes(tiny_backbone):
+    m = build_method("box-prompt", tiny_backbone, {"mode": "whole"}, 1)
+    image = torch.rand(1, 3, 64, 64)
+    whole = m.predict({"image": image})
+    pts = torch.tensor([[[20.0, 30.0]]])
+    pos = m.predict({"image": image, "points": pts, "point_labels": torch.ones(1, 1)})
+    neg = m.predict({"image": image, "points": pts, "point_labels": torch.zeros(1, 1)})
+    box = torch.tensor([[4.0, 4.0, 30.0, 40.0]])
+    both = m.predict({"image": image, "points": pts, "point_labels": torch.ones(1, 1), "boxes": box})
+    assert m.prompt_kinds == ("points", "boxes")
+    for a, b in [(whole, pos), (pos, neg), (pos, both), (both, m.predict({"image": image, "boxes": box}))]:
+        assert (a - b).abs().max() > 1e-3
+
+
 def test_one_vs_rest_wraps_binary_methods(tiny_backbone):
     from samadapt.methods import METHODS, register_method
     from samadapt.methods.decoder import DecoderBaseline

@@ -52,6 +52,7 @@ class Method(nn.Module):
     max_classes: ClassVar[int | None] = 1  # foreground classes handled natively; None = any number
     trainable: ClassVar[bool] = True  # False for zero-shot baselines
     promptable: ClassVar[bool] = False  # ``predict`` accepts user points/boxes
+    prompt_kinds: ClassVar[tuple[str, ...]] = ()  # the user prompts ``predict`` takes: "points", "boxes"
     uses_backbone: ClassVar[bool] = True
 
     def __init__(self, backbone: Backbone | None, config: MethodConfig, num_classes: int = 1):

@@ -1,5 +1,6 @@
 """Baseline ``box-prompt``: the zero-shot backbone prompted with a box, no training.
 
+User prompts in the batch (``boxes``, and/or ``points`` with ``point_labels``) replace the mode's box.
 Modes: ``gt`` uses the tight box around the ground truth of each slice (an oracle upper bound: it needs labels at
 prediction time and predicts empty where the ground truth is empty); ``whole`` uses the whole-image box on every
 slice (the honest automatic baseline). For K classes in ``gt`` mode, each class gets its own box.
@@ -32,6 +33,7 @@ class BoxPrompt(Method):
     max_classes = None
     trainable = False
     promptable = True
+    prompt_kinds = ("points", "boxes")
 
     def __init__(self, backbone, config: BoxPromptConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
@@ -41,8 +43,9 @@ class BoxPrompt(Method):
             raise ConfigError("box-prompt mode 'whole' gives one mask; use mode 'gt' for several classes")
         backbone.freeze()
 
-    def _logits_for_boxes(self, embedding: Tensor, boxes: Tensor) -> Tensor:
-        sparse, dense = encode_prompts(self.backbone, boxes=boxes)
+    def _logits_for_boxes(self, embedding: Tensor, boxes: Tensor | None,
+                          points: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        sparse, dense = encode_prompts(self.backbone, points=points, boxes=boxes)
         pe = self.backbone.prompt_encoder.get_dense_pe()
         logits, _ = decode_masks(self.backbone.mask_decoder, embedding, pe, sparse, dense).select(False)
         return upsample_to(logits, self.input_size)  # B x 1 x S x S
@@ -50,8 +53,10 @@ class BoxPrompt(Method):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         embedding = self.features(batch).embedding
         b, size = embedding.shape[0], self.input_size
-        if "boxes" in batch:
-            return {"logits": self._logits_for_boxes(embedding, batch["boxes"].float())}
+        if "points" in batch or "boxes" in batch:  # user prompts: a box and/or points (labels 1/0/-1)
+            boxes = batch["boxes"].float() if "boxes" in batch else None
+            points = (batch["points"].float(), batch["point_labels"].float()) if "points" in batch else None
+            return {"logits": self._logits_for_boxes(embedding, boxes, points)}
         if self.config.mode == "whole":
             return {"logits": self._logits_for_boxes(embedding, whole_image_boxes(b, size, embedding.device))}
         if "label" not in batch:

@@ -226,6 +226,7 @@ class DeSAM(Method):
     needs_intermediates = True
     max_classes = 1
     promptable = True
+    prompt_kinds = ("points", "boxes")
 
     def __init__(self, backbone: Backbone, config: DeSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

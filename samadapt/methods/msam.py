@@ -183,6 +183,7 @@ class MSAM(Method):
     needs_encoder_grad = True
     max_classes = 1
     promptable = True
+    prompt_kinds = ("points",)
 
     def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

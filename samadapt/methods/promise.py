@@ -354,6 +354,7 @@ class ProMISe(Method):
     needs_intermediates = True
     max_classes = 1
     promptable = True
+    prompt_kinds = ("points",)
 
     def __init__(self, backbone: Backbone, config: ProMISeConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
