@@ -1,5 +1,5 @@
 """The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, compare, cache, data, info,
-demo, export, benchmark)."""
+demo, export, benchmark, serve)."""
 
 from __future__ import annotations
 
@@ -347,6 +347,32 @@ def export(
             meta = quantize_int8(fp32, out)
             console.print(f"wrote {out}: int8; classes agree with fp32 on {meta['int8_check_agreement']:.4f} of the "
                           f"check pixels, mean |probability diff| {meta['int8_check_mean_abs_error']:.1e}")
+
+
+@app.command()
+@friendly
+def serve(
+    run: Optional[str] = typer.Option(None, "--run", help="A run folder from `samadapt train` (uses best)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Run file or preset for zero-shot methods "
+                                                                "(box-prompt)."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override for --config."),
+    num_classes: int = typer.Option(1, "--num-classes", help="Foreground classes, for --config only."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; beyond loopback a token is "
+                                                         "printed and required."),
+    port: int = typer.Option(8000, "--port"),
+    folder: Optional[str] = typer.Option(None, "--folder", help="A folder whose files the page may open by name."),
+    max_upload_mb: int = typer.Option(1024, "--max-upload-mb", help="Largest accepted upload."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """A web page to look at the model's predictions and correct them (clicks, box, brush); API docs at /docs."""
+    from .serve import load_model, run_server
+
+    if bool(run) == bool(config):
+        raise typer.BadParameter("give exactly one of --run or --config")
+    model = load_model(run=run, device=device) if run else \
+        load_model(config=_config(config, set_, **{"train.device": device}), num_classes=num_classes, device=device)
+    run_server(model, host=host, port=port, folder=folder, max_upload_mb=max_upload_mb,
+               say=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
 
 
 def main() -> None:

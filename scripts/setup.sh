@@ -19,4 +19,10 @@ if ! dpkg -s invesalius-examples >/dev/null 2>&1 && command -v apt-get >/dev/nul
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq invesalius-examples) >/dev/null 2>&1 \
     || echo "note: invesalius-examples could not be installed; the tests that need it will be skipped"
 fi
+# Debian's Chromium for the browser test of `samadapt serve` (Playwright drives it; no browser is downloaded).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || (apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) >/dev/null 2>&1 \
+    || echo "note: chromium could not be installed; the browser test of samadapt serve will be skipped"
+fi
 python -c "import samadapt, torch; print('samadapt', samadapt.__version__, '| torch', torch.__version__)"

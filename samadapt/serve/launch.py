@@ -1,0 +1,53 @@
+"""Start-up of ``samadapt serve``: the model from a run folder or a preset, the token rule, uvicorn."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Callable
+
+from ..engine.checkpoint import read_manifest
+from ..engine.config import RunConfig
+from ..engine.predict import Predictor
+from ..errors import ConfigError, InputError
+from .model import ServedModel
+
+
+def load_model(run: str | Path | None = None, config: RunConfig | None = None, num_classes: int = 1,
+               device: str = "auto") -> ServedModel:
+    """The served model: a ``samadapt train`` run folder (its best checkpoint and class names) or a run config
+    (zero-shot methods such as box-prompt; ``num_classes`` foreground classes)."""
+    if (run is None) == (config is None):
+        raise ConfigError("give exactly one of --run or --config")
+    if run is not None:
+        checkpoint = Path(run) / "checkpoints" / "best.safetensors"
+        if Path(run).is_file():
+            checkpoint = Path(run)
+        if not checkpoint.is_file():
+            raise InputError(run, "no checkpoints/best.safetensors in this run folder")
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=8)
+        labels = ((read_manifest(checkpoint).get("data") or {}).get("source") or {}).get("labels") or {}
+        names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0]
+        return ServedModel(predictor, names, checkpoint)
+    predictor = Predictor.from_config(config, num_classes, device=device, batch_size=8)
+    return ServedModel(predictor)
+
+
+def run_server(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, folder: str | None = None,
+               max_upload_mb: int = 1024, say: Callable[[str], None] = print) -> None:
+    """Serve ``model`` until interrupted. A host other than loopback gets a fresh token, printed in the URL."""
+    import uvicorn
+
+    from .app import create_app, is_loopback
+
+    if folder is not None and not Path(folder).is_dir():
+        raise InputError(folder, "--folder must be an existing folder")
+    token = None if is_loopback(host) else secrets.token_urlsafe(24)
+    app = create_app(model, folder=folder, token=token, max_upload_bytes=max_upload_mb << 20)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    info = model.info()
+    say(f"samadapt serve: {info['method']} on {info['backbone']} ({info['device']}); open {url}")
+    if token:
+        say("the server listens beyond this machine: every request needs the token in that URL")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
