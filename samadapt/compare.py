@@ -109,13 +109,14 @@ def _evaluate(predictor: Predictor, case, classes: list[int]) -> tuple[np.ndarra
 
 
 def summarize_rows(rows: Sequence[dict]) -> list[dict]:
-    """Mean and std of each metric over cases and seeds, per model and class (NaNs left out and counted)."""
+    """Mean and std of each metric over cases and seeds, per model, named test set (``test_set``, "" when the
+    dataset has none) and class (NaNs left out and counted)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["class"]), []).append(row)
+        groups.setdefault((row["model"], row.get("test_set", ""), row["class"]), []).append(row)
     out = []
-    for (model, cls), items in groups.items():
-        summary = {"model": model, "class": cls, "n": len(items)}
+    for (model, test_set, cls), items in groups.items():
+        summary = {"model": model, "test_set": test_set, "class": cls, "n": len(items)}
         for key in (*METRIC_ORDER, "train_s", "predict_s_per_slice"):
             values = np.array([r[key] for r in items], dtype=float)
             valid = values[~np.isnan(values)]
@@ -164,6 +165,7 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
     test_cases = [source.load(case_id) for case_id in source.make_split().test]
     if not test_cases:
         raise ConfigError(f"{data}: the split has no test cases to compare on")
+    test_set = {cid: name for name, ids in source.test_sets.items() for cid in ids}  # PraNet's five sets, ...
 
     rows: list[dict] = []
     histories: dict[str, list] = {}
@@ -195,7 +197,8 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
                     plotters[m.label] = trained[m.label].predictor
                 slices = case.label.shape[trained[m.label].predictor.axis]
                 for s in scores:
-                    rows.append({"model": m.label, "seed": seed, "case": case.id, **s,
+                    rows.append({"model": m.label, "seed": seed, "case": case.id,
+                                 **({"test_set": test_set.get(case.id, "")} if test_set else {}), **s,
                                  "train_s": round(trained[m.label].train_seconds, 1),
                                  "predict_s_per_slice": seconds / slices})
     _write_report(out / report, rows, histories, shown, plotters, test_cases[0], title, models, budget, seeds,
@@ -226,13 +229,16 @@ def plot_prompts(predictor: Predictor, case, picks: Sequence[int], path: Path) -
 
 def _write_report(report: Path, rows, histories, shown, plotters, case, title, models, budget, seeds, total,
                   overlays):
-    columns = ["model", "seed", "case", "class", *METRIC_ORDER, "train_s", "predict_s_per_slice"]
+    named = any("test_set" in r for r in rows)  # one summary row per named test set
+    columns = ["model", "seed", "case", *(["test_set"] if named else []), "class", *METRIC_ORDER, "train_s",
+               "predict_s_per_slice"]
     write_metrics(rows, columns, report)
     summary = summarize_rows(rows)
     keys = [*METRIC_ORDER, "train_s", "predict_s_per_slice"]
-    lines = ["| model | class | n | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
-    lines += [f"| {r['model']} | {r['class']} | {r['n']} | " + " | ".join(_cell(r, k) for k in keys) + " |"
-              for r in summary]
+    head = ["model", *(["test set"] if named else []), "class", "n"]
+    lines = ["| " + " | ".join(head + keys) + " |", "|" + "---|" * (len(keys) + len(head))]
+    lines += ["| " + " | ".join([r["model"], *([r["test_set"]] if named else []), str(r["class"]), str(r["n"])]
+                                + [_cell(r, k) for k in keys]) + " |" for r in summary]
     spec = "\n".join(f"- `{m.label}`: `{m.config}`" + (f" with `{' '.join(m.overrides)}`" if m.overrides else "")
                      for m in models)
     text = (f"# {title}\n\nBudget: {' '.join(budget) or 'the presets own'}; seeds {list(seeds)}. Test metrics in 3D "
@@ -253,9 +259,9 @@ def _write_report(report: Path, rows, histories, shown, plotters, case, title, m
     atomic_write_text(report / "README.md", text)
     atomic_write_text(report / "summary.md", "\n".join(lines) + "\n")
     table = Table(title=title)
-    for c in ("model", "class", *keys):
+    for c in (*head[:-1], *keys):
         table.add_column(c)
     for r in summary:
-        table.add_row(r["model"], str(r["class"]), *[_cell(r, k) for k in keys])
+        table.add_row(r["model"], *([r["test_set"]] if named else []), str(r["class"]), *[_cell(r, k) for k in keys])
     Console().print(table)
     console.print(f"report: {report}  (total {total / 60:.1f} min)")

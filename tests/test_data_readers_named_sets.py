@@ -125,3 +125,16 @@ def test_isic2018_needs_training_ground_truth(tmp_path):
     write_pictures(tmp_path / "ISIC2018_Task1-2_Training_Input", None, ["ISIC_0000000"], seed=0, image_ext=".jpg")
     with pytest.raises(InputError, match="ISIC2018_Task1_Training_GroundTruth.*not found"):
         open_dataset(tmp_path)
+
+
+def test_compare_reports_each_named_test_set(pranet_root, tmp_path):
+    from samadapt.compare import ModelSpec, compare
+
+    root, _ = pranet_root
+    rows = compare(root, [ModelSpec("box", "box_prompt_whole", ["backbone.name=tiny"])], tmp_path / "cmp",
+                   overlays=False)
+    assert {(r["case"], r["test_set"]) for r in rows} == {
+        ("CVC-300__1", "CVC-300"), ("CVC-300__7", "CVC-300"), ("Kvasir__1", "Kvasir"), ("Kvasir__7", "Kvasir")}
+    summary = (tmp_path / "cmp" / "report" / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| model | test set | class | n | dice")
+    assert [line.split(" | ")[1:4] for line in summary[2:]] == [["CVC-300", "1", "2"], ["Kvasir", "1", "2"]]

@@ -80,10 +80,3 @@ class NamedSetsSource(DatasetSource):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "test_sets": {name: len(ids) for name, ids in self.test_sets.items()}}
 
-
-def test_set_of(source: DatasetSource, case_id: str) -> str:
-    """The name of the test set holding ``case_id`` ("" when the source has no named test sets or it is in none)."""
-    for name, ids in source.test_sets.items():
-        if case_id in ids:
-            return name
-    return ""
