@@ -2,7 +2,7 @@
 
 A run file looks like::
 
-    backbone: {name: litemedsam, checkpoint: null}
+    backbone: {name: litemedsam, checkpoint: null, input_size: null, normalization: native}
     method: {name: decoder, options: {num_tokens: 2}}
     data: {path: data/Dataset001_MNI152Brain, axis: 0, empty_ratio: 0.25}
     train: {epochs: 20, batch_size: 8, lr: 1.0e-4}
@@ -14,6 +14,7 @@ A run file looks like::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ class BackboneSpec:
     """Backbone name (``samadapt info`` lists them)."""
     checkpoint: str | None = None
     """Weights file; default: the bundled or cached weights of the backbone."""
+    input_size: int | None = None
+    """Input side in px; None: the backbone's native size. SAM ViT takes multiples of 16 (H-SAM's 512 or 224, with
+    resampled position embeddings); LiteMedSAM (256) and tiny (64) accept only their own size."""
+    normalization: str = "native"
+    """native (the backbone's own pixel mean/std) | unit (the [0, 1] images unchanged, as H-SAM/SAMed feed SAM)."""
 
 
 @dataclass
@@ -70,6 +76,8 @@ class DataConfig:
     cache: str = "auto"
     """Embedding cache: auto (on when the encoder is frozen and augment is none) | on | off."""
     cache_dir: str | None = None
+    nonfinite: str = "error"
+    """NaN/Inf image values: error (names file, case and count) | zero (replace them with 0)."""
 
 
 @dataclass
@@ -115,6 +123,37 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """Raise ``ConfigError`` naming the first setting outside its range (checked before a run starts)."""
+    t, d = config.train, config.data
+    checks = [
+        ("train.epochs", t.epochs, t.epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+        ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a number > 0"),
+        ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
+        ("train.val_every", t.val_every, t.val_every >= 1, ">= 1"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("train.patience", t.patience, t.patience is None or t.patience >= 1, ">= 1 or null"),
+        ("train.max_minutes", t.max_minutes, t.max_minutes is None or t.max_minutes > 0, "> 0 or null"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
+        ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
+        ("train.amp", t.amp, t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
+        ("data.val_fraction", d.val_fraction, 0 <= d.val_fraction < 1, "in [0, 1)"),
+        ("data.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1, "in [0, 1)"),
+        ("data.empty_ratio", d.empty_ratio, d.empty_ratio is None or d.empty_ratio >= 0, ">= 0 or null"),
+        ("data.fewshot", d.fewshot, d.fewshot is None or d.fewshot > 0, "> 0 or null"),
+        ("data.cache", d.cache, d.cache in ("auto", "on", "off"), "auto, on or off"),
+        ("data.nonfinite", d.nonfinite, d.nonfinite in ("error", "zero"), "error or zero"),
+        ("output", config.output, bool(str(config.output).strip()), "a folder name"),
+    ]
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is out of range: expected {expected}")
+    return config
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:

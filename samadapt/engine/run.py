@@ -112,7 +112,9 @@ def feature_source(backbone: Backbone, method: Method, cfg: DataConfig, device: 
 def build_model(config: RunConfig, num_classes: int, device: torch.device,
                 backbone: Backbone | None = None) -> tuple[Backbone, Method]:
     """Build the backbone (unless given) and the method, seeded so that initialisation is reproducible."""
-    backbone = backbone or build_backbone(config.backbone.name, checkpoint=config.backbone.checkpoint)
+    spec = config.backbone
+    backbone = backbone or build_backbone(spec.name, checkpoint=spec.checkpoint, input_size=spec.input_size,
+                                          normalization=spec.normalization)
     torch.manual_seed(config.train.seed)
     method = build_method(config.method.name, backbone, config.method.options, num_classes)
     return backbone, method.to(device)
