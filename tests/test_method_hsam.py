@@ -242,6 +242,25 @@ def test_noise_only_in_training(tiny_backbone):
         assert not torch.allclose(method(batch)["stage2"], clean)
 
 
+@pytest.mark.parametrize("where", ["image", "batch"])
+def test_feature_noise_range_per_image_or_over_the_batch(tiny_backbone, monkeypatch, where):
+    method = _hsam(tiny_backbone, 2, feature_noise_range=where, cmattn=False).train()
+    batch = _batch(2)
+    batch["image"][1] *= 0.3  # a darker second image: its own embedding range differs from the first's
+    with torch.no_grad():
+        embedding = method.features(batch).embedding
+    seen = {}
+    method.stage2.register_forward_pre_hook(lambda _m, args: seen.update(src=args[0].detach()))
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.ones_like(t))  # noise = 0.2 * range exactly
+    with torch.no_grad():
+        method(batch)
+    dense = method.no_mask_embed.reshape(1, -1, 1, 1)
+    per_image = embedding.amax(dim=(1, 2, 3)) - embedding.amin(dim=(1, 2, 3))
+    span = per_image if where == "image" else (embedding.max() - embedding.min()).expand(2)
+    assert not torch.allclose(per_image[0], per_image[1])
+    torch.testing.assert_close(seen["src"], embedding + dense + 0.2 * span.view(2, 1, 1, 1))
+
+
 def test_bad_options(tiny_backbone):
     with pytest.raises(ConfigError):
         _hsam(tiny_backbone, 3, inference_stage=4)
@@ -251,6 +270,8 @@ def test_bad_options(tiny_backbone):
         _hsam(tiny_backbone, 3, lora_targets=["no.such.layer"])
     with pytest.raises(ConfigError):
         _hsam(tiny_backbone, 3, not_an_option=1)
+    with pytest.raises(ConfigError, match="feature_noise_range"):
+        _hsam(tiny_backbone, 3, feature_noise_range="dataset")
 
 
 def test_checkpoint_round_trip(tiny_backbone, tmp_path):

@@ -22,7 +22,8 @@ head is dropped (H-SAM never uses its output).
 
 Stage 2 (``HSAMStage2``, random init):
 1. feature noise (training only): ``E + N(0, 1) * feature_noise * (max(E) - min(E))``, the range taken per image
-   (the release uses the whole batch's range); stage 1 sees the clean ``E``;
+   (``feature_noise_range="image"``, default) or over the whole batch as the release does (``"batch"``); stage 1
+   sees the clean ``E``;
 2. prior ``P = softmax_c(bilinear(low, h x w))`` B x T x hw;
 3. CMAttn on the token-pixel map average-pooled to at most ``cmattn_grid`` x ``cmattn_grid`` (``g x g``):
    T tokens of dimension g*g; training adds dropout (0.1) and class-balanced noise: labels nearest-downsampled to
@@ -95,6 +96,8 @@ class HSAMConfig(MethodConfig):
     """1: stage-1 logits (upsampled), 2: stage-2 logits, 3: their average (the paper's inference)."""
     feature_noise: float = 0.2
     """Std of the training noise on stage 2's image embedding, as a fraction of the embedding's range; 0 disables."""
+    feature_noise_range: str = "image"
+    """Where that range is taken: image (each image's own) | batch (the whole batch's, as the release does)."""
     cmattn: bool = True
     """Class-balanced mask-guided self-attention (CMAttn) enhancement of the stage-2 embedding."""
     cmattn_norm: str = "sigmoid"
@@ -105,7 +108,8 @@ class HSAMConfig(MethodConfig):
     cmattn_dropout: float = 0.1
     """Training dropout on the token-pixel map before CMAttn."""
     class_noise: bool = True
-    """Class-balanced noise on the token-pixel map during training (needs ``batch["label"]``)."""
+    """Class-balanced noise on the token-pixel map during training (needs ``batch["label"]``); the release's 512 px
+    decoder (its 10 % Synapse setting) has it commented out: false there."""
     class_noise_sigmas: list[float] | None = None
     """Noise std by class rank (rarest first), resampled to K + 1 ranks; None: the release's 9-class profile."""
     mask_attention: bool = True
@@ -124,6 +128,8 @@ def _check(config: HSAMConfig) -> None:
         raise ConfigError(f"hsam inference_stage must be 1, 2 or 3, got {config.inference_stage}")
     if config.cmattn_norm not in ("sigmoid", "faithful"):
         raise ConfigError(f"hsam cmattn_norm must be 'sigmoid' or 'faithful', got {config.cmattn_norm!r}")
+    if config.feature_noise_range not in ("image", "batch"):
+        raise ConfigError(f"hsam feature_noise_range must be 'image' or 'batch', got {config.feature_noise_range!r}")
     if config.cmattn_grid < 1:
         raise ConfigError(f"hsam cmattn_grid must be >= 1, got {config.cmattn_grid}")
     if config.lora_rank < 1:
@@ -151,15 +157,28 @@ def _heads_for(dim: int, wanted: int) -> int:
     return next(h for h in range(min(wanted, dim), 0, -1) if dim % h == 0)
 
 
+def lora_encoder(backbone: Backbone, targets: list[str] | None, rank: int, method: str) -> tuple[nn.Module, list]:
+    """A deep copy of ``backbone``'s image encoder with LoRA on q and v of the fused qkv layers ``targets`` (None: the
+    backbone's ``lora_targets`` or ``LORA_TARGETS``); returns (encoder, LoRA layers). The backbone is not modified."""
+    targets = targets or getattr(backbone, "lora_targets", None) or LORA_TARGETS.get(backbone.name)
+    if not targets:
+        raise ConfigError(f"{method} has no default LoRA targets for backbone {backbone.name!r}; set "
+                          f"method.options.lora_targets (known: {', '.join(LORA_TARGETS)})")
+    encoder = copy.deepcopy(backbone.image_encoder)
+    return encoder, apply_qv_lora(encoder, list(targets), rank, freeze_base=True)
+
+
 class HSAMStage1(nn.Module):
-    """Stage-1 decoder: SAM's pretrained transformer in H-SAM's block order with T new class tokens.
+    """Stage-1 decoder: SAM's pretrained transformer in H-SAM's block order (or SAM's, ``order="sam"``, for SAMed)
+    with T new class tokens.
 
     forward(src B x C x h x w (embedding + dense prompt), pe 1 x C x h x w) -> dict:
     ``low`` B x T x 4h x 4w, ``msk_feat`` B x T x h x w, ``up`` B x C/8 x 4h x 4w.
     """
 
-    def __init__(self, mask_decoder: nn.Module, num_tokens: int):
+    def __init__(self, mask_decoder: nn.Module, num_tokens: int, order: str = "hsam"):
         super().__init__()
+        self.order = order
         dim = mask_decoder.transformer_dim
         self.transformer = copy.deepcopy(mask_decoder.transformer)
         self.iou_token = copy.deepcopy(mask_decoder.iou_token)
@@ -172,7 +191,7 @@ class HSAMStage1(nn.Module):
         b, c, h, w = src.shape
         t = self.mask_tokens.num_embeddings
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0).unsqueeze(0).expand(b, -1, -1)
-        hs, keys = run_two_way(self.transformer, src, pe, tokens, order="hsam")
+        hs, keys = run_two_way(self.transformer, src, pe, tokens, order=self.order)
         mask_out = hs[:, 1:1 + t]  # B x T x C
         msk_feat = (mask_out @ keys.transpose(1, 2)).reshape(b, t, h, w)
         up = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
@@ -311,12 +330,7 @@ class HSAM(Method):
         super().__init__(backbone, config, num_classes)
         _check(config)
         backbone.freeze()
-        targets = config.lora_targets or getattr(backbone, "lora_targets", None) or LORA_TARGETS.get(backbone.name)
-        if not targets:
-            raise ConfigError(f"hsam has no default LoRA targets for backbone {backbone.name!r}; set "
-                              f"method.options.lora_targets (known: {', '.join(LORA_TARGETS)})")
-        self.image_encoder = copy.deepcopy(backbone.image_encoder)
-        self.lora_layers = apply_qv_lora(self.image_encoder, list(targets), config.lora_rank, freeze_base=True)
+        self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
         pe = backbone.prompt_encoder
         self.no_mask_embed = nn.Parameter(pe.no_mask_embed.weight.detach().clone())  # 1 x C
         t = num_classes + 1
@@ -365,7 +379,8 @@ class HSAM(Method):
         stage1 = self.stage1(embedding + dense, pe)
         noisy = embedding
         if self.training and self.config.feature_noise > 0:
-            span = embedding.amax(dim=(1, 2, 3), keepdim=True) - embedding.amin(dim=(1, 2, 3), keepdim=True)
+            dims = (1, 2, 3) if self.config.feature_noise_range == "image" else (0, 1, 2, 3)
+            span = embedding.amax(dim=dims, keepdim=True) - embedding.amin(dim=dims, keepdim=True)
             noisy = embedding + torch.randn_like(embedding) * self.config.feature_noise * span.detach()
         stage2 = self.stage2(noisy + dense, pe, stage1, batch.get("label") if self.training else None)
         size = self.input_size

@@ -1,0 +1,85 @@
+"""SAMed (Zhang & Liu 2023), the prompt-free SAM adaptation H-SAM builds on and compares against (METHODS.md 0, 2).
+
+Shapes for a backbone with input ``S``, embedding grid ``h x w`` (``C = 256``), ``K`` foreground classes and
+``T = K + 1`` class tokens (background first); SAM ViT-B at 512 px: S = 512, h = w = 32.
+
+- Encoder: a copy of the backbone's image encoder with LoRA (rank 4, SAMed's default) on q and v of every attention
+  block, base weights frozen (``samadapt.methods.hsam.lora_encoder``); training runs through it (no cache).
+- Prompt encoder: prompt-free; its ``no_mask_embed`` (the only parameter that reaches the output) is trainable.
+- Mask decoder: SAM's, trainable, in **SAM's block order** (self-attention -> token-to-image -> MLP ->
+  image-to-token), with ``T`` mask tokens and hypernetwork MLPs re-initialised (SAMed's ``load_from`` skips them, as
+  their count changes); its output is all ``T`` masks, ``low`` B x T x 4h x 4w logits. This is H-SAM's stage 1 in
+  SAM's block order, without stage 2, the CMAttn and the feature noise. SAMed's IoU head is never used by its loss,
+  so it is left out.
+- Loss: ``0.2 CE + 0.8 Dice`` (SAMed's ``dice_param`` 0.8; softmax, background included, squared denominators) on
+  the low-resolution logits against nearest-downsampled labels.
+- Inference: the low-resolution logits bilinearly upsampled to ``S``, softmax over the T channels.
+
+H-SAM's options for the same comparison: ``block_order="hsam"`` gives H-SAM's stage 1 alone ("H-SAM without stage
+2"), ``lambda_ce=0.1, lambda_dice=0.9`` its loss weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone, Features
+from ..errors import ConfigError
+from ..layers.two_way import ORDERS
+from . import register_method
+from .base import Method, MethodConfig, resize_labels
+from .hsam import HSAMStage1, lora_encoder
+
+
+@dataclass
+class SAMedConfig(MethodConfig):
+    lora_rank: int = 4
+    """LoRA rank on q and v of every encoder attention block (SAMed: 4; H-SAM: 5)."""
+    lora_targets: list[str] | None = None
+    """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's default (hsam.LORA_TARGETS)."""
+    block_order: str = "sam"
+    """sam (SAMed's decoder) | hsam (H-SAM's reordered stage-1 blocks: H-SAM with stage 2 disabled)."""
+    lambda_ce: float = 0.2
+    lambda_dice: float = 0.8
+
+
+@register_method
+class SAMed(Method):
+    """SAMed: ``forward`` returns ``logits`` B x T x 4h x 4w (low resolution); ``loss`` the DiceCE at that size."""
+
+    name = "samed"
+    config_class = SAMedConfig
+    needs_encoder_grad = True
+    max_classes = None
+
+    def __init__(self, backbone: Backbone, config: SAMedConfig, num_classes: int = 1):
+        super().__init__(backbone, config, num_classes)
+        if config.block_order not in ORDERS:
+            raise ConfigError(f"samed block_order must be one of {', '.join(ORDERS)}, got {config.block_order!r}")
+        if config.lora_rank < 1:
+            raise ConfigError(f"samed lora_rank must be >= 1, got {config.lora_rank}")
+        backbone.freeze()
+        self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
+        self.no_mask_embed = nn.Parameter(backbone.prompt_encoder.no_mask_embed.weight.detach().clone())  # 1 x C
+        self.decoder = HSAMStage1(backbone.mask_decoder, num_classes + 1, order=config.block_order)
+        self.decoder.requires_grad_(True)
+        self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, squared_pred=True,
+                                  batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=config.lambda_dice,
+                                  lambda_ce=config.lambda_ce)
+
+    def features(self, batch: dict) -> Features:
+        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used."""
+        return Features(self.image_encoder(self.backbone.preprocess(batch["image"])))
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        embedding = self.features(batch).embedding
+        pe = self.backbone.prompt_encoder.get_dense_pe().to(embedding.dtype)  # 1 x C x h x w
+        dense = self.no_mask_embed.reshape(1, -1, 1, 1).to(embedding.dtype)
+        return {"logits": self.decoder(embedding + dense, pe)["low"]}
+
+    def loss(self, output: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        logits = output["logits"].float()
+        return {"loss": self.loss_fn(logits, resize_labels(batch["label"], logits.shape[-1])[:, None])}
