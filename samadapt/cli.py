@@ -120,11 +120,13 @@ def evaluate(
     gt: str = typer.Argument(..., help="Folder of ground-truth masks (same file names)."),
     out: str = typer.Option(..., "--out", help="Folder for per_case.csv and summary.json."),
     nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm."),
+    metric: List[str] = typer.Option([], "--metric", help="Metric to report (repeatable; default dice iou hd95 "
+                                     "hd95_vox nsd assd). hd95_medpy(_vox): MedPy's HD95, as SAMed/H-SAM report it."),
 ):
-    """Dice, IoU, HD95, NSD and ASSD (mm where spacing is known) per case and class."""
-    from .engine.evaluate import evaluate_folders, print_summary
+    """Dice, IoU, HD95 (mm and voxels), NSD and ASSD (mm where spacing is known) per case and class."""
+    from .engine.evaluate import EVALUATION_METRICS, evaluate_folders, print_summary
 
-    summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance)
+    summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance, metrics=metric or EVALUATION_METRICS)
     print_summary(summary)
 
 

@@ -259,3 +259,23 @@ def test_folder_problems(tmp_path):
     s = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", classes=[1])
     assert s["per_class"]["1"]["dice"]["mean"] == 1.0 and s["per_class"]["1"]["hd95"]["mean"] == 0.0
     assert not math.isnan(s["foreground"]["nsd"]["mean"])
+
+
+def test_cli_evaluate_metric_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from samadapt.cli import app
+
+    pred, gt = boxes_3d()
+    write(tmp_path / "gt" / "a.nii.gz", gt, (1.0, 1.0, 2.5))
+    write(tmp_path / "pred" / "a.nii.gz", pred, (1.0, 1.0, 2.5))
+    runner = CliRunner()
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--metric", "dice", "--metric", "hd95_medpy_vox"])
+    assert result.exit_code == 0, result.output
+    row = read_csv(tmp_path / "out" / "per_case.csv")[0]
+    assert list(row) == ["case", "class", "dice", "hd95_medpy_vox"]
+    assert float(row["hd95_medpy_vox"]) == pytest.approx(3.0, abs=1e-4)  # the 3-voxel shift, whatever the spacing
+    bad = runner.invoke(app, [*args[:-1], str(tmp_path / "out2"), "--metric", "hd99"])
+    assert bad.exit_code == 2 and "unknown metric" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "out2" / "per_case.csv").exists()
