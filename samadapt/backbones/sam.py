@@ -1,8 +1,9 @@
 """Meta's Segment Anything ViT-B/L/H (``segment-anything`` package) behind the samadapt backbone interface.
 
 Input: 1024 x 1024 RGB in [0, 1], scaled to 0-255 and normalised with SAM's mean/std. Embedding grid 64 x 64.
-Intermediates: outputs of the first three global-attention blocks (ViT-B 2, 5, 8; ViT-L 5, 11, 17; ViT-H 7, 15, 23),
-NHWC from the block, returned NCHW with the encoder's width (768 / 1024 / 1280).
+Layers: every ViT block (NHWC, returned NCHW with the encoder's width 768 / 1024 / 1280); the stage ends are the
+four global-attention blocks (ViT-B 2, 5, 8, 11; ViT-L 5, 11, 17, 23; ViT-H 7, 15, 23, 31), also role
+``global_attention``. Default intermediates: the first three of them (ViT-B 2, 5, 8).
 
 Weights, in this order: ``checkpoint=PATH`` (the CLI's ``--checkpoint``); ``cache_dir()/<Meta's file name>``;
 else a download from Meta's URL into the cache, verified against the size and SHA-256 in ``SAM_CHECKPOINTS``.
@@ -85,14 +86,19 @@ class SamViT(Backbone):
         self.name = name
         global_blocks = [i for i, blk in enumerate(encoder.blocks) if blk.window_size == 0]
         self.intermediate_blocks: tuple[int, ...] = tuple(global_blocks[:3])
+        self.intermediate_layers = self.intermediate_blocks
+        self.stage_end_layers = tuple(global_blocks)
         width = int(encoder.pos_embed.shape[-1])
-        self.intermediate_widths = (width,) * len(self.intermediate_blocks)
+        self.layer_widths = (width,) * len(encoder.blocks)
         grid = int(encoder.pos_embed.shape[1])
         self.embed_grid = (grid, grid)
         self.input_size = grid * PATCH
 
-    def intermediate_modules(self) -> list[nn.Module]:
-        return [self.image_encoder.blocks[i] for i in self.intermediate_blocks]
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.image_encoder.blocks)
+
+    def layer_roles(self) -> dict[str, tuple[int, ...]]:
+        return {**super().layer_roles(), "global_attention": self.stage_end_layers}
 
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
         return output.permute(0, 3, 1, 2)

@@ -1,7 +1,8 @@
 """A tiny random-init SAM for tests: 64 px input, 16 x 16 embedding grid, a forward in milliseconds on CPU.
 
 It is built from ``segment-anything``'s own modules (ImageEncoderViT, PromptEncoder, MaskDecoder) so that code
-tested on it runs unchanged on the real backbones. Intermediates: outputs of ViT blocks 0, 1, 2 (NHWC 16 x 16 x 64).
+tested on it runs unchanged on the real backbones. Layers: its 4 ViT blocks (NHWC 16 x 16 x 64; global attention at
+1 and 3), each one a "stage"; default intermediates: blocks 0, 1, 2 (role ``late_stages``: 1, 2, 3).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ class TinySAM(Backbone):
     name = "tiny"
     input_size = 64
     embed_grid = (16, 16)
-    intermediate_widths = (64, 64, 64)
+    layer_widths = (64, 64, 64, 64)
+    intermediate_layers = (0, 1, 2)
+    stage_end_layers = (0, 1, 2, 3)
 
-    def intermediate_modules(self) -> list[nn.Module]:
-        return [self.image_encoder.blocks[i] for i in (0, 1, 2)]
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.image_encoder.blocks)
 
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
         return output.permute(0, 3, 1, 2)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..io_utils import atomic_path, atomic_write_text
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, Features, LayerRequest
 
 CACHE_FORMAT = 1
 
@@ -48,20 +48,25 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
 class EmbeddingCache:
     """Encoder outputs of ``backbone`` per slice content key (see the module docstring).
 
-    ``intermediates``: also store/return the intermediate maps (``Backbone.intermediate_widths``). Counters
-    ``hits``, ``misses`` and ``recomputed`` (corrupt entries replaced) are kept for logs and tests.
+    ``intermediates``: also store/return intermediate maps: True for the backbone's default layers, or a role /
+    layer indices (``Backbone.resolve_layers``); a selection other than the default is part of the namespace.
+    Counters ``hits``, ``misses`` and ``recomputed`` (corrupt entries replaced) are kept for logs and tests.
     """
 
-    def __init__(self, root: str | os.PathLike, backbone: Backbone, intermediates: bool = False):
+    def __init__(self, root: str | os.PathLike, backbone: Backbone, intermediates: LayerRequest = False):
         self.root = Path(root)
         self.backbone = backbone
+        self.layers = backbone.resolve_layers(intermediates)
         self.intermediates = bool(intermediates)
+        self.widths = backbone.widths_of(self.layers)
         self.namespace: dict[str, Any] = {
             "format": CACHE_FORMAT, "backbone": backbone.name, "weights_id": backbone.weights_id,
             "input_size": int(backbone.input_size), "embed_dim": int(backbone.embed_dim),
             "embed_grid": list(backbone.embed_grid), "intermediate_widths": list(backbone.intermediate_widths),
             "intermediates": self.intermediates, "dtype": "float16",
         }
+        if self.intermediates and self.layers != tuple(backbone.intermediate_layers):
+            self.namespace["intermediate_layers"] = list(self.layers)  # default selection: namespace unchanged
         self.namespace_id = hashlib.sha256(json.dumps(self.namespace, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = self.root / f"{backbone.name}-{self.namespace_id}"
         self.hits = self.misses = self.recomputed = 0
@@ -100,13 +105,13 @@ class EmbeddingCache:
                 raise ValueError("namespace or key mismatch")
             if meta.get("checksum") != _checksum(tensors):
                 raise ValueError("checksum mismatch")
-            n = len(self.backbone.intermediate_widths) if self.intermediates else 0
+            n = len(self.widths) if self.intermediates else 0
             embedding = tensors["embedding"]
             inter = [tensors[f"intermediate_{i}"] for i in range(n)]
             grid = tuple(self.backbone.embed_grid)
             if tuple(embedding.shape) != (self.backbone.embed_dim, *grid) or len(tensors) != 1 + n:
                 raise ValueError("unexpected tensors")
-            for t, width in zip(inter, self.backbone.intermediate_widths):
+            for t, width in zip(inter, self.widths):
                 if t.dim() != 3 or t.shape[0] != width:
                     raise ValueError("unexpected intermediate shape")
         except Exception:  # noqa: BLE001 - any failure to read back means: recompute
@@ -146,7 +151,7 @@ class EmbeddingCache:
         try:
             device = next(self.backbone.parameters()).device
             x = self.backbone.preprocess(images.to(device=device, dtype=torch.float32))
-            return self.backbone.encode(x, intermediates=self.intermediates).detach()
+            return self.backbone.encode(x, intermediates=self.layers).detach()
         finally:
             encoder.train(was_training)
 

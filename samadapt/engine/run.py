@@ -93,7 +93,7 @@ def embedding_cache(backbone: Backbone, method: Method, cfg: DataConfig):
     from ..weights import cache_dir
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "embeddings"
-    return EmbeddingCache(root, backbone, intermediates=method.needs_intermediates)
+    return EmbeddingCache(root, backbone, intermediates=method.intermediates)
 
 
 def feature_source(backbone: Backbone, method: Method, cfg: DataConfig, device: torch.device):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, Features, LayerRequest
 from ..errors import ConfigError
 
 
@@ -76,15 +76,21 @@ class Method(nn.Module):
         """Optimiser parameter groups; override to give parts their own learning rate."""
         return [{"params": [p for _, p in self.trainable_parameters()], "lr": lr}]
 
+    @property
+    def intermediates(self) -> LayerRequest:
+        """The intermediate maps ``features`` asks the backbone (and the embedding cache) for: False (none), True
+        (the backbone's default layers), or a role / layer indices (``Backbone.resolve_layers``)."""
+        return self.needs_intermediates
+
     def features(self, batch: dict) -> Features:
         """The batch's encoder outputs: from the cache when present, else computed now."""
         if "features" in batch:
             return batch["features"]
         x = self.backbone.preprocess(batch["image"])
         if self.needs_encoder_grad and self.training:
-            return self.backbone.encode(x, intermediates=self.needs_intermediates)
+            return self.backbone.encode(x, intermediates=self.intermediates)
         with torch.no_grad():
-            return self.backbone.encode(x, intermediates=self.needs_intermediates).detach()
+            return self.backbone.encode(x, intermediates=self.intermediates).detach()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -33,6 +33,10 @@ class OneVsRest(Method):
     def input_size(self) -> int:
         return self.heads[0].input_size
 
+    @property
+    def intermediates(self):
+        return self.heads[0].intermediates
+
     def features(self, batch: dict):
         return self.heads[0].features(batch)
 

@@ -55,6 +55,10 @@ class ProMISeConfig(MethodConfig):
     point_labels: list[int] | str | None = None
     """Label pattern of the APM points (1 positive, 0 negative); a list or the release's ``"1-1-...-0"``
     string. Default: first half positive, second half negative."""
+    feature_layers: str | list[int] = "late_stages"
+    """Encoder layers the APM reads (``Backbone.resolve_layers``: a role or layer indices). ``late_stages`` = the
+    release's blocks 6/9/12 on SAM ViT (indices 5, 8, 11: the last three global-attention blocks); on TinyViT
+    (LiteMedSAM) stages 1, 2, 3. ``default`` gives the backbone's own choice (ViT-B 2, 5, 8)."""
     feature_channels: int = 256
     """Width of the FeatureMap convs that reduce the concatenated intermediates (paper: 256)."""
     feature_grid: int | None = None
@@ -376,8 +380,9 @@ class ProMISe(Method):
         self.register_buffer("apm_labels", torch.tensor(parse_point_labels(config.point_labels, config.num_points)),
                              persistent=False)
         self.apm: nn.Module | None = None
+        self.feature_layers = backbone.resolve_layers(config.feature_layers) if config.mode != "ips_gt" else ()
         if config.mode != "ips_gt":
-            widths = tuple(backbone.intermediate_widths)
+            widths = backbone.widths_of(self.feature_layers)
             if config.apm == "resnet":
                 self.apm = APMResNet(sum(widths), config.num_points, backbone.input_size, config.feature_channels,
                                      config.resnet_layers, config.resnet_widths, config.feature_grid)
@@ -390,6 +395,11 @@ class ProMISe(Method):
         self.last_points: Tensor | None = None
         self.last_point_labels: Tensor | None = None
         self.last_point_source: str | None = None
+
+    @property
+    def intermediates(self) -> tuple[int, ...]:
+        """The encoder layers APM reads (``feature_layers`` resolved on the backbone; none in ``ips_gt``)."""
+        return self.feature_layers
 
     def param_groups(self, lr: float) -> list[dict]:
         """APM at ``apm_lr_scale * lr``, IPS at ``lr``."""
