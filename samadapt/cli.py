@@ -366,7 +366,8 @@ def serve(
     max_upload_mb: int = typer.Option(1024, "--max-upload-mb", help="Largest accepted upload."),
     device: str = typer.Option("auto", "--device"),
 ):
-    """A web page to look at the model's predictions and correct them (clicks, box, brush); API docs at /docs."""
+    """A web page to look at the model's predictions and correct them (clicks, box, brush); its HTTP API is described
+    at /openapi.json (and /docs, whose viewer needs an online browser)."""
     from .serve import load_model, run_server
 
     if bool(run) == bool(config):

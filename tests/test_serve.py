@@ -225,6 +225,38 @@ def test_token_is_required_when_set(box_model, tmp_path):
         assert c.get("/").status_code == 200  # the page itself holds no data
 
 
+def test_run_server_prints_a_token_beyond_loopback(box_model, monkeypatch):
+    import uvicorn
+
+    from samadapt.serve import run_server
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
+    said: list[str] = []
+    run_server(box_model, host="0.0.0.0", port=8123, say=said.append)
+    token = said[0].split("?token=")[1]
+    assert said[0].endswith(f"open http://0.0.0.0:8123/?token={token}") and len(token) >= 24
+    with TestClient(started["app"]) as c:
+        assert c.get("/api/info").status_code == 401
+        assert c.get("/api/info", headers={"X-Token": token}).status_code == 200
+        c.post("/api/sessions?name=v.nii.gz", content=b"x", headers={"X-Token": token})
+    assert not started["app"].state.workdir.exists()  # its own temporary folder goes at shutdown
+    said.clear()
+    run_server(box_model, host="127.0.0.1", port=8124, say=said.append)
+    assert said[0].endswith("open http://127.0.0.1:8124/") and started["host"] == "127.0.0.1"
+    with TestClient(started["app"], base_url="http://127.0.0.1:8124") as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/info", headers={"host": "rebound.example"}).status_code == 400
+
+
+def test_loopback_server_answers_only_loopback_host_names(box_model, tmp_path):
+    app = create_app(box_model, workdir=tmp_path / "w", allowed_hosts=["127.0.0.1", "localhost"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/info", headers={"host": "localhost:8000"}).status_code == 200
+        assert c.get("/api/info", headers={"host": "attacker.example:8000"}).status_code == 400
+
+
 def test_upload_limit(box_model, tmp_path):
     src = write_phantom(tmp_path / "v.nii.gz")
     limit = src.stat().st_size - 1

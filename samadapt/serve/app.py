@@ -14,6 +14,7 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,16 +66,34 @@ def _array(arr: np.ndarray, extra: dict | None = None) -> Response:
 
 
 def create_app(model: ServedModel, folder: str | Path | None = None, token: str | None = None,
-               max_upload_bytes: int = 1 << 30, workdir: str | Path | None = None, max_sessions: int = 8) -> FastAPI:
+               max_upload_bytes: int = 1 << 30, workdir: str | Path | None = None, max_sessions: int = 8,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The app serving ``model``. ``folder``: files the page may open by name; ``token``: required on every API
     call when set; ``workdir``: where uploads live (a new temporary folder by default; each session gets its own
-    subfolder, removed when the session is closed or evicted, the oldest past ``max_sessions``)."""
-    app = FastAPI(title="samadapt serve", version="1",
-                  description="Look at a model's predictions on an image and correct them with clicks.")
+    subfolder, removed when the session is closed or evicted, the oldest past ``max_sessions``, and at shutdown);
+    ``allowed_hosts``: the ``Host`` header names accepted (None: any), which keeps a loopback server from answering
+    pages of other sites that rebind their name to 127.0.0.1."""
+    own = workdir is None
+    sessions: OrderedDict[str, Session] = OrderedDict()
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="samadapt-serve-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for s in list(sessions.values()):
+            s.close()
+        sessions.clear()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+    app = FastAPI(title="samadapt serve", version="1", lifespan=lifespan,
+                  description="Look at a model's predictions on an image and correct them with clicks.")
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     served = Path(folder).resolve() if folder else None
-    sessions: OrderedDict[str, Session] = OrderedDict()
     sessions_lock = threading.Lock()
     app.state.sessions, app.state.workdir = sessions, work
 

@@ -43,8 +43,9 @@ def run_server(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, fo
     if folder is not None and not Path(folder).is_dir():
         raise InputError(folder, "--folder must be an existing folder")
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
-    app = create_app(model, folder=folder, token=token, max_upload_bytes=max_upload_mb << 20)
     shown = f"[{host}]" if ":" in host else host
+    hosts = None if token else ["127.0.0.1", "localhost", shown]  # Host header names a loopback server answers
+    app = create_app(model, folder=folder, token=token, max_upload_bytes=max_upload_mb << 20, allowed_hosts=hosts)
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     info = model.info()
     say(f"samadapt serve: {info['method']} on {info['backbone']} ({info['device']}); open {url}")
