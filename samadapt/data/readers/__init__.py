@@ -1,7 +1,8 @@
 """Dataset readers found by name in ``READERS`` and :func:`open_dataset`, which picks one by looking at the path.
 
 Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``pranet`` (PraNet's polyp
-TrainDataset/ + TestDataset/<set>/), ``isic2018`` (the ISIC-2018 Task 1 folders), ``npz`` (MedSAM-style),
+TrainDataset/ + TestDataset/<set>/), ``isic2018`` (the ISIC-2018 Task 1 folders), ``synapse`` (TransUNet's
+train_npz/ + test_vol_h5/ + lists_Synapse/, as SAMed and H-SAM use it), ``npz`` (MedSAM-style),
 ``dicom`` (a folder holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's
 ``imagesTs``) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
 a :class:`DatasetSource` subclass with ``@READERS.register("name")`` (entry-point group ``samadapt.readers``);
@@ -20,16 +21,17 @@ READERS: Registry[type] = Registry("reader", "samadapt.readers")
 
 from .base import DatasetSource  # noqa: E402
 from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
-from . import isic, pranet  # noqa: E402,F401
+from . import isic, pranet, synapse  # noqa: E402,F401
 from .isic import is_isic2018_root  # noqa: E402
+from .synapse import is_synapse_root  # noqa: E402
 from .pranet import is_pranet_root  # noqa: E402
 from .folder2d import IMAGE_DIRS, find_subdir, has_pictures  # noqa: E402
 from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The reader name for ``path``: nnunet (dataset.json), pranet, isic2018, folder2d (images/), npz, volumes,
-    dicom, file."""
+    """The reader name for ``path``: nnunet (dataset.json), pranet, isic2018, synapse (train_npz/, test_vol_h5/),
+    folder2d (images/), npz, volumes, dicom, file."""
     path = Path(path)
     if path.is_file():
         ending = file_ending(path)
@@ -46,6 +48,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "pranet"
     if is_isic2018_root(path):
         return "isic2018"
+    if is_synapse_root(path):
+        return "synapse"
     if find_subdir(path, IMAGE_DIRS) is not None or has_pictures(path):
         return "folder2d"
     if any(p.suffix == ".npz" for p in path.iterdir()):
