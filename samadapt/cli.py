@@ -82,15 +82,20 @@ def predict(
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
     fast: bool = typer.Option(False, "--fast", help="Fast inference: conv+BN fusion, channels-last, bf16 where "
                                                     "native (outputs within the tolerances of samadapt.engine.fast)."),
+    bf16: Optional[str] = typer.Option(None, "--bf16", help="With --fast: auto (bf16 autocast where the device "
+                                                            "computes it natively) | on | off (fp32). Default auto."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="A model from `samadapt export`, run with ONNX Runtime "
                                                             "(CPU) instead of --run/--checkpoint/--config."),
 ):
-    """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures)."""
+    """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures), and
+    OUT/prediction.json: what computed them (model, device, fast options, bf16 or fp32, the CPU's capabilities)."""
     from .data.readers import open_dataset
     from .engine.fast import FastOptions
-    from .engine.predict import Predictor
+    from .engine.predict import Predictor, write_prediction_manifest
 
-    options = FastOptions() if fast else None
+    if bf16 is not None and not fast:
+        raise typer.BadParameter("--bf16 chooses the precision of --fast; add --fast (the plain path is fp32)")
+    options = FastOptions(bf16=bf16 or "auto") if fast else None
     predictor = None
     if onnx:
         if run or checkpoint or config or fast:
@@ -109,7 +114,9 @@ def predict(
         cfg = _config(config, set_, **{"train.device": device})
         predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size,
                                           fast=options)
+    console.print(predictor.summary(), highlight=False)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
+    write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written))
     console.print(f"wrote {len(written)} mask(s) to {out}")
 
 
@@ -216,7 +223,8 @@ def info():
     from rich.table import Table
 
     from .backbones import BACKBONES
-    from .engine.device import resolve_device
+    from .engine.device import cpu_capabilities, resolve_device
+    from .engine.fast import FastOptions
     from .engine.manifest import package_versions
     from .methods import METHODS
     from .weights import cache_dir
@@ -232,7 +240,15 @@ def info():
         table.add_row(name, classes, enc, "yes" if cls.promptable else "no", "yes" if cls.trainable else "no")
     out.print(table)
     out.print("backbones: " + ", ".join(BACKBONES.names()))
-    out.print(f"device: {resolve_device('auto')} (torch threads {torch.get_num_threads()})")
+    device = resolve_device("auto")
+    out.print(f"device: {device} (torch threads {torch.get_num_threads()})")
+    cpu = cpu_capabilities()
+    out.print(f"cpu: {cpu['cpu']}, {cpu['cores']} logical cores; SIMD: {', '.join(cpu['simd']) or 'none found'}; "
+              f"torch kernels {cpu['torch_kernels']}; native bf16: {'yes' if cpu['bf16_native'] else 'no'}",
+              highlight=False)
+    precision = ("bf16 autocast (--bf16 off for fp32)" if FastOptions().amp(device) == "bf16"
+                 else "fp32 (no native bf16; --bf16 on forces it)")
+    out.print(f"predict --fast here: conv+BN fusion, channels-last, LoRA merge, {precision}", highlight=False)
     out.print(f"weights cache: {cache_dir()}")
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
 
@@ -296,8 +312,8 @@ def benchmark(
     threads: int = typer.Option(2, "--threads", help="torch / ONNX Runtime threads."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Profile the fast decoder path (latency)."),
     steps: int = typer.Option(2, "--steps", help="Training steps per epoch of the cost part."),
-    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|onnx|int8; batch 8) "
-                                                           "of the 3D part; repeat. Default: decoder:fast:8, "
+    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|fast-bf16|onnx|int8; "
+                                                           "batch 8) of the 3D part; repeat. Default: decoder:fast:8, "
                                                            "decoder:fast:1, decoder:int8:1, unet:fast:8."),
     backbone: str = typer.Option("litemedsam", "--backbone", help="Backbone of the latency/cost/volume parts."),
     results: Optional[str] = typer.Option(None, "--results", help="Report path (default OUT/RESULTS.md)."),

@@ -35,8 +35,12 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
     assert "Missing parts: accuracy." in text
     lat = json.loads((out / "latency.json").read_text())
     variants = {(r["variant"], r["batch"]) for r in lat["rows"]}
-    assert variants == {(v, b) for v in ("plain", "fast", "onnx", "int8") for b in (1, 2)}
-    assert all(r["s"] > 0 and r["agree"] > (0.5 if r["variant"] == "int8" else 0.99) for r in lat["rows"])
+    assert variants == {(v, b) for v in ("plain", "fast", "fast-bf16", "onnx", "int8") for b in (1, 2)}  # every CPU
+    # fp32 rows agree with the plain masks up to rounding; bf16 and int8 move these untrained heads' probabilities,
+    # which sit near 0.5, across the threshold on some pixels (their tolerances: test_fast_predict, test_export)
+    assert all(r["s"] > 0 and r["agree"] > (0.5 if r["variant"] in ("int8", "fast-bf16") else 0.99)
+               for r in lat["rows"])
+    assert isinstance(lat["bf16_native"], bool)
     assert lat["stock"] > 0
     cost = json.loads((out / "cost.json").read_text())["rows"][0]
     assert cost["method"] == "decoder" and cost["step_s_no_cache"] > 0 and cost["step_s_cache"] > 0
@@ -57,23 +61,23 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
 
 
 def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
-    result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], minutes=0.02, models=TINY_MODELS)
+    result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=1, models=TINY_MODELS)
     rows = {r["model"]: r for r in result["summary"]}
     assert set(rows) == {"decoder", "box-prompt-whole"}
     assert rows["decoder"]["n"] == 4 * 2  # 4 test tiles x 2 seeds
     assert 0.0 <= rows["decoder"]["dice"] <= 1.0 and rows["decoder"]["dice_std"] >= 0.0
     assert (tmp_path / "accuracy" / "nuclei" / "runs" / "decoder" / "seed1" / "checkpoints").is_dir()
     table = accuracy.markdown(result)
-    assert "| decoder | 1 | 8 |" in table and " ± " in table
+    assert "| decoder | 1 | 8 |" in table and " ± " in table and "at most 1 epoch per model" in table
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished task with the same settings must not run again")
 
     monkeypatch.setattr(accuracy, "compare", no_training)
-    reused = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], minutes=0.02, models=TINY_MODELS)
+    reused = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=1, models=TINY_MODELS)
     assert json.dumps(reused) == json.dumps(result)  # (as text: NaN metrics are not equal to themselves)
     with pytest.raises(AssertionError):  # other settings: runs again
-        accuracy.run_task(tmp_path, "nuclei", seeds=[0], minutes=0.02, models=TINY_MODELS)
+        accuracy.run_task(tmp_path, "nuclei", seeds=[0], epochs=1, models=TINY_MODELS)
 
 
 def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):

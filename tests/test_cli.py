@@ -91,6 +91,11 @@ def test_info_lists_methods_and_backbones():
     out = run("info").stdout
     for name in ("decoder", "box-prompt", "unet", "litemedsam", "tiny", "sam_vit_b"):
         assert name in out
+    from samadapt.engine.device import cpu_capabilities
+
+    cpu = cpu_capabilities()  # what info says of the CPU and of --fast follows the CPU it runs on
+    assert f"native bf16: {'yes' if cpu['bf16_native'] else 'no'}" in out
+    assert ("bf16 autocast" if cpu["bf16_native"] else "fp32 (no native bf16") in " ".join(out.split())
 
 
 def test_compare_trains_reuses_and_reports(disc_folder, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def _cli(*args: str) -> str:
 
 
 def _masks(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.iterdir())}
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
 def test_cli_export_and_predict_onnx(picture_folder, tmp_path):
@@ -126,7 +127,13 @@ def test_cli_export_and_predict_onnx(picture_folder, tmp_path):
     assert "max |diff|" in _cli("export", str(model), "--run", str(run))
     images = str(picture_folder / "images")
     _cli("predict", images, "--run", str(run), "--out", str(tmp_path / "torch"), "--device", "cpu")
-    _cli("predict", images, "--run", str(run), "--out", str(tmp_path / "fast"), "--device", "cpu", "--fast")
+    said = _cli("predict", images, "--run", str(run), "--out", str(tmp_path / "fast"), "--device", "cpu", "--fast",
+                "--bf16", "off")  # fp32 fast options: held to the fp32 masks on every CPU
+    assert "fast path on cpu" in said and "; fp32" in said
+    manifest = json.loads((tmp_path / "fast" / "prediction.json").read_text())
+    assert manifest["prediction"]["amp"] == "none" and manifest["prediction"]["fast"]["bf16"] == "off"
+    assert manifest["model"].endswith("best.safetensors") and len(manifest["cases"]) == 8
+    assert isinstance(manifest["cpu"]["bf16_native"], bool) and "simd" in manifest["cpu"]
     _cli("predict", images, "--onnx", str(model), "--out", str(tmp_path / "onnx"), "--batch-size", "3")
     ref, fast, onnx = (_masks(tmp_path / d) for d in ("torch", "fast", "onnx"))
     assert len(ref) == 8 and ref.keys() == onnx.keys() == fast.keys()

@@ -116,6 +116,42 @@ def test_bf16_option():
     assert 0 < err <= BF16_TOLERANCE  # bf16 really ran (not bit-identical) and stayed within tolerance
 
 
+def _confident_labels(probs: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax labels N x H x W of N x C x H x W probabilities, and where the top class leads the next by > margin."""
+    top2 = probs.topk(2, dim=1).values
+    return probs.argmax(1), (top2[:, 0] - top2[:, 1]) > margin
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_bf16_path_within_its_tolerance(name):
+    """bf16 forced on (emulated where the CPU lacks native bf16, so this path runs on every machine): probabilities
+    within BF16_TOLERANCE of fp32, hence the same label wherever fp32's top class leads by more than twice that."""
+    method = _method(name)
+    items = _items()
+    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
+    low, predictor = _predict(method, FastOptions(bf16="on"), items)
+    assert predictor.amp == "bf16" and predictor.describe()["amp"] == "bf16" and "bf16 autocast" in predictor.summary()
+    assert (exact - low).abs().max().item() <= BF16_TOLERANCE
+    labels, confident = _confident_labels(exact, 2 * BF16_TOLERANCE)
+    assert confident.any()
+    assert torch.equal(low.argmax(1)[confident], labels[confident])
+
+
+def test_bf16_auto_follows_the_cpu(monkeypatch):
+    """``auto`` takes bf16 exactly where the device computes it natively; both answers checked on any CPU."""
+    from samadapt.engine import fast
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(fast, "cpu_bf16_native", lambda native=native: native)
+        assert bf16_native(cpu) is native
+        assert FastOptions().amp(cpu) == ("bf16" if native else "none")
+        predictor = Predictor(_method("decoder"), IntensityConfig(), fast=FastOptions())
+        assert predictor.amp == ("bf16" if native else "none")
+        assert ("bf16 autocast (auto" in predictor.summary()) is native
+        assert ("no native bf16" in predictor.summary()) is not native
+
+
 @pytest.mark.integration
 def test_fast_litemedsam_decoder(real_brain_batch):
     """On LiteMedSAM the 27 TinyViT Conv2d_BN blocks fuse and the fp32 options stay within tolerance."""

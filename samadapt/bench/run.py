@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from ..engine.device import cpu_capabilities
 from ..engine.manifest import git_commit, package_versions
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json, atomic_write_text
@@ -28,19 +29,15 @@ PARTS = ("accuracy", "latency", "cost", "volume")
 
 def machine() -> dict:
     """CPU model, logical cores, SIMD flags that matter for inference, memory, Python and package versions."""
-    cpu, flags, mem = platform.processor() or "unknown", set(), None
+    mem = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except OSError:
         pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "memory_gib": mem, "python": platform.python_version(),
-            "platform": platform.platform(), "versions": package_versions(), "commit": git_commit()}
+    cpu = cpu_capabilities()
+    return {"cpu": cpu["cpu"], "cores": cpu["cores"], "simd": cpu["simd"], "bf16_native": cpu["bf16_native"],
+            "memory_gib": mem, "python": platform.python_version(), "platform": platform.platform(),
+            "versions": package_versions(), "commit": git_commit()}
 
 
 def _store(out: Path, part: str, result: dict, command: str) -> None:

@@ -2,7 +2,8 @@
 
 The case is the whole MNI152 T1 template (1 mm, 189 axial slices of 233 x 197), written as NIfTI; one timed run
 reads it, slices it, predicts every slice in batches, reassembles the label volume and writes it as NIfTI. Heads are
-untrained (timing only), built from each method's CPU preset; ``fast`` is ``FastOptions()``, ``onnx`` the
+untrained (timing only), built from each method's CPU preset; ``fast`` and ``fast-bf16`` are the fast options of
+``latency.FAST_VARIANTS`` (fp32, and with bf16 autocast forced on), ``onnx`` the
 exported graph under ONNX Runtime, ``int8`` its int8 copy (``samadapt export --int8``).
 """
 
@@ -18,13 +19,13 @@ from ..data.cases import write_image_like
 from ..data.demo_data import mni152_volumes
 from ..data.readers import load_case
 from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
-from ..engine.fast import EXACT, FastOptions
+from ..engine.fast import EXACT
 from ..engine.predict import Predictor
 from ..errors import ConfigError
-from .latency import PRESETS, build
+from .latency import FAST_VARIANTS, PRESETS, build
 from .memory import peak_rss_mib, reset_peak_rss
 
-VARIANTS = ("plain", "fast", "onnx", "int8")
+VARIANTS = (*FAST_VARIANTS, "onnx", "int8")
 DEFAULT_RUNS = ("decoder:fast:8", "decoder:fast:1", "decoder:int8:1", "unet:fast:8")
 
 
@@ -39,8 +40,7 @@ def write_volume(folder: Path) -> Path:
 
 def _predictor(method: str, variant: str, batch: int, work: Path, backbone: str):
     model, intensity, axis = build(method, backbone)
-    predictor = Predictor(model, intensity, axis, batch_size=batch,
-                          fast=FastOptions() if variant == "fast" else EXACT)
+    predictor = Predictor(model, intensity, axis, batch_size=batch, fast=FAST_VARIANTS.get(variant, EXACT))
     if variant not in ("onnx", "int8"):
         return predictor
     onnx_path = work / f"{method}.onnx"

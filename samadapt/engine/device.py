@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -46,3 +49,34 @@ def to_device(batch: dict, device: torch.device) -> dict:
         else:
             out[key] = value
     return out
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_capabilities() -> dict:
+    """The CPU's model name, logical cores and the SIMD flags that matter for inference (from /proc/cpuinfo),
+    the kernel family PyTorch dispatches to, and whether oneDNN computes bf16 natively (not emulated)."""
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        kernels = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags],
+            "torch_kernels": kernels, "bf16_native": cpu_bf16_native()}
+
+
+def cpu_bf16_native() -> bool:
+    """True when oneDNN computes bfloat16 matmuls/convolutions natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

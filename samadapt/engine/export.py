@@ -263,6 +263,14 @@ class OnnxPredictor(Predictor):
         self.device = torch.device("cpu")
         self.fast = None
 
+    def describe(self) -> dict:
+        """How this predictor computes: ONNX Runtime on the CPU with the model file's own precision."""
+        return {"device": "cpu", "runtime": "onnxruntime", "onnx": str(self.path),
+                "quantization": self.metadata.get("quantization")}
+
+    def summary(self) -> str:
+        return f"ONNX Runtime on cpu: {self.path.name} ({self.metadata.get('quantization') or 'fp32'})"
+
     def predict_probabilities(self, items: list[dict]) -> list[Tensor]:
         """Class probabilities (K+1) x S x S for each slice item."""
         out: list[Tensor] = []

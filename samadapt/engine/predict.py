@@ -22,7 +22,7 @@ from ..methods import Method
 from .checkpoint import load_checkpoint, read_manifest
 from .config import RunConfig, _update, apply_overrides
 from .device import autocast, resolve_device, to_device
-from .fast import FastOptions, apply_fast_options
+from .fast import FastOptions, apply_fast_options, bf16_native
 
 
 class Predictor:
@@ -83,6 +83,30 @@ class Predictor:
         predictor.modality = ((manifest.get("data") or {}).get("source") or {}).get("modality")
         return predictor
 
+    def describe(self) -> dict[str, Any]:
+        """How this predictor computes: device, autocast mode, the fast options and what they changed.
+
+        ``amp`` is the autocast actually used (``bf16`` where ``FastOptions.bf16`` is ``on``, or ``auto`` on a
+        device that computes bf16 natively); ``bf16_native`` says whether this device does."""
+        from dataclasses import asdict
+
+        return {"device": str(self.device), "amp": self.amp, "bf16_native": bf16_native(self.device),
+                "fast": asdict(self.fast) if self.fast is not None else None, "fast_report": dict(self.fast_report)}
+
+    def summary(self) -> str:
+        """One line for people: what ``describe`` says (printed by ``samadapt predict``)."""
+        d = self.describe()
+        if d["fast"] is None:
+            return f"exact path on {d['device']}" + (f", {d['amp']} autocast from the run" if d["amp"] != "none" else "")
+        done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d["fast_report"].items())
+        if d["amp"] == "bf16":
+            why = {"on": "--bf16 on", "auto": "auto: this device computes bf16 natively"}.get(d["fast"]["bf16"], "run")
+            precision = f"bf16 autocast ({why}; masks may differ slightly from fp32, --bf16 off for fp32)"
+        else:
+            precision = "fp32" + ("" if d["bf16_native"] or d["fast"]["bf16"] == "off"
+                                  else " (auto: no native bf16 on this device)")
+        return f"fast path on {d['device']}: {done}; {precision}"
+
     @torch.inference_mode()
     def predict_probabilities(self, items: list[dict]) -> list[torch.Tensor]:
         """Class probabilities (K+1) x S x S for each slice item (the batch convention's per-item dict)."""
@@ -140,3 +164,18 @@ class Predictor:
             if pending:
                 flush(progress, task)
         return results
+
+
+MANIFEST_NAME = "prediction.json"
+
+
+def write_prediction_manifest(out_dir: str | Path, predictor: Predictor, **fields: Any) -> Path:
+    """Write ``out_dir/prediction.json``: the common manifest header, ``predictor.describe()`` (device, autocast,
+    fast options), the CPU's capabilities and ``fields`` (inputs, model, cases). Returns its path."""
+    from ..io_utils import atomic_write_json
+    from .device import cpu_capabilities
+    from .manifest import base_manifest
+
+    path = Path(out_dir) / MANIFEST_NAME
+    atomic_write_json(path, base_manifest(prediction=predictor.describe(), cpu=cpu_capabilities(), **fields))
+    return path
