@@ -101,6 +101,20 @@ def test_load_overlay_click_undo_download(browser, server, tmp_path):
     page.click("#marks", button="right", position={"x": box["width"] * 0.5, "y": box["height"] * 0.5})
     wait_idle(page, "window.samadapt.clicks === 2")
     assert session.prompts[(0, 6, 1)].points == [(24.0, 20.0, False)]
+
+    page.check("#tools input[value=box]")
+
+    def at(x: int, y: int) -> tuple[float, float]:  # the screen point of slice pixel (x, y), rows drawn bottom-up
+        return box["x"] + box["width"] * (x + 0.5) / 48, box["y"] + box["height"] * (1 - (y + 0.5) / 40)
+
+    page.mouse.move(*at(10, 8))
+    page.mouse.down()
+    page.mouse.move(*at(20, 14))
+    page.mouse.move(*at(30, 30))
+    page.mouse.up()
+    wait_idle(page, "window.samadapt.clicks === 3")
+    assert session.prompts[(0, 6, 1)].box == (10, 8, 30, 30)
+    assert page.evaluate("window.samadapt.prompts.box") == [10, 8, 30, 30]
     with page.expect_download() as info:
         page.click("#download")
     saved = tmp_path / "downloaded.nii.gz"
