@@ -127,8 +127,30 @@ def sitk_to_volume(image, where: str) -> Volume:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI/NRRD/MHA file (or anything SimpleITK reads) as a :class:`Volume`."""
-    return sitk_to_volume(read_sitk(path), str(path))
+    """Read a NIfTI/NRRD/MHA file (or anything SimpleITK reads) as a :class:`Volume`; NaN/Inf values stay as
+    stored (the reader's ``nonfinite`` policy decides what becomes of them)."""
+    volume = sitk_to_volume(read_sitk(path), str(path))
+    if str(path).lower().endswith((".nii", ".nii.gz")):
+        restore_nifti_nonfinite(str(path), volume.array)
+    return volume
+
+
+def restore_nifti_nonfinite(path: str, array: np.ndarray) -> None:
+    """Put back (in place, into ``array`` C x Z x Y x X) the NaN/Inf values of a float NIfTI file, which ITK's
+    NIfTI reader turns into 0 without a word."""
+    import nibabel as nib
+
+    image = nib.load(path)
+    if image.get_data_dtype().kind != "f":
+        return
+    raw = np.asanyarray(image.dataobj)
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return
+    if array.shape[0] != 1 or raw.size != array[0].size:
+        raise InputError(path, f"image holds {int(bad.sum())} non-finite value(s) (NaN/Inf)")
+    raw_zyx, bad_zyx = raw.T.reshape(array.shape[1:]), bad.T.reshape(array.shape[1:])
+    array[0][bad_zyx] = raw_zyx[bad_zyx]
 
 
 def read_picture(path: str | os.PathLike, mask: bool = False) -> np.ndarray:

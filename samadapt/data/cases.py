@@ -55,7 +55,9 @@ class Case:
     ``origin`` (x, y, z) and ``direction`` (9 floats, row-major) in SimpleITK's conventions; ``source`` is the
     path used in error messages; ``modality`` one of ``"CT"``, ``"MR"``, ``"natural"``, ``"other"``.
     ``file_ending`` is the ending predictions are written with (the input's format); ``meta`` holds
-    reader-specific facts (``mask_scale``: 255 when binary masks were stored as {0, 255}).
+    reader-specific facts (``mask_scale``: 255 when binary masks were stored as {0, 255}). ``nonfinite``: what
+    to do with NaN/Inf image values: ``"error"`` (default) raises ``InputError`` naming the file, the case and the
+    count; ``"zero"`` replaces them with 0 and records the count in ``meta["nonfinite_replaced"]``.
     """
 
     id: str
@@ -70,12 +72,14 @@ class Case:
     file_ending: str = ".nii.gz"
     channel_names: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         if self.image.ndim != 4:
             raise ValueError(f"Case {self.id}: image must be C x Z x Y x X, got shape {self.image.shape}")
         if self.image.dtype != np.float32:
             self.image = self.image.astype(np.float32)
+        self._check_finite()
         if self.label is not None and tuple(self.label.shape) != tuple(self.image.shape[1:]):
             raise InputError(
                 self.meta.get("label_source", self.source),
@@ -84,6 +88,19 @@ class Case:
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(o) for o in self.origin)
         self.direction = tuple(float(d) for d in self.direction)
+
+    def _check_finite(self) -> None:
+        bad = ~np.isfinite(self.image)
+        count = int(bad.sum())
+        if not count:
+            return
+        if self.nonfinite != "zero":
+            nan = int(np.isnan(self.image).sum())
+            raise InputError(self.source or self.id, f"case {self.id!r}: image holds {count} non-finite value(s) "
+                                                     f"({nan} NaN, {count - nan} Inf); fix the file or set "
+                                                     "data.nonfinite=zero to replace them with 0")
+        self.image = np.where(bad, np.float32(0), self.image)
+        self.meta["nonfinite_replaced"] = count
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -65,15 +65,22 @@ def detect_format(path: str | os.PathLike) -> str:
                            "volumes or one DICOM series")
 
 
-def open_dataset(path: str | os.PathLike, format: str = "auto", modality: str | None = None) -> DatasetSource:
+def open_dataset(path: str | os.PathLike, format: str = "auto", modality: str | None = None,
+                 nonfinite: str = "error") -> DatasetSource:
     """Open a dataset with the reader named ``format`` (``"auto"``: :func:`detect_format`).
 
-    ``modality`` (``"CT"``, ``"MR"``, ``"natural"``, ``"other"``) overrides what the reader infers. Returns a
+    ``modality`` (``"CT"``, ``"MR"``, ``"natural"``, ``"other"``) overrides what the reader infers; ``nonfinite``
+    says what loading does with NaN/Inf image values (``"error"``: ``InputError`` naming file, case and count;
+    ``"zero"``: replaced with 0, the count kept in ``case.meta["nonfinite_replaced"]``). Returns a
     :class:`DatasetSource` with ``case_ids``, ``test_case_ids``, ``labels``, ``num_classes``, ``modality``,
     ``split_file`` and ``load(case_id) -> Case``. Bad input raises ``InputError`` naming the file.
     """
+    if nonfinite not in ("error", "zero"):
+        raise InputError(path, f"nonfinite={nonfinite!r}: expected 'error' or 'zero'")
     name = detect_format(path) if format == "auto" else format
-    return READERS.get(name)(Path(path), modality=modality)
+    source = READERS.get(name)(Path(path), modality=modality)
+    source.nonfinite = nonfinite
+    return source
 
 
 def load_case(path: str | os.PathLike, format: str = "auto", modality: str | None = None):

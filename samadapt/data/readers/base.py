@@ -21,7 +21,8 @@ class DatasetSource:
     ``split_file``: a ``splits.json`` shipped with the dataset (used by :meth:`make_split` unless overridden);
     ``test_sets``: named labelled test sets (set name -> case ids, e.g. PraNet's five polyp sets) that form the
     dataset's fixed test split and are reported one by one; empty when the test split is one unnamed set;
-    ``warnings``: non-fatal findings for ``samadapt data check``. ``load(case_id)`` returns a :class:`Case`
+    ``warnings``: non-fatal findings for ``samadapt data check``; ``nonfinite``: the NaN/Inf policy each loaded
+    :class:`Case` gets (``"error"`` or ``"zero"``). ``load(case_id)`` returns a :class:`Case`
     (``image`` C x Z x Y x X float32, ``label`` Z x Y x X or None) and raises ``InputError`` naming the file on
     bad input.
     """
@@ -38,6 +39,7 @@ class DatasetSource:
         self.split_file: Path | None = None
         self.test_sets: dict[str, list[str]] = {}
         self.warnings: list[str] = []
+        self.nonfinite: str = "error"
 
     # --- the interface ----------------------------------------------------------------------------------------
     def load(self, case_id: str) -> Case:

@@ -125,6 +125,7 @@ class Folder2DSource(DatasetSource):
             id=case_id, image=volume.array.astype(np.float32), label=label, source=str(image_path),
             modality=self._modality_of(picture), is_2d=True, file_ending=".png",
             channel_names=["gray"] if volume.array.shape[0] == 1 else ["R", "G", "B"],
+            nonfinite=self.nonfinite,
             meta={"label_source": str(mask_path) if mask_path else None, "dtype": str(picture.dtype),
                   "mask_scale": 255 if self.binary else 1},
         )

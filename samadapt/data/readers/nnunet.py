@@ -169,6 +169,7 @@ class NnUNetSource(DatasetSource):
             origin=first.origin, direction=first.direction, source=str(files["image"][0]),
             modality=self._case_modality(stored), is_2d=first.dimension == 2 or self.is_2d,
             file_ending=self.meta["file_ending"], channel_names=list(self.channel_names),
+            nonfinite=self.nonfinite,
             meta={"label_source": str(label_path) if label_path else None, "dtype": str(stored),
                   "geometry_source": str(files["image"][0])},
         )

@@ -131,4 +131,5 @@ class NpzSource(DatasetSource):
             mod = guess_modality(image, img.dtype)
         return Case(id=case_id, image=image.astype(np.float32), label=label, spacing=zyx, source=str(path),
                     modality=mod, is_2d=two_d, file_ending=".png" if two_d else ".nii.gz",
+                    nonfinite=self.nonfinite,
                     meta={"label_source": str(path), "dtype": str(img.dtype)})

@@ -82,7 +82,8 @@ class DicomSource(DatasetSource):
         self.modality = modality
         return Case(id=case_id, image=volume.array.astype(np.float32), label=None, spacing=volume.spacing,
                     origin=volume.origin, direction=volume.direction, source=str(self.root), modality=modality,
-                    is_2d=False, file_ending=".nii.gz", meta={"dicom_modality": tag, "files": len(files)})
+                    is_2d=False, file_ending=".nii.gz",
+                    nonfinite=self.nonfinite, meta={"dicom_modality": tag, "files": len(files)})
 
 
 @READERS.register("file")
@@ -122,6 +123,7 @@ class FileSource(DatasetSource):
         return Case(id=case_id, image=volume.array.astype(np.float32), label=None, spacing=volume.spacing,
                     origin=volume.origin, direction=volume.direction, source=str(self.root), modality=modality,
                     is_2d=two_d, file_ending=".png" if self.ending in IMAGE_2D_ENDINGS else self.ending,
+                    nonfinite=self.nonfinite,
                     meta={"dtype": str(stored), "geometry_source": str(self.root)})
 
 
@@ -171,4 +173,5 @@ class VolumeFolderSource(DatasetSource):
         return Case(id=case_id, image=image.astype(np.float32), label=None, spacing=first.spacing,
                     origin=first.origin, direction=first.direction, source=str(paths[0]), modality=modality,
                     is_2d=first.dimension == 2, file_ending=file_ending(paths[0]),
+                    nonfinite=self.nonfinite,
                     meta={"dtype": str(first.array.dtype), "geometry_source": str(paths[0])})
