@@ -22,14 +22,17 @@ console = Console(stderr=True)
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn samadapt's own errors into a red one-line message and exit code 2 (no traceback)."""
+    """Turn samadapt's own errors, and the system's (a denied permission, a full disk), into a red one-line
+    message and exit code 2; the traceback only with the environment variable SAMADAPT_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SamadaptError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        except (SamadaptError, OSError) as exc:
+            if os.environ.get("SAMADAPT_DEBUG", "") not in ("", "0"):
+                raise
+            console.print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -54,6 +57,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Shortcut for --set train.epochs=N."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the trained run --out holds."),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept a configuration or "
+                                                                      "dataset that differs from the run's."),
     set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set train.lr=3e-4 (repeatable)."),
 ):
     """Train a method on a dataset; the best checkpoint is chosen on a validation split of the training data."""
@@ -62,11 +68,13 @@ def train(
     cfg = _config(config, set_, **{"data.path": data, "method.name": method, "backbone.name": backbone,
                                    "backbone.checkpoint": checkpoint, "output": out, "train.epochs": epochs,
                                    "train.device": device})
-    result = run_train(cfg, resume=resume)
+    result = run_train(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
     if result is None:
         console.print(f"method {cfg.method.name!r} has nothing to train; use `samadapt predict` directly")
     else:
-        console.print(f"best val Dice {result.best_metric:.4f}; checkpoint: {result.best_checkpoint}")
+        best = "n/a (no validation split: last epoch kept)" if result.best_metric != result.best_metric \
+            else f"{result.best_metric:.4f}"
+        console.print(f"best val Dice {best}; checkpoint: {result.best_checkpoint}")
 
 
 @app.command()
@@ -96,6 +104,15 @@ def predict(
     if bf16 is not None and not fast:
         raise typer.BadParameter("--bf16 chooses the precision of --fast; add --fast (the plain path is fp32)")
     options = FastOptions(bf16=bf16 or "auto") if fast else None
+    from .errors import ConfigError
+    from .io_utils import check_output_dir
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
+    if set_ and not config:
+        raise ConfigError("--set overrides the run file of --config; a trained model (--run, --checkpoint, "
+                          "--onnx) keeps the settings it was trained with")
+    check_output_dir(out)
     predictor = None
     if onnx:
         if run or checkpoint or config or fast:
@@ -132,7 +149,9 @@ def evaluate(
 ):
     """Dice, IoU, HD95 (mm and voxels), NSD and ASSD (mm where spacing is known) per case and class."""
     from .engine.evaluate import EVALUATION_METRICS, evaluate_folders, print_summary
+    from .io_utils import check_output_dir
 
+    check_output_dir(out)
     summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance, metrics=metric or EVALUATION_METRICS)
     print_summary(summary)
 

@@ -3,7 +3,7 @@
 A file is written to a hidden temporary name in its own folder, then renamed onto its name, so a reader never
 meets a half-written file. The temporary name carries the writer's process id (``.NAME.PID-TOKEN.partENDING``):
 :func:`clean_stale_parts` removes the ones whose process no longer runs (left by a kill -9) and leaves live
-writers' files alone. Files are created by the writer itself, so they get the permissions the user's umask gives.
+writers' files alone. Files are created by the writer and given the permissions the user's umask gives a new file.
 """
 
 from __future__ import annotations
@@ -38,9 +38,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part{_ending(path.name)}"
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # some writers (safetensors) create files as 0600
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

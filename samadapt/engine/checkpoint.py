@@ -56,8 +56,8 @@ def save_checkpoint(method: Method, path: str | Path, manifest: dict[str, Any],
     tensors = adapter_state(method) if tensors is None else tensors
     digest = tensors_digest(tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"method": str(manifest.get("method", {}).get("name", "")),
-                                                "sha256": digest})
+        # one metadata key only: safetensors orders several at random, and equal weights must give equal bytes
+        save_file(tensors, str(tmp), metadata={"sha256": digest})
     atomic_write_json(path.with_suffix(".json"), {**manifest, "sha256": digest})
     return path
 

@@ -5,28 +5,37 @@ Run folder layout (``config.output``)::
     config.yaml            the full resolved configuration
     manifest.json          versions, commit, backbone id + weights hash, split, seed, device, metrics
     checkpoints/best.*     adapter-only weights chosen on the validation split (never the test split)
-    checkpoints/last.*     the last epoch's weights; state.pt: what --resume needs
+    checkpoints/last.*     the last epoch's weights; state.pt: what --resume needs (the epoch's commit)
     log.csv, tensorboard/  training curves
+    .lock                  held by the process writing the folder (a second writer is refused)
+
+Nothing is written before every check passed: option ranges, the output folder, the dataset, the model, and for a
+folder that already holds a trained run, ``resume`` (same configuration and data, or ``allow_changes``) or
+``overwrite``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..backbones import Backbone, build_backbone
 from ..data.preprocessing import IntensityConfig
 from ..data.readers import open_dataset
 from ..data.slices import SliceDataset, collate
 from ..data.splits import fewshot_slices
-from ..errors import ConfigError
-from ..io_utils import atomic_write_json
+from ..errors import ConfigError, InputError
+from ..io_utils import FolderLock, atomic_write_json, check_output_dir, clean_stale_parts
 from ..methods import Method, build_method
 from . import distributed as dist_utils
-from .config import DataConfig, RunConfig, save_config
+from .config import DataConfig, RunConfig, check_config, load_config, save_config
 from .device import resolve_device
 from .manifest import base_manifest
 from .trainer import Trainer, TrainResult
@@ -39,6 +48,8 @@ class PreparedData:
     train: SliceDataset
     val: SliceDataset | None
     intensity: IntensityConfig
+    fingerprint: str
+    """SHA-256 over the ids, pixels and labels of the training and validation cases."""
 
 
 def intensity_config(cfg: DataConfig) -> IntensityConfig:
@@ -49,7 +60,18 @@ def intensity_config(cfg: DataConfig) -> IntensityConfig:
 def open_source(cfg: DataConfig):
     if not cfg.path:
         raise ConfigError("data.path is not set: point it at an nnU-Net raw dataset or a 2D images/masks folder")
-    return open_dataset(cfg.path, cfg.format)
+    return open_dataset(cfg.path, cfg.format, nonfinite=cfg.nonfinite)
+
+
+def dataset_fingerprint(cases: list) -> str:
+    """SHA-256 (hex) over each case's id, image and label, in the given order."""
+    digest = hashlib.sha256()
+    for case in cases:
+        digest.update(f"{case.id}|{case.image.shape}|".encode())
+        digest.update(case.image.tobytes())
+        if case.label is not None:
+            digest.update(case.label.tobytes())
+    return digest.hexdigest()
 
 
 def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = None) -> PreparedData:
@@ -59,16 +81,17 @@ def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = 
                               **({"split_file": cfg.split_file} if cfg.split_file else {}),
                               **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}))
     intensity = intensity_config(cfg)
-    train = SliceDataset(source.load_all(split.train), input_size, axis=cfg.axis, intensity=intensity,
+    train_cases = source.load_all(split.train)
+    val_cases = source.load_all(split.val) if split.val else []
+    train = SliceDataset(train_cases, input_size, axis=cfg.axis, intensity=intensity,
                          augment=None if cfg.augment == "none" else cfg.augment, empty_ratio=cfg.empty_ratio,
                          seed=seed)
     if cfg.fewshot is not None:
         train = train.restrict(fewshot_slices(train.slice_keys, cfg.fewshot, seed=seed))
     val = None
-    if split.val:
-        val = SliceDataset(source.load_all(split.val), input_size, axis=cfg.axis, intensity=intensity,
-                           empty_ratio=None)
-    return PreparedData(source, split, train, val, intensity)
+    if val_cases:
+        val = SliceDataset(val_cases, input_size, axis=cfg.axis, intensity=intensity, empty_ratio=None)
+    return PreparedData(source, split, train, val, intensity, dataset_fingerprint(train_cases + val_cases))
 
 
 def use_cache(method: Method, cfg: DataConfig) -> bool:
@@ -128,40 +151,146 @@ def run_manifest(config: RunConfig, backbone: Backbone, method: Method, data: Pr
                 "trainable_parameters": sum(p.numel() for _, p in method.trainable_parameters())},
         backbone=backbone.describe(),
         data=None if data is None else {"source": data.source.describe(), "split": data.split.to_dict(),
-                                        "train_slices": len(data.train),
+                                        "fingerprint": data.fingerprint, "train_slices": len(data.train),
                                         "val_slices": len(data.val) if data.val else 0},
         config=config.to_dict(), seed=config.train.seed, device=str(device), world_size=dist_utils.world_size(),
         **extra,
     )
 
 
-def train(config: RunConfig, resume: bool = False) -> TrainResult | None:
-    """Train ``config``'s method; returns None for methods with nothing to train (zero-shot baselines)."""
+#: Settings that may differ on ``--resume`` without changing what is computed.
+RESUME_FREE_KEYS = ("output", "train.device", "train.threads", "train.num_workers", "data.cache_dir")
+_OUTPUTS = ("checkpoints", "tensorboard", "state.pt", "log.csv", "manifest.json", "config.yaml")
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        return {k: v for key, sub in values.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(values) if isinstance(values, tuple) else values}
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """``key: old -> new`` for each setting (outside ``RESUME_FREE_KEYS``) that differs."""
+    a, b = _flat(yaml.safe_load(yaml.safe_dump(old.to_dict()))), _flat(yaml.safe_load(yaml.safe_dump(new.to_dict())))
+    keys = sorted((set(a) | set(b)) - set(RESUME_FREE_KEYS))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def data_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """What differs between the data section of the run's manifest and this run's: split, content."""
+    old = old or {}
+    out = [f"data.split.{part}: {len(old.get('split', {}).get(part, []))} case(s) -> {len(new['split'][part])}"
+           + ("" if len(old.get("split", {}).get(part, [])) != len(new["split"][part]) else " (other cases)")
+           for part in ("train", "val", "test") if old.get("split", {}).get(part) != new["split"][part]]
+    if old.get("fingerprint") != new["fingerprint"]:
+        out.append(f"data content: fingerprint {str(old.get('fingerprint'))[:12]} -> {new['fingerprint'][:12]}")
+    return out
+
+
+def trained_epochs(out: Path) -> int | None:
+    """Epochs committed in the run folder ``out`` (None when it holds no trained run)."""
+    state = out / "state.pt"
+    if not state.is_file():
+        return None
+    from .checkpoint import load_training_state
+
+    return int(load_training_state(state)["epoch"]) + 1
+
+
+def _check_target(config: RunConfig, out: Path, resume: bool, overwrite: bool, allow_changes: bool) -> None:
+    """Refuse to train into ``out`` unless it is new, or ``resume``/``overwrite`` says what to do with its run."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if resume:
+        if not out.is_dir():
+            raise InputError(out, "no such run folder to resume")
+        if trained_epochs(out) is None:
+            raise InputError(out / "state.pt", "no trained epoch to resume from (train without --resume)")
+        if not (out / "config.yaml").is_file():
+            raise InputError(out / "config.yaml", "missing: cannot tell which configuration the run used")
+        changed = config_differences(load_config(out / "config.yaml"), config)
+        if changed and not allow_changes:
+            raise ConfigError(f"{out}: --resume with a configuration that differs from the run's: "
+                              f"{'; '.join(changed)}. Pass --allow-changes to resume anyway, or --overwrite")
+    elif not overwrite:
+        epochs = trained_epochs(out)
+        if epochs is not None:
+            raise InputError(out, f"already holds a trained run ({epochs} epoch(s)); pass --resume to continue it "
+                                  "or --overwrite to replace it")
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
+          allow_changes: bool = False) -> TrainResult | None:
+    """Train ``config``'s method into ``config.output``; returns None for methods with nothing to train.
+
+    ``resume`` continues the run in the folder (refusing another configuration or dataset unless
+    ``allow_changes``); ``overwrite`` replaces the run a folder holds; a folder holding a trained run needs one of
+    them. The folder is locked while training."""
+    check_config(config)
+    out = check_output_dir(config.output)
+    _check_target(config, out, resume, overwrite, allow_changes)
     device = dist_utils.local_device(resolve_device(config.train.device))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     dist_utils.init_distributed(device)
-    out = Path(config.output)
     source = open_source(config.data)
     backbone, method = build_model(config, source.num_classes, device)
     data = prepare_data(config.data, method.input_size, seed=config.train.seed, source=source)
+    if data.val is None and method.trainable and (config.data.val_fraction > 0 or config.data.split_file):
+        raise InputError(config.data.path, f"no validation case: the split of {len(source.case_ids)} labelled "
+                                           "case(s) leaves none; add cases, give data.split_file, or set "
+                                           "data.val_fraction=0 to train without validation (last epoch kept)")
     manifest = run_manifest(config, backbone, method, data, device)
-    if dist_utils.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        atomic_write_json(out / "manifest.json", manifest)
-    if not method.trainable:
-        return None
-    features = feature_source(backbone, method, config.data, device)
-    if features is not None:  # encode every slice once up front, so the time budget counts training only
-        for ds in (data.train, data.val):
-            if ds is not None and len(ds):
-                features.cache.precompute(ds, batch_size=config.train.batch_size, progress=dist_utils.is_main())
-    trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
-    result = trainer.fit(data.train, data.val, resume=resume)
-    if dist_utils.is_main():
-        manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": result.best_metric,
-                                "seconds": result.seconds, "stopped_early": result.stopped_early}
-        atomic_write_json(out / "manifest.json", manifest)
+    if resume:
+        previous = _read_json(out / "manifest.json")
+        changed = data_differences(previous.get("data"), manifest["data"])
+        if changed and not allow_changes:
+            raise InputError(config.data.path, f"--resume on data that differs from the run's in {out}: "
+                                               f"{'; '.join(changed)}. Pass --allow-changes to resume anyway")
+        changed += config_differences(load_config(out / "config.yaml"), config)
+        if changed:
+            manifest["resumed_with_changes"] = changed
+    lock = FolderLock(out) if dist_utils.is_main() else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            _check_target(config, out, resume, overwrite, allow_changes)  # again, now that no one else writes
+            clean_stale_parts(out)
+            if overwrite:
+                for name in _OUTPUTS:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            save_config(config, out / "config.yaml")
+            atomic_write_json(out / "manifest.json", manifest)
+        if not method.trainable:
+            return None
+        if data.val is None and dist_utils.is_main():
+            from .trainer import console
+
+            console.print("no validation split (data.val_fraction=0): the last epoch is kept as best")
+        features = feature_source(backbone, method, config.data, device)
+        if features is not None:  # encode every slice once up front, so the time budget counts training only
+            for ds in (data.train, data.val):
+                if ds is not None and len(ds):
+                    features.cache.precompute(ds, batch_size=config.train.batch_size, progress=dist_utils.is_main())
+        trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
+        result = trainer.fit(data.train, data.val, resume=resume)
+        if dist_utils.is_main():
+            best = None if math.isnan(result.best_metric) else result.best_metric
+            manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": best,
+                                    "seconds": result.seconds, "stopped_early": result.stopped_early}
+            atomic_write_json(out / "manifest.json", manifest)
+    finally:
+        if lock is not None:
+            lock.release()
     dist_utils.cleanup()
     return result
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

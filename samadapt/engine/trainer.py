@@ -43,6 +43,7 @@ class TrainResult:
     last_checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float = float("nan")
+    """Best validation Dice; NaN without validation data."""
     stopped_early: bool = False
     seconds: float = 0.0
 
@@ -161,7 +162,7 @@ class Trainer:
                         terms = method.loss(output, batch)
                     loss = terms["loss"]
                     if not torch.isfinite(loss):
-                        raise TrainingError(f"non-finite loss {float(loss)} at epoch {epoch + 1}, batch {i + 1} "
+                        raise TrainingError(f"non-finite loss {float(loss.detach())} at epoch {epoch + 1}, batch {i + 1} "
                                             f"({_batch_cases(batch)}); training stopped with {epoch} epoch(s) saved "
                                             "(lower train.lr, set train.grad_clip or check these cases)")
                     scaler.scale(loss / cfg.grad_accum).backward()
@@ -223,7 +224,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         return TrainResult(ckpt_dir / "best.safetensors", ckpt_dir / "last.safetensors", history,
-                           best, stopped_early, history[-1]["seconds"] if history else 0.0)
+                           best if best > -math.inf else math.nan, stopped_early, history[-1]["seconds"] if history else 0.0)
 
     def _over_budget(self, t_start: float) -> bool:
         """Whether ``train.max_minutes`` (training time since the run began, resumes included) is spent."""
