@@ -104,7 +104,7 @@ def _evaluate(predictor: Predictor, case, classes: list[int]) -> tuple[np.ndarra
     t = time.perf_counter()
     pred = predictor.predict_case(case)
     seconds = time.perf_counter() - t
-    scores = compute_metrics(pred, case.label, classes=classes, spacing=case.spacing)
+    scores = compute_metrics(pred, case.label, classes=classes, spacing=case.spacing, metrics=METRIC_ORDER)
     return pred, [{"class": c, **{m: scores[c][m] for m in METRIC_ORDER}} for c in classes], seconds
 
 
@@ -242,7 +242,7 @@ def _write_report(report: Path, rows, histories, shown, plotters, case, title, m
     spec = "\n".join(f"- `{m.label}`: `{m.config}`" + (f" with `{' '.join(m.overrides)}`" if m.overrides else "")
                      for m in models)
     text = (f"# {title}\n\nBudget: {' '.join(budget) or 'the presets own'}; seeds {list(seeds)}. Test metrics in 3D "
-            "per case and class, mean ± std over cases and seeds (HD95/ASSD in mm, NSD at 1 mm).\n\n"
+            "per case and class, mean ± std over cases and seeds (HD95/ASSD in mm, HD95_vox in voxels, NSD at 1 mm).\n\n"
             + "\n".join(lines) + f"\n\nModels:\n\n{spec}\n\nTotal wall time: {total / 60:.1f} min.\n")
     if histories:
         plot_training_curves(histories, report / "training_curves.png")

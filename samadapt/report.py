@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 
 from .io_utils import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 
-METRIC_ORDER = ("dice", "iou", "hd95", "nsd", "assd")
+METRIC_ORDER = ("dice", "iou", "hd95", "hd95_vox", "nsd", "assd")
+"""Reported metrics (:mod:`samadapt.metrics`): HD95 in mm and, for published tables, in voxels."""
 
 
 def _fmt(value: Any) -> str:

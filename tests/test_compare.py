@@ -25,12 +25,13 @@ def test_model_spec_parsing():
 
 
 def test_summary_means_over_cases_and_seeds_without_nans():
-    rows = [{"model": "a", "class": 1, "dice": d, "iou": 0.5, "hd95": h, "nsd": 1.0, "assd": 1.0, "train_s": 2.0,
-             "predict_s_per_slice": 0.1} for d, h in ((0.8, 2.0), (0.6, math.nan), (0.7, 4.0))]
+    rows = [{"model": "a", "class": 1, "dice": d, "iou": 0.5, "hd95": h, "hd95_vox": h / 2, "nsd": 1.0, "assd": 1.0,
+             "train_s": 2.0, "predict_s_per_slice": 0.1} for d, h in ((0.8, 2.0), (0.6, math.nan), (0.7, 4.0))]
     (summary,) = summarize_rows(rows)
     assert summary["n"] == 3 and summary["dice"] == pytest.approx(0.7)
     assert summary["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.7]))
     assert summary["hd95"] == pytest.approx(3.0)  # the NaN (empty prediction) is left out, not counted as 0
+    assert summary["hd95_vox"] == pytest.approx(1.5)
 
 
 def test_prompt_plot_for_methods_that_choose_points(tiny_backbone, tmp_path):
