@@ -242,7 +242,8 @@ def _write_report(report: Path, rows, histories, shown, plotters, case, title, m
     spec = "\n".join(f"- `{m.label}`: `{m.config}`" + (f" with `{' '.join(m.overrides)}`" if m.overrides else "")
                      for m in models)
     text = (f"# {title}\n\nBudget: {' '.join(budget) or 'the presets own'}; seeds {list(seeds)}. Test metrics in 3D "
-            "per case and class, mean ± std over cases and seeds (HD95/ASSD in mm, HD95_vox in voxels, NSD at 1 mm).\n\n"
+            "per case and class, mean ± std over cases and seeds (HD95/ASSD in mm, HD95_vox in voxels, NSD at 1 mm)."
+            "\n\n"
             + "\n".join(lines) + f"\n\nModels:\n\n{spec}\n\nTotal wall time: {total / 60:.1f} min.\n")
     if histories:
         plot_training_curves(histories, report / "training_curves.png")

@@ -45,9 +45,10 @@ both empty          1      1      0      1      0
 only one empty      0      0      NaN    0      NaN
 ==================  =====  =====  =====  =====  =====
 
-The HD95 column holds for every HD95 variant. A NaN distance means "undefined", not "good": :func:`summarize` leaves NaNs out of means and standard deviations
-and reports how many values were missing for each class and metric; it never turns them into 0. Unlike SAMed's
-``calculate_metric_percase``, a false positive on a class absent from the ground truth scores Dice 0, not 1.
+The HD95 column holds for every HD95 variant. A NaN distance means "undefined", not "good": :func:`summarize`
+leaves NaNs out of means and standard deviations and reports how many values were missing for each class and
+metric; it never turns them into 0. Unlike SAMed's ``calculate_metric_percase``, a false positive on a class absent
+from the ground truth scores Dice 0, not 1 (and a missed organ has an undefined HD95, not SAMed's 0).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from samadapt.errors import InputError
-from samadapt.metrics import ALL_METRICS, HD95_VARIANTS, METRICS, batch_dice, compute_metrics, dice, iou, rows_from_result, summarize
+from samadapt.metrics import (ALL_METRICS, HD95_VARIANTS, METRICS, batch_dice, compute_metrics, dice, iou,
+                              rows_from_result, summarize)
 
 SQRT5 = math.sqrt(5.0)
 

@@ -73,14 +73,16 @@ def _read_list(path: Path) -> list[str]:
 
 def _listed(root: Path, lists: Path | None, list_name: str, folder: str, ending: str) -> dict[str, Path]:
     """Name -> file for the names of ``lists/list_name`` (or every ``*ending`` file of ``folder`` without lists)."""
-    files = {p.name[: -len(ending)]: p for p in sorted((root / folder).glob(f"*{ending}")) if not p.name.startswith(".")}
+    found = sorted(p for p in (root / folder).glob(f"*{ending}") if not p.name.startswith("."))
+    files = {p.name[: -len(ending)]: p for p in found}
     if lists is None or not (lists / list_name).is_file():
         return files
     names = _read_list(lists / list_name)
     missing = [n for n in names if n not in files]
     if missing:
+        example = root / folder / (missing[0] + ending)
         raise InputError(lists / list_name, f"{len(missing)} listed name(s) have no file in {root / folder}: "
-                                            f"{', '.join(missing[:3])} (expected e.g. {root / folder / (missing[0] + ending)})")
+                                            f"{', '.join(missing[:3])} (expected e.g. {example})")
     return {n: files[n] for n in names}
 
 
