@@ -105,7 +105,7 @@ def predict(
         raise typer.BadParameter("--bf16 chooses the precision of --fast; add --fast (the plain path is fp32)")
     options = FastOptions(bf16=bf16 or "auto") if fast else None
     from .errors import ConfigError
-    from .io_utils import check_output_dir
+    from .io_utils import check_output_dir, clean_stale_parts
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
@@ -113,6 +113,7 @@ def predict(
         raise ConfigError("--set overrides the run file of --config; a trained model (--run, --checkpoint, "
                           "--onnx) keeps the settings it was trained with")
     check_output_dir(out)
+    clean_stale_parts(out)  # temporary files of a killed earlier prediction into this folder
     predictor = None
     if onnx:
         if run or checkpoint or config or fast:
@@ -206,7 +207,8 @@ def cache(
     ds = SliceDataset(source.load_all(), bb.input_size, axis=cfg.data.axis, intensity=intensity_config(cfg.data))
     store = EmbeddingCache(Path(cache_dir) if cache_dir else default_cache() / "embeddings", bb, intermediates)
     n, size = store.precompute(ds, batch_size=batch_size)
-    console.print(f"{n} slices cached, {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
+    console.print(f"{n} slices cached ({store.misses} computed now, {store.recomputed} of them replacing unreadable "
+                  f"entries), {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
 
 
 @data_app.command("check")
@@ -281,7 +283,10 @@ def compare(
                                                                "'LABEL=@OTHER [key=value ...]'; repeat."),
     out: str = typer.Option(..., "--out", help="Folder for runs/, cache/ and report/ (finished runs are reused)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Training budget per model (wall minutes)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per model (instead of the presets')."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per model (instead of the presets'); with "
+                                                                "--patience the most."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Convergence budget: stop a model after this "
+                                                                    "many validations without a better val Dice."),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated training seeds, e.g. 0,1,2."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: all cores)."),
     overrides: List[str] = typer.Option([], "--set", help="key.sub=value applied to every model; repeat."),
@@ -296,7 +301,7 @@ def compare(
     path = Path(data)
     if not path.exists() and data in DEMO_DATASETS:
         path = build_demo(data, Path(out) / "data" / data)
-    run_compare(path, [ModelSpec.parse(m) for m in models], out, minutes=minutes, epochs=epochs,
+    run_compare(path, [ModelSpec.parse(m) for m in models], out, minutes=minutes, epochs=epochs, patience=patience,
                 seeds=[int(s) for s in seeds.split(",")], threads=threads, common=overrides, title=title,
                 report=report)
 
@@ -324,7 +329,11 @@ def benchmark(
                               help="Comma-separated parts to run; '' only rewrites the report from OUT's results."),
     tasks: str = typer.Option("mni152-brain,mni152-tissue,nuclei", "--tasks", help="Accuracy tasks."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
-    minutes: float = typer.Option(1.5, "--minutes", help="Training budget per model and seed (wall minutes)."),
+    budget: str = typer.Option("converge", "--budget", help="Accuracy part: converge (until validation stops "
+                                                            "improving) | minutes (wall clock, CPU-dependent)."),
+    patience: int = typer.Option(5, "--patience", help="converge: validations without improvement before a stop."),
+    max_epochs: int = typer.Option(100, "--max-epochs", help="converge: the most epochs per model."),
+    minutes: float = typer.Option(1.5, "--minutes", help="minutes: training budget per model and seed."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Methods of the latency/cost parts (default all)."),
     images: int = typer.Option(4, "--images", help="Pictures per latency row."),
     batch: int = typer.Option(4, "--batch", help="Batch size of the batched latency rows."),
@@ -342,7 +351,8 @@ def benchmark(
     from .bench.run import run_benchmark
 
     path = run_benchmark(out, [p for p in parts.split(",") if p], tasks=tasks.split(","), seeds=[int(s) for s in seeds.split(",")],
-                         minutes=minutes, methods=methods.split(",") if methods else None, images=images,
+                         budget=budget, minutes=minutes, patience=patience, max_epochs=max_epochs,
+                         methods=methods.split(",") if methods else None, images=images,
                          batch=batch, threads=threads, profile=profile, steps=steps,
                          volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone, results=results)
     console.print(f"report: {path}")

@@ -218,8 +218,6 @@ def test_non_finite_loss_stops_training_naming_the_batch(tmp_path, tiny_backbone
 # Defects 4 and 5: no lock on a run folder; a finished run was silently overwritten; --resume accepted another
 # configuration or dataset and rewrote config.yaml; a failed --resume still wrote config.yaml and manifest.json.
 def test_run_folder_is_locked_and_kept_whole(discs, tmp_path, one_thread):
-    from samadapt.io_utils import FolderLock
-
     data = tmp_path / "data"
     shutil.copytree(discs, data)
     out = tmp_path / "run"
@@ -239,6 +237,8 @@ def test_run_folder_is_locked_and_kept_whole(discs, tmp_path, one_thread):
     with pytest.raises(InputError, match="--resume on data that differs.*data content: fingerprint"):
         _train(data, out, "train.epochs=1", resume=True)
     assert {name: (out / name).read_bytes() for name in written} == written  # nothing rewritten
+    from samadapt.io_utils import FolderLock
+
     with FolderLock(out):
         with pytest.raises(InputError, match=r"another samadapt process \(pid \d+\) is writing to this folder"):
             _train(data, out, "train.epochs=1", overwrite=True)
@@ -276,6 +276,8 @@ def test_bad_options_and_outputs_are_one_line_errors(discs, tmp_path, one_thread
     two = write_disc_pictures(tmp_path / "two", 2, (48, 48), 0, "c{:02d}", (15, 33, 15, 33), (5, 10))
     cases.append((["train", "--data", str(two), "--out", str(tmp_path / "r4")] + train[3:],
                   "no validation case: the split of 2 labelled case(s) leaves none"))
+    cases.append((["train", "--data", str(discs / "images"), "--out", str(tmp_path / "r5")] + train[3:],
+                  "no labelled case to train on: this folder2d input holds 8 image(s) without labels"))
     for args, message in cases:
         code, output = _cli(*args)
         assert code == 2, (args, output)
@@ -287,7 +289,6 @@ def test_bad_options_and_outputs_are_one_line_errors(discs, tmp_path, one_thread
 # Defect 8: atomically written files were mode 0600 whatever the umask; a killed writer's temp files stayed.
 def test_written_files_follow_the_umask_and_stale_parts_are_cleaned(tmp_path, tiny_backbone):
     from samadapt.engine.checkpoint import save_checkpoint
-    from samadapt.io_utils import clean_stale_parts
     from samadapt.methods import build_method
 
     old = os.umask(0o022)
@@ -296,6 +297,8 @@ def test_written_files_follow_the_umask_and_stale_parts_are_cleaned(tmp_path, ti
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and path.with_suffix(".json").stat().st_mode & 0o777 == 0o644
+    from samadapt.io_utils import clean_stale_parts
+
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "sub" / f".mask.png.{int(dead.stdout)}-0123abcd.part.png"
     live = tmp_path / f".log.csv.{os.getpid()}-89abcdef.part.csv"
@@ -304,3 +307,26 @@ def test_written_files_follow_the_umask_and_stale_parts_are_cleaned(tmp_path, ti
     live.write_bytes(b"")
     assert clean_stale_parts(tmp_path) == [stale]
     assert live.exists() and not stale.exists()
+
+
+# Defect 8 (predict): a kill -9 during predict left hidden temporary files in the output folder that nothing cleaned.
+def test_killed_prediction_leaves_nothing_after_the_next_run(discs, straight, tmp_path):
+    out = tmp_path / "pred"
+    args = ["predict", str(discs / "images"), "--run", str(straight), "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "case03.png", "1", "before", *args], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in out.glob(".case03.png.*.part.png")]  # the killed writer's temporary mask
+    code, output = _cli(*args)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i:02d}.png" for i in range(8)] +
+                                                           ["prediction.json"])
+
+
+# Point 9: geometry mismatches printed np.float64(...) in their messages.
+def test_geometry_messages_print_plain_numbers():
+    from samadapt.data._io import Volume, same_geometry
+
+    a = Volume(np.zeros((1, 2, 2, 2)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), 3)
+    b = Volume(np.zeros((1, 2, 2, 2)), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), 3)
+    assert same_geometry(a, b) == "spacing (2.5, 1.0, 1.0) differs from image spacing (1.0, 1.0, 1.0)"

@@ -194,6 +194,10 @@ def picture_to_volume(arr: np.ndarray) -> Volume:
     return Volume(chw[:, None], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY_DIRECTION, 2)
 
 
+def _rounded(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
+
+
 def same_geometry(a: Volume, b: Volume, tol: float = 1e-3) -> str | None:
     """None when ``a`` and ``b`` share shape, spacing, origin and direction (within ``tol``); else the difference."""
     if a.array.shape[1:] != b.array.shape[1:]:
@@ -201,5 +205,5 @@ def same_geometry(a: Volume, b: Volume, tol: float = 1e-3) -> str | None:
     for name in ("spacing", "origin", "direction"):
         va, vb = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
         if not np.allclose(va, vb, atol=tol, rtol=tol):
-            return f"{name} {tuple(np.round(vb, 4))} differs from image {name} {tuple(np.round(va, 4))}"
+            return f"{name} {_rounded(vb)} differs from image {name} {_rounded(va)}"
     return None

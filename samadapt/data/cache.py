@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..io_utils import atomic_path, atomic_write_text
+from ..io_utils import atomic_path, atomic_write_text, clean_stale_parts
 from ..backbones.base import Backbone, Features, LayerRequest
 
 CACHE_FORMAT = 1
@@ -70,6 +70,7 @@ class EmbeddingCache:
         self.namespace_id = hashlib.sha256(json.dumps(self.namespace, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = self.root / f"{backbone.name}-{self.namespace_id}"
         self.hits = self.misses = self.recomputed = 0
+        clean_stale_parts(self.dir)  # temporary files of a writer that was killed
 
     # --- entries --------------------------------------------------------------------------------------------------
     def path(self, key: str) -> Path:

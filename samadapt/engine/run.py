@@ -77,6 +77,10 @@ def dataset_fingerprint(cases: list) -> str:
 def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = None) -> PreparedData:
     """Split the dataset by case and build the training/validation slice datasets."""
     source = source or open_source(cfg)
+    if not source.case_ids:
+        raise InputError(cfg.path, f"no labelled case to train on: this {source.format} input holds "
+                                   f"{len(source.test_case_ids)} image(s) without labels (to predict); training "
+                                   "needs an nnU-Net raw dataset, an images/ + masks/ folder or .npz files with masks")
     split = source.make_split(val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
                               **({"split_file": cfg.split_file} if cfg.split_file else {}),
                               **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}))
