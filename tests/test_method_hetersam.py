@@ -295,14 +295,80 @@ def test_light_decoder_detached_and_trainable(tiny_backbone):
         m = make(tiny_backbone, light_decoder=True, light_detach=detach)
         out = m(batch)
         terms = m.loss(out, batch)
-        assert {"bce", "dice", "light_bce", "light_dice"} <= set(terms)
-        (terms["light_bce"] + terms["light_dice"]).backward()
+        assert {"bce", "dice", "light_bce", "light_dice", "light_distil"} <= set(terms)
+        (terms["light_bce"] + terms["light_dice"] + terms["light_distil"]).backward()
         grad = m.prompt_encoder.patch_embed.weight.grad
         assert (grad is None or grad.abs().sum() == 0) == detach
         assert m.light_head.net[0].weight.grad.abs().sum() > 0
     # the light head does not change the full path (same init, same logits)
     a, b = make(tiny_backbone, light_decoder=True).eval(), make(tiny_backbone).eval()
     assert torch.equal(a(batch)["logits"], b(batch)["logits"])
+
+
+def test_light_phase_distils_the_light_head_alone(tiny_backbone):
+    m = make(tiny_backbone, fusion="none", light_decoder=True, light_epochs=2).train()
+    m.on_epoch_start(1, 4)
+    assert not m.light_phase and m.prompt_encoder.training
+    m.on_epoch_start(2, 4)  # the last 2 of 4 epochs
+    assert m.light_phase and not m.prompt_encoder.training and m.light_head.training
+    m.train()  # as after a validation: the teacher stays in eval mode
+    assert not m.prompt_encoder.training
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("light_head.")}
+    opt = torch.optim.Adam([p for _, p in m.trainable_parameters()], lr=3e-3)  # as the engine: every part
+    batch = tiny_batch()
+    light = []
+    for _ in range(8):
+        opt.zero_grad()
+        out = m(batch)
+        terms = m.loss(out, batch)
+        expected = terms["light_bce"] + terms["light_dice"] + terms["light_distil"]
+        assert torch.allclose(terms["loss"], expected)  # the full path's terms do not count
+        teacher = torch.sigmoid(out["logits"])
+        assert torch.allclose(terms["light_distil"],
+                              torch.nn.functional.binary_cross_entropy_with_logits(out["light_logits"], teacher))
+        terms["loss"].backward()
+        assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("light_head."))
+        opt.step()
+        light.append(float(terms["light_bce"] + terms["light_dice"]))
+    assert light[-1] < light[0] - 0.05, light  # the light head learns while the rest stays as it was
+    after = m.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # BatchNorm statistics included
+    with pytest.raises(ConfigError):
+        make(tiny_backbone, light_epochs=1)  # no light head to train
+
+
+def test_light_phase_through_the_engine(tiny_backbone, tmp_path):
+    """epochs 3, light_epochs 1: the last epoch changes only the light head; the checkpoints hold the full path too
+    and are chosen on the light head's validation Dice."""
+    from synthetic import Discs
+
+    from samadapt.engine.checkpoint import load_checkpoint
+    from samadapt.engine.config import TrainConfig
+    from samadapt.engine.trainer import Trainer
+
+    m = make(tiny_backbone, fusion="none", light_decoder=True, light_epochs=1, inference_decoder="light")
+    seen = {}
+    start = m.on_epoch_start
+
+    def spy(epoch, epochs):
+        start(epoch, epochs)
+        seen[epoch] = m.light_phase
+        if m.light_phase and "state" not in seen:
+            seen["state"] = {k: v.clone() for k, v in m.state_dict().items()}
+
+    m.on_epoch_start = spy
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=3e-3, optimizer="adam", scheduler="constant", seed=0)
+    manifest = {"method": {"name": "hetersam"}, "backbone": {"name": "tiny", "weights_id": tiny_backbone.weights_id}}
+    result = Trainer(m, cfg, tmp_path / "run", manifest, torch.device("cpu")).fit(Discs(4), Discs(2, seed=1))
+    assert [seen[e] for e in range(3)] == [False, False, True]
+    state, after = seen["state"], m.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in state.items() if not k.startswith("light_head."))
+    assert any(not torch.equal(v, after[k]) for k, v in state.items() if k.startswith("light_head."))
+    fresh = make(tiny_backbone, fusion="none", light_decoder=True, inference_decoder="light").eval()
+    load_checkpoint(fresh, result.last_checkpoint)
+    batch = tiny_batch()
+    assert torch.allclose(fresh.predict(batch), m.eval().predict(batch), atol=1e-6)
+    assert result.best_metric == max(h["val_dice"] for h in result.history)
 
 
 def test_loss_and_faithful_minmax(tiny_backbone):
@@ -329,6 +395,27 @@ def test_loss_and_faithful_minmax(tiny_backbone):
     faithful.eval()
     p = faithful.predict(batch)[:, 1]
     assert torch.allclose(p.flatten(1).max(1).values, torch.ones(2))  # the release always predicts a pixel at 1
+
+
+def test_double_normalise_encodes_the_twice_normalised_image():
+    from samadapt.backbones import build_backbone
+    from samadapt.backbones.base import Features
+
+    bb = build_backbone("tiny")  # with SAM's pixel statistics (the tiny backbone's own are mean 0, std 1)
+    bb.pixel_scale = 255.0
+    bb.pixel_mean.copy_(torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1))
+    bb.pixel_std.copy_(torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1))
+    batch = tiny_batch()
+    once, twice = make(bb).eval(), make(bb, double_normalise=True).eval()  # the same weights
+    x = bb.preprocess(batch["image"])
+    with torch.no_grad():
+        e_twice = bb.encode((x - bb.pixel_mean) / bb.pixel_std).embedding
+        logits = twice(batch)["logits"]
+        # the prompt branch still sees the once-normalised image: only the encoder input differs
+        assert torch.allclose(logits, once(dict(batch, features=Features(e_twice)))["logits"], atol=1e-5)
+        assert not torch.allclose(logits, once(batch)["logits"], atol=1e-3)
+    with pytest.raises(ConfigError, match="data.cache=off"):
+        twice(dict(batch, features=once.features(batch)))
 
 
 def test_checkpoint_round_trip_keeps_batchnorm_stats(tiny_backbone, tmp_path):

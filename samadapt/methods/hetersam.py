@@ -10,18 +10,24 @@ Pipeline (S = backbone input size, h x w = embedding grid, P = ``prompt_size``):
     FROZEN mask decoder(E' + D, dense PE, no sparse prompt) -> mask token 0 -> logits B x 1 x 4h x 4w
     optional light head(E' + D) -> logits B x 1 x 4h x 4w   (replaces the SAM decoder at inference)
 
+The light head's training path: trained beside the full path on its labels plus a distillation term towards the
+full path's probabilities (``light_distil``), then, for the last ``light_epochs`` epochs of the run, alone: the
+prompt encoder and fusion are frozen (eval mode, no gradient) and the full path is only its teacher. With
+``inference_decoder: light`` the run's checkpoint is chosen on the light head's validation Dice.
+
 SAM (image encoder, prompt encoder, mask decoder) is frozen and stays in eval mode; gradients flow *through* the
 frozen mask decoder into the fusion block and the prompt encoder, which are the only trained parts (plus the
 optional light head). The released code's deformable attention was never wired and had no sampling offsets; the
 fusion block is samadapt's design of METHODS.md 1.4 ([ours]), see ``samadapt/layers/deformable_attention.py``.
 
-Fixed versus the release (``faithful=True`` restores the first two):
+Fixed versus the release (``faithful=True`` restores the first two, ``double_normalise=True`` the third):
 
 - loss: BCE + soft Dice (Tversky alpha = beta = 0.5, smooth 1, per image) on ``sigmoid(logits)``; the release
   min-max normalises each sample's logits to [0, 1] instead (so every slice, even an empty one, has a pixel at 1);
 - prediction: ``sigmoid(logits)``; the release thresholds the min-max normalised map;
-- normalisation: the image is normalised once (the release normalises twice before SAM's encoder; with cached
-  embeddings a faithful double normalisation is not offered).
+- normalisation: the image is normalised once. The release normalises it in the dataset and again in SAM's
+  ``preprocess``, so SAM's encoder sees ``(x' - mean) / std`` of the normalised ``x'``, a nearly constant image
+  (the prompt branch sees ``x'``). That needs the encoder run on every step (``data.cache=off``).
 """
 
 from __future__ import annotations
@@ -91,15 +97,25 @@ class HeterSAMConfig(MethodConfig):
     """Train a small head on E' + D that can replace SAM's mask decoder at inference."""
     light_channels: int = 32
     light_weight: float = 1.0
-    """Weight of the light head's loss (its own BCE + Dice against the labels)."""
+    """Weight of the light head's loss (its BCE + Dice against the labels + light_distil x distillation) beside the
+    full path's."""
     light_detach: bool = True
     """Stop the light head's gradient at its input, so that the full path trains exactly as without it."""
+    light_distil: float = 1.0
+    """Weight of the light head's distillation term: BCE of its output against the full path's detached
+    probabilities (0: labels only)."""
+    light_epochs: int = 0
+    """The light head's own phase: the last light_epochs epochs of the run (counted in train.epochs, so give a
+    budget in epochs) train the light head alone, prompt encoder and fusion frozen, the full path its teacher."""
     inference_decoder: str = "full"
-    """full (frozen SAM decoder) | light (the light head; needs light_decoder)."""
+    """full (frozen SAM decoder) | light (the light head; needs light_decoder). Also what validation scores, so
+    light chooses the checkpoint on the light head."""
     lambda_bce: float = 1.0
     lambda_dice: float = 1.0
     faithful: bool = False
     """Release behaviour: loss and prediction on per-sample min-max normalised logits."""
+    double_normalise: bool = False
+    """Release behaviour: SAM's encoder sees the image normalised twice (needs data.cache=off)."""
     swin_preset: str | None = None
     """tiny | base: overrides embed_dim, depths and num_heads with that preset."""
 
@@ -245,6 +261,8 @@ class HeterSAM(Method):
                 raise ConfigError(f"hetersam: {what} must be one of {valid}, got {value!r}")
         if config.inference_decoder == "light" and not config.light_decoder:
             raise ConfigError("hetersam: inference_decoder='light' needs light_decoder=true")
+        if config.light_epochs and not config.light_decoder:
+            raise ConfigError("hetersam: light_epochs needs light_decoder=true")
         backbone.freeze()
         grid = tuple(backbone.embed_grid)
         self.prompt_size = config.prompt_size or min(8 * grid[0], backbone.input_size)
@@ -259,16 +277,33 @@ class HeterSAM(Method):
                 attention=config.fusion, downsample_rate=config.fusion_downsample, se_reduction=config.se_reduction,
                 kv_grid=config.kv_grid, offset_init=config.offset_init)
         self.light_head = LightMaskHead(backbone.embed_dim, config.light_channels) if config.light_decoder else None
+        self.light_phase = False  # the light head's own phase (last light_epochs epochs): everything else frozen
 
     def train(self, mode: bool = True) -> "HeterSAM":
         super().train(mode)
         self.backbone.eval()  # frozen SAM parts never switch to training behaviour
+        if self.light_phase:  # the teacher keeps its BatchNorm statistics and drop-path off
+            self.prompt_encoder.eval()
+            if self.fusion is not None:
+                self.fusion.eval()
         return self
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        self.light_phase = self.config.light_epochs > 0 and epoch >= num_epochs - self.config.light_epochs
+        self.train(self.training)
 
     # --- the two halves of the forward pass --------------------------------------------------------------------
     def fused(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(E' B x 256 x h x w, D B x 256 x h x w) for a batch."""
-        embedding = self.features(batch).embedding
+        if self.config.double_normalise:
+            if "features" in batch:
+                raise ConfigError("hetersam: double_normalise encodes the twice-normalised image, so cached "
+                                  "embeddings do not apply; set data.cache=off")
+            x = self.backbone.preprocess(batch["image"])
+            with torch.no_grad():
+                embedding = self.backbone.encode((x - self.backbone.pixel_mean) / self.backbone.pixel_std).embedding
+        else:
+            embedding = self.features(batch).embedding
         x = self.backbone.preprocess(batch["image"].to(embedding.dtype))
         if x.shape[-1] != self.prompt_size:
             x = F.interpolate(x, size=(self.prompt_size, self.prompt_size), mode="bilinear", align_corners=False)
@@ -284,6 +319,11 @@ class HeterSAM(Method):
         return decode_masks(self.backbone.mask_decoder, embedding, pe, sparse, dense).select(False)[0]
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        if self.light_phase:  # the light head alone; the full path is its (frozen) teacher
+            with torch.no_grad():
+                embedding, dense = self.fused(batch)
+                logits = self.sam_decode(embedding, dense)
+            return {"logits": logits, "dense": dense, "light_logits": self.light_head(embedding + dense)}
         embedding, dense = self.fused(batch)
         out = {"logits": self.sam_decode(embedding, dense), "dense": dense}
         if self.light_head is not None:
@@ -292,25 +332,32 @@ class HeterSAM(Method):
         return out
 
     # --- loss and inference ------------------------------------------------------------------------------------
+    def _probs(self, logits: Tensor) -> Tensor:
+        return minmax_normalise(logits) if self.config.faithful else torch.sigmoid(logits)
+
+    def _bce(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.config.faithful:
+            return F.binary_cross_entropy(minmax_normalise(logits), target)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
     def _seg_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         logits = logits.float()
-        if self.config.faithful:
-            probs = minmax_normalise(logits)
-            bce = F.binary_cross_entropy(probs, target)
-        else:
-            probs = torch.sigmoid(logits)
-            bce = F.binary_cross_entropy_with_logits(logits, target)
-        return bce, soft_dice_loss(probs, target)
+        return self._bce(logits, target), soft_dice_loss(self._probs(logits), target)
 
     def loss(self, output: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """bce, dice (full path); with the light head light_bce, light_dice and light_distil (BCE towards the full
+        path's detached probabilities); ``loss``: their weighted sum (the light terms only in the light phase)."""
         cfg = self.config
         target = (resize_labels(batch["label"], output["logits"].shape[-1]) > 0).float()[:, None]
         bce, dice = self._seg_loss(output["logits"], target)
         terms = {"bce": bce, "dice": dice, "loss": cfg.lambda_bce * bce + cfg.lambda_dice * dice}
         if "light_logits" in output:
-            lbce, ldice = self._seg_loss(output["light_logits"], target)
-            terms.update(light_bce=lbce, light_dice=ldice)
-            terms["loss"] = terms["loss"] + cfg.light_weight * (cfg.lambda_bce * lbce + cfg.lambda_dice * ldice)
+            light = output["light_logits"].float()
+            lbce, ldice = self._seg_loss(light, target)
+            distil = self._bce(light, self._probs(output["logits"].detach().float()))
+            light_loss = cfg.lambda_bce * lbce + cfg.lambda_dice * ldice + cfg.light_distil * distil
+            terms.update(light_bce=lbce, light_dice=ldice, light_distil=distil)
+            terms["loss"] = light_loss if self.light_phase else terms["loss"] + cfg.light_weight * light_loss
         return terms
 
     def predict(self, batch: dict, decoder: str | None = None) -> Tensor:
@@ -325,6 +372,5 @@ class HeterSAM(Method):
             logits = self.light_head(embedding + dense)
         else:
             logits = self.sam_decode(embedding, dense)
-        logits = upsample_to(logits.float(), self.input_size)
-        p = minmax_normalise(logits) if self.config.faithful else torch.sigmoid(logits)
+        p = self._probs(upsample_to(logits.float(), self.input_size))
         return torch.cat([1 - p, p], dim=1)
