@@ -162,7 +162,9 @@ def evaluate(
 def evaluate_dg(
     run: str = typer.Argument(..., help="A `samadapt train` run folder (uses checkpoints/best) or a checkpoint."),
     targets: List[str] = typer.Argument(..., help="Target datasets: folders, name=folder, or builder names "
-                                                  "(mni152-brain-2mm, mni152-brain-3mm, nuclei, invesalius-ct)."),
+                                                  "(mni152-brain-2mm, mni152-brain-3mm, nuclei, invesalius-ct, and "
+                                                  "the simulated scanner shifts mni152-{brain,tissue}-{bias,gamma,"
+                                                  "gibbs,blur,lowres,noise})."),
     out: str = typer.Option(..., "--out", help="Folder for dg_table.{csv,json,md} and dg_per_case.csv."),
     modes: List[str] = typer.Option([], "--mode", help="Inference modes to compare (e.g. --mode grid --mode box)."),
     gt_slices_only: bool = typer.Option(False, "--gt-slices-only", help="Score only slices with ground truth."),

@@ -68,6 +68,20 @@ class Trained:
     history: list[dict]
     train_seconds: float
 
+    def convergence(self) -> dict[str, float]:
+        """Epochs and optimizer steps trained, the best (checkpointed) epoch and the wall seconds to reach it;
+        NaN for models that were not trained."""
+        if not self.history:
+            return {k: math.nan for k in CONVERGENCE_KEYS}
+        scored = [r for r in self.history if not math.isnan(r.get("val_dice", math.nan))]
+        best = max(scored, key=lambda r: r["val_dice"]) if scored else self.history[-1]  # first of equal bests
+        return {"epochs": float(self.history[-1]["epoch"]), "steps": float(self.history[-1].get("steps", math.nan)),
+                "best_epoch": float(best["epoch"]), "s_to_best": float(best["seconds"])}
+
+
+CONVERGENCE_KEYS = ("epochs", "steps", "best_epoch", "s_to_best")
+"""Per-model training facts in every comparison row and summary (mean ± std over seeds)."""
+
 
 def _read_history(run: Path) -> list[dict]:
     path = run / "log.csv"
@@ -117,8 +131,8 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
     out = []
     for (model, test_set, cls), items in groups.items():
         summary = {"model": model, "test_set": test_set, "class": cls, "n": len(items)}
-        for key in (*METRIC_ORDER, "train_s", "predict_s_per_slice"):
-            values = np.array([r[key] for r in items], dtype=float)
+        for key in (*METRIC_ORDER, "train_s", *CONVERGENCE_KEYS, "predict_s_per_slice"):
+            values = np.array([r.get(key, math.nan) for r in items], dtype=float)
             valid = values[~np.isnan(values)]
             summary[key] = float(valid.mean()) if len(valid) else math.nan
             summary[f"{key}_std"] = float(valid.std()) if len(valid) > 1 else 0.0
@@ -130,18 +144,22 @@ def _cell(row: dict, key: str) -> str:
     mean, std = row[key], row.get(f"{key}_std", 0.0)
     if math.isnan(mean):
         return "n/a"
-    return f"{mean:.3f} ± {std:.3f}" if std else f"{mean:.3f}"
+    digits = {"steps": 0, "s_to_best": 0, "train_s": 0, "epochs": 1, "best_epoch": 1}.get(key, 3)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
 
 
 def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, minutes: float | None = None,
-            epochs: int | None = None, seeds: Sequence[int] = (0,), threads: int | None = None,
+            epochs: int | None = None, patience: int | None = None, seeds: Sequence[int] = (0,),
+            threads: int | None = None,
             common: Sequence[str] = (), title: str = "comparison", overlays: bool = True,
             report: str = "report") -> list[dict]:
     """Train (or reuse) each model for each seed, evaluate all on the test split; write ``OUT/<report>``.
 
     Args:
         data: dataset folder (any reader), the same for every model.
-        minutes, epochs: the shared training budget (``train.max_minutes`` / ``train.epochs``); None keeps presets'.
+        minutes, epochs, patience: the shared training budget (``train.max_minutes`` / ``train.epochs`` /
+            ``train.patience``); None keeps the presets'. The convergence budget is ``patience`` (stop after that
+            many validations without improvement) with ``epochs`` as the most; wall minutes depend on the CPU.
         common: overrides applied to every model before its own.
         report: name of the report folder inside ``out`` (several comparisons can share runs and cache).
 
@@ -159,7 +177,8 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
             raise ConfigError(f"model {m.label!r} re-evaluates {m.reuses!r}, which is not in the comparison")
     base = [f"data.path={data}", f"data.cache_dir={out / 'cache'}", "train.device=cpu", *common]
     budget = ([f"train.max_minutes={minutes}"] if minutes is not None else []) + \
-        ([f"train.epochs={epochs}"] if epochs is not None else [])
+        ([f"train.epochs={epochs}"] if epochs is not None else []) + \
+        ([f"train.patience={patience}"] if patience is not None else [])
     source = open_source(load_config(None, base).data)
     classes = list(range(1, source.num_classes + 1))
     test_cases = [source.load(case_id) for case_id in source.make_split().test]
@@ -200,6 +219,7 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
                     rows.append({"model": m.label, "seed": seed, "case": case.id,
                                  **({"test_set": test_set.get(case.id, "")} if test_set else {}), **s,
                                  "train_s": round(trained[m.label].train_seconds, 1),
+                                 **trained[m.label].convergence(),
                                  "predict_s_per_slice": seconds / slices})
     _write_report(out / report, rows, histories, shown, plotters, test_cases[0], title, models, budget, seeds,
                   time.time() - t0, overlays)
@@ -231,10 +251,10 @@ def _write_report(report: Path, rows, histories, shown, plotters, case, title, m
                   overlays):
     named = any("test_set" in r for r in rows)  # one summary row per named test set
     columns = ["model", "seed", "case", *(["test_set"] if named else []), "class", *METRIC_ORDER, "train_s",
-               "predict_s_per_slice"]
+               *CONVERGENCE_KEYS, "predict_s_per_slice"]
     write_metrics(rows, columns, report)
     summary = summarize_rows(rows)
-    keys = [*METRIC_ORDER, "train_s", "predict_s_per_slice"]
+    keys = [*METRIC_ORDER, "train_s", *CONVERGENCE_KEYS, "predict_s_per_slice"]
     head = ["model", *(["test set"] if named else []), "class", "n"]
     lines = ["| " + " | ".join(head + keys) + " |", "|" + "---|" * (len(keys) + len(head))]
     lines += ["| " + " | ".join([r["model"], *([r["test_set"]] if named else []), str(r["class"]), str(r["n"])]

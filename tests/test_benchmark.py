@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -61,20 +62,23 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
 
 
 def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
-    result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=1, models=TINY_MODELS)
+    result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=3, patience=1, models=TINY_MODELS)
     rows = {r["model"]: r for r in result["summary"]}
+    dec = rows["decoder"]  # the convergence budget: stopped by patience or at 3 epochs, best epoch among them
+    assert 1 <= dec["best_epoch"] <= dec["epochs"] <= 3 and dec["steps"] >= dec["epochs"] and dec["s_to_best"] > 0
+    assert math.isnan(rows["box-prompt-whole"]["epochs"])  # zero-shot: nothing trained
     assert set(rows) == {"decoder", "box-prompt-whole"}
     assert rows["decoder"]["n"] == 4 * 2  # 4 test tiles x 2 seeds
     assert 0.0 <= rows["decoder"]["dice"] <= 1.0 and rows["decoder"]["dice_std"] >= 0.0
     assert (tmp_path / "accuracy" / "nuclei" / "runs" / "decoder" / "seed1" / "checkpoints").is_dir()
     table = accuracy.markdown(result)
-    assert "| decoder | 1 | 8 |" in table and " ± " in table and "at most 1 epoch per model" in table
+    assert "| decoder | 1 | 8 |" in table and " ± " in table and "not improved for 1 epochs (convergence), at most 3 epochs" in table
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished task with the same settings must not run again")
 
     monkeypatch.setattr(accuracy, "compare", no_training)
-    reused = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=1, models=TINY_MODELS)
+    reused = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=3, patience=1, models=TINY_MODELS)
     assert json.dumps(reused) == json.dumps(result)  # (as text: NaN metrics are not equal to themselves)
     with pytest.raises(AssertionError):  # other settings: runs again
         accuracy.run_task(tmp_path, "nuclei", seeds=[0], epochs=1, models=TINY_MODELS)

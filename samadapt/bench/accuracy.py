@@ -44,9 +44,15 @@ TASKS = {
 }
 
 
-def _spec(task: str, seeds: Sequence[int], minutes: float | None, epochs: int | None,
+CONVERGE = {"patience": 5, "epochs": 100}
+"""The convergence budget of the published table: stop after 5 validations (one per epoch) without a better
+validation Dice, at most 100 epochs; the best-validation checkpoint is scored. The same rule for every model."""
+
+
+def _spec(task: str, seeds: Sequence[int], minutes: float | None, epochs: int | None, patience: int | None,
           models: Sequence[str]) -> dict:
-    return {"task": task, "seeds": list(seeds), "minutes": minutes, "epochs": epochs, "models": list(models)}
+    return {"task": task, "seeds": list(seeds), "minutes": minutes, "epochs": epochs, "patience": patience,
+            "models": list(models)}
 
 
 def budget_text(spec: dict) -> str:
@@ -54,30 +60,33 @@ def budget_text(spec: dict) -> str:
     and/or epochs."""
     parts = ([f"{spec['minutes']:g} min wall-clock training per model (CPU-dependent)"]
              if spec.get("minutes") is not None else [])
-    epochs = spec.get("epochs")
+    epochs, patience = spec.get("epochs"), spec.get("patience")
+    if patience is not None:
+        parts.insert(0, f"until validation Dice has not improved for {patience} epochs (convergence)")
     parts += [f"at most {epochs} epoch{'s' if epochs != 1 else ''} per model"] if epochs is not None else []
     return ", ".join(parts) or "the presets' epochs"
 
 
 def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float | None = None, threads: int | None = None,
-             models: Sequence[str] | None = None, epochs: int | None = None) -> dict:
+             models: Sequence[str] | None = None, epochs: int | None = None, patience: int | None = None) -> dict:
     """Train and score one task (or reuse its finished result); returns the summary written to ``result.json``.
 
-    ``minutes`` (wall clock) and ``epochs`` are the shared training budget (either or both; None keeps the
-    presets'). The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
+    ``minutes`` (wall clock), ``epochs`` and ``patience`` are the shared training budget (None keeps the presets';
+    ``CONVERGE`` is the convergence budget). The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
     models = tuple(models or TASKS[task].models)
     folder = out / "accuracy" / task
-    spec = _spec(task, seeds, minutes, epochs, models)
+    spec = _spec(task, seeds, minutes, epochs, patience, models)
     done = folder / "result.json"
     if done.exists():
         previous = json.loads(done.read_text())
         if previous["spec"] == spec:
             return previous
     data = build_demo(task, folder / "data" / task)
-    rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, epochs=epochs, seeds=seeds,
+    rows = compare(data, [ModelSpec.parse(m) for m in models], folder, minutes=minutes, epochs=epochs,
+                   patience=patience, seeds=seeds,
                    threads=threads, title=f"{TASKS[task].title}, {budget_text(spec)}, seeds {list(seeds)}",
                    report="report")
     result = {"spec": spec, "title": TASKS[task].title, "summary": summarize_rows(rows),
@@ -104,10 +113,13 @@ def markdown(result: dict) -> str:
     spec = result["spec"]
     lines = [f"### {result['title']}", "",
              f"{budget_text(spec)}, seeds {spec['seeds']}; n = cases x seeds; train s: wall "
-             "time of training including its last validation (a step in progress when the budget runs out finishes)."
+             "time of training including its last validation; epochs, steps (optimizer steps) and s to best (wall "
+             "seconds to the best-validation epoch, whose checkpoint is scored): mean ± std over seeds."
              + _load_text(result.get("load_average")), "",
-             "| model | class | n | Dice | HD95 mm | NSD 1 mm | train s | predict s/slice |", "|" + "---|" * 8]
+             "| model | class | n | Dice | HD95 mm | NSD 1 mm | epochs | steps | s to best | train s | predict s/slice |",
+             "|" + "---|" * 11]
     for r in result["summary"]:
         lines.append(f"| {r['model']} | {r['class']} | {r['n']} | {_cell(r, 'dice', 3)} | {_cell(r, 'hd95', 1)} | "
-                     f"{_cell(r, 'nsd', 3)} | {r['train_s']:.0f} | {r['predict_s_per_slice']:.2f} |")
+                     f"{_cell(r, 'nsd', 3)} | {_cell(r, 'epochs', 1)} | {_cell(r, 'steps', 0)} | "
+                     f"{_cell(r, 's_to_best', 0)} | {r['train_s']:.0f} | {r['predict_s_per_slice']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -47,16 +47,22 @@ def _store(out: Path, part: str, result: dict, command: str) -> None:
 
 
 def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Sequence[str] = tuple(accuracy.TASKS),
-                  seeds: Sequence[int] = (0, 1, 2), minutes: float = 1.5, methods: Sequence[str] | None = None,
+                  seeds: Sequence[int] = (0, 1, 2), budget: str = "converge", minutes: float = 1.5,
+                  patience: int = accuracy.CONVERGE["patience"], max_epochs: int = accuracy.CONVERGE["epochs"],
+                  methods: Sequence[str] | None = None,
                   images: int = 4, batch: int = 4, threads: int = 2, profile: bool = True, steps: int = 2,
                   volume_runs: Sequence[str] = volume.DEFAULT_RUNS, backbone: str = "litemedsam",
                   command: str | None = None, results: str | Path | None = None) -> Path:
     """Run ``parts`` into ``out`` and write the report (``results``, default ``out/RESULTS.md``); returns its path.
 
-    ``methods`` restricts the latency and cost parts (default: every method); ``backbone`` is for the latency,
+    ``budget`` of the accuracy part: ``converge`` (each model trains until validation Dice has not improved for
+    ``patience`` epochs, at most ``max_epochs``) or ``minutes`` (``minutes`` of wall-clock training per model:
+    depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every method); ``backbone`` is for the latency,
     cost and volume parts (``tiny`` for a quick check of the machinery; the accuracy presets use litemedsam).
     """
     out = Path(out)
+    if budget not in ("converge", "minutes"):
+        raise ConfigError(f"benchmark budget must be converge or minutes, got {budget!r}")
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"unknown benchmark part(s) {unknown}; available: {', '.join(PARTS)}")
@@ -66,7 +72,8 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
         previous = out / "accuracy.json"
         done = json.loads(previous.read_text())["tasks"] if previous.exists() else {}
         for task in tasks:
-            done[task] = {**accuracy.run_task(out, task, seeds, minutes, threads), "command": command}
+            limits = dict(epochs=max_epochs, patience=patience) if budget == "converge" else dict(minutes=minutes)
+            done[task] = {**accuracy.run_task(out, task, seeds, threads=threads, **limits), "command": command}
         _store(out, "accuracy", {"tasks": done}, command)
     if "latency" in parts:
         names = list(methods or latency.PRESETS)

@@ -11,6 +11,9 @@ unchanged (``overwrite=True`` rebuilds). ``DEMO_DATASETS`` maps names to builder
   Brain task: 1 = brain (nilearn's brain mask). Tissue task, inside the brain mask only: each voxel takes the
   largest of (1 - p_grey - p_white, p_grey, p_white) from nilearn's grey/white-matter probability maps, giving
   1 = CSF/other brain, 2 = grey matter, 3 = white matter (ties go to the lower class).
+- ``mni152-{brain,tissue}-{shift}``: the same slabs with the T1 volume under a simulated scanner shift of
+  ``samadapt.data.shifts`` (bias field, gamma, Gibbs ringing, blur, lower resolution, Rician noise; fixed seed),
+  labels unchanged: domain-generalisation targets (``samadapt evaluate-dg``) whose test slab is the source's.
 - ``nuclei`` (stardist's ``img2d.tif``/``mask2d.tif``, 512 x 512 fluorescence, 125 nuclei): cut into 128 x 128
   tiles ``nuclei_r{row}_c{col}``; 1 = nucleus (any instance id). The 16-bit image is scaled to 8 bits by its
   99.9th percentile. ``splits.json``: rows 0-1 and row 2 columns 0-1 train, row 2 columns 2-3 val, row 3 test.
@@ -37,6 +40,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from .cases import Case, write_image_like, write_label_like, write_label_png
+from .shifts import SHIFTS, apply_shift
 
 INVESALIUS_CANDIDATES = (
     "/usr/share/doc/invesalius-examples/examples/Cranium.inv3",
@@ -174,20 +178,29 @@ def write_mni152_slabs(out_dir: Path, t1: np.ndarray, label: np.ndarray, slabs: 
         _write_splits(tmp, [names["train"]], [names["val"]], [names["test"]])
 
 
-def build_mni152(out_dir: str | os.PathLike, task: str = "brain", overwrite: bool = False) -> Path:
-    """Write the MNI152 ``task`` ("brain" or "tissue") dataset (three axial slabs + splits.json) to ``out_dir``."""
+def build_mni152(out_dir: str | os.PathLike, task: str = "brain", overwrite: bool = False,
+                 shift: str | None = None, seed: int = 0) -> Path:
+    """Write the MNI152 ``task`` ("brain" or "tissue") dataset (three axial slabs + splits.json) to ``out_dir``.
+
+    ``shift``: a name of ``samadapt.data.shifts.SHIFTS``; the T1 volume is shifted (with ``seed``) before it is cut
+    into the same slabs, labels unchanged: a domain-generalisation target whose test slab is the source's under a
+    simulated scanner change."""
     out_dir = Path(out_dir)
-    kind = f"mni152-{task}"
+    kind = f"mni152-{task}" + (f"-{shift}" if shift else "")
     if _existing(out_dir, kind, overwrite):
         return out_dir
     t1, label, geo = mni152_volumes(task)
     slabs = mni152_slabs(label > 0)
+    if shift is not None:
+        t1 = apply_shift(t1, shift, seed)
     labels = {"background": 0, "brain": 1} if task == "brain" else \
         {"background": 0, "csf_other": 1, "grey_matter": 2, "white_matter": 3}
+    shifted = f", under a simulated shift: {SHIFTS[shift].description} (seed {seed})" if shift else ""
     write_mni152_slabs(
-        out_dir, t1, label, slabs, geo, labels, overwrite, name=f"MNI152_{task}", samadapt_demo=kind,
+        out_dir, t1, label, slabs, geo, labels, overwrite, name=f"MNI152_{task}" + (f"_{shift}" if shift else ""),
+        samadapt_demo=kind,
         description=f"MNI152 2009 T1 template (nilearn), {task} labels, cut into three axial slabs "
-                    "(train 60 %, val 10 %, test 30 % of the brain slices, inferior to superior)",
+                    f"(train 60 %, val 10 %, test 30 % of the brain slices, inferior to superior){shifted}",
         reference="Fonov et al. 2009/2011, ICBM 2009 nonlinear asymmetric template, via nilearn",
     )
     return out_dir
@@ -382,6 +395,9 @@ DEMO_DATASETS: dict[str, Callable[..., Path]] = {
     "mni152-brain-2mm": partial(build_mni152_resolution, resolution=2),
     "mni152-brain-3mm": partial(build_mni152_resolution, resolution=3),
 }
+"""Demo dataset names -> builders; ``mni152-{brain,tissue}-{shift}`` for every shift of ``shifts.SHIFTS`` too."""
+DEMO_DATASETS.update({f"mni152-{task}-{shift}": partial(build_mni152, task=task, shift=shift)
+                      for task in ("brain", "tissue") for shift in SHIFTS})
 
 
 def build_demo(name: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -138,6 +138,7 @@ class Trainer:
             if state is not None:
                 self._publish(state, writer, resumed=True)
         t_start = time.time() - (history[-1]["seconds"] if history else 0.0)
+        steps = int(history[-1].get("steps", 0)) if history else 0  # optimizer steps so far (resumes included)
         stopped_early = False
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -175,6 +176,7 @@ class Trainer:
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
                         scheduler.step()
+                        steps += 1
                         progress.advance(task)
                         # One process: stop inside the epoch when the budget is spent (DDP ranks would disagree on
                         # the step, so they stop at the end of an epoch).
@@ -184,7 +186,7 @@ class Trainer:
                     progress.update(task, loss=running / count)
                     if out_of_time:
                         break
-                record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": running / max(count, 1),
+                record: dict[str, Any] = {"epoch": epoch + 1, "steps": steps, "train_loss": running / max(count, 1),
                                           "lr": optimizer.param_groups[0]["lr"]}
                 improved = False
                 if val_ds is not None and len(val_ds) and ((epoch + 1) % cfg.val_every == 0 or out_of_time):
@@ -240,14 +242,14 @@ class Trainer:
         if state["best_epoch"] == epoch:
             save_checkpoint(self.method, ckpt_dir / "best.safetensors",
                             self._checkpoint_manifest(epoch, history[-1]), tensors=state["weights"])
-        fields = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+        fields = ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
         with atomic_path(self.out / "log.csv") as tmp, tmp.open("w", newline="") as handle:
             w = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
         for record in history if resumed else history[-1:]:
             for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
+                if key not in ("epoch", "steps") and isinstance(value, (int, float)):
                     writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
         if not resumed:
             parts = [f"{k}={v:.4g}" for k, v in history[-1].items() if isinstance(v, float)]
