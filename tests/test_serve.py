@@ -287,6 +287,33 @@ def test_prompt_free_method_refuses_clicks_but_paints(tmp_path):
         assert mask_of(r)[3, 3] == 1
 
 
+def test_serves_a_trained_run_with_its_class_names_and_checkpoint_hash(tmp_path):
+    import json
+
+    from samadapt.engine.checkpoint import checkpoint_digest
+    from samadapt.engine.run import train
+    from synthetic import write_disc_pictures
+
+    (tmp_path / "discs").mkdir()
+    data = write_disc_pictures(tmp_path / "discs", 8, (48, 56), 0, "case{:02d}", (15, 35, 15, 40), (6, 12))
+    cfg = load_config("decoder_tiny", [f"data.path={data}", f"output={tmp_path / 'run'}", "train.epochs=1",
+                                       "train.device=cpu", "data.cache=off", "train.batch_size=4"])
+    train(cfg)
+    model = load_model(run=tmp_path / "run", device="cpu")
+    info = model.info()
+    best = tmp_path / "run" / "checkpoints" / "best.safetensors"
+    assert info["method"] == "decoder" and info["checkpoint"] == "best.safetensors"
+    assert info["checkpoint_sha256"] == checkpoint_digest(best) and info["prompt_kinds"] == []
+    labels = json.loads(best.with_suffix(".json").read_text())["data"]["source"]["labels"]
+    assert [c["name"] for c in info["classes"]] == [n for n, v in labels.items() if v == 1]
+    with TestClient(create_app(model, workdir=tmp_path / "w")) as c:
+        desc = upload(c, data / "images" / "case00.png").json()
+        shown = mask_of(c.get(f"/api/sessions/{desc['id']}/mask?axis=0&index=0"))
+        assert shown.shape == (48, 56)
+        case = model.predictor.predict_case(c.app.state.sessions[desc["id"]].case)
+        np.testing.assert_array_equal(shown, case[0])  # the page shows what `samadapt predict` writes
+
+
 def test_serve_command_needs_one_model_source():
     from typer.testing import CliRunner
 
