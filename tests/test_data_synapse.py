@@ -120,3 +120,14 @@ def test_bad_input_names_the_file(tmp_path):
         source.load("case0001")
     with pytest.raises(InputError, match="not the Synapse layout"):
         SynapseSource(tmp_path)
+
+
+def test_nonfinite_policy_reaches_the_cases(tmp_path):
+    root = write_synapse(tmp_path / "Synapse")
+    image = np.zeros((24, 24), np.float32)
+    image[3, 4] = np.nan
+    np.savez(root / "train_npz" / "case0007_slice000.npz", image=image, label=np.zeros((24, 24), np.uint8))
+    with pytest.raises(InputError, match="case0007_slice000"):
+        open_dataset(root).load("case0007_slice000")
+    replaced = open_dataset(root, nonfinite="zero").load("case0007_slice000")
+    assert np.isfinite(replaced.image).all() and replaced.meta["nonfinite_replaced"] == 1

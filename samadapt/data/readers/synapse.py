@@ -165,7 +165,7 @@ class SynapseSource(DatasetSource):
         label = validate_label(label, self.labels, path, declared)
         return Case(id=case_id, image=image.astype(np.float32), label=label, spacing=(1.0, 1.0, 1.0),
                     source=str(path), modality=self.modality, is_2d=two_d,
-                    file_ending=".png" if two_d else ".nii.gz",
+                    file_ending=".png" if two_d else ".nii.gz", nonfinite=self.nonfinite,
                     meta={"label_source": str(path), "patient": _patient(case_id)})
 
     def make_split(self, **kwargs: Any) -> Split:
