@@ -143,6 +143,34 @@ def test_predict_volume_fills_every_slice(client, tmp_path):
     np.testing.assert_array_equal(one, probs.argmax(0).numpy())
 
 
+def test_propagate_carries_a_slice_to_its_neighbours_and_undoes_at_once(client, tmp_path):
+    from samadapt.serve.model import Prompts
+    from samadapt.serve.session import prompts_from_mask
+
+    sid = upload(client, write_phantom(tmp_path / "v.nii.gz")).json()["id"]
+    session = client.app.state.sessions[sid]
+    assert client.post(f"/api/sessions/{sid}/propagate", json={"axis": 0, "index": 6, "cls": 1}).status_code == 400
+    client.post(f"/api/sessions/{sid}/paint", json={"axis": 0, "index": 6, "cls": 0, "radius": 100, "points": [[0, 0]]})
+    start = mask_of(client.post(f"/api/sessions/{sid}/paint", json={"axis": 0, "index": 6, "cls": 1, "radius": 6,
+                                                                    "points": [[24, 20]]}))
+    before_mask, before_done = session.mask.copy(), session.done.copy()
+    assert client.post(f"/api/sessions/{sid}/propagate", json={"axis": 0, "index": 6, "cls": 1}).status_code == 200
+    import time
+
+    while client.get(f"/api/sessions/{sid}/progress").json()["running"]:
+        time.sleep(0.05)
+    assert client.get(f"/api/sessions/{sid}/progress").json()["error"] is None
+    assert prompts_from_mask(start == 1, ("points", "boxes")).box == (16, 12, 32, 28)
+    assert prompts_from_mask(start == 1, ("points",)).points == [(24.0, 20.0, True)]
+    expected = session.model.predict_slice(session._dataset(0)[7], Prompts(box=(16, 12, 32, 28)), 1)[1].numpy() > .5
+    np.testing.assert_array_equal(session.mask[7] == 1, expected)
+    np.testing.assert_array_equal(session.mask[6], start)
+    assert session.done[7].all() and session.done[5].all()
+    assert client.post(f"/api/sessions/{sid}/undo").json() == {"undone": {"axis": 0, "index": 6}}
+    np.testing.assert_array_equal(session.mask, before_mask)
+    np.testing.assert_array_equal(session.done, before_done)
+
+
 def test_picture_round_trip_as_png(client, tmp_path):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "p.png")
     desc = upload(client, tmp_path / "p.png").json()
@@ -282,6 +310,8 @@ def test_prompt_free_method_refuses_clicks_but_paints(tmp_path):
     with TestClient(create_app(model, workdir=tmp_path / "w")) as c:
         sid = upload(c, write_phantom(tmp_path / "v.nii.gz")).json()["id"]
         r = c.post(f"/api/sessions/{sid}/prompt", json={"axis": 0, "index": 2, "x": 3, "y": 3})
+        assert r.status_code == 400 and "takes no prompts" in r.json()["detail"]
+        r = c.post(f"/api/sessions/{sid}/propagate", json={"axis": 0, "index": 2, "cls": 1})
         assert r.status_code == 400 and "takes no prompts" in r.json()["detail"]
         r = c.post(f"/api/sessions/{sid}/paint", json={"axis": 0, "index": 2, "cls": 1, "radius": 1, "points": [[3, 3]]})
         assert mask_of(r)[3, 3] == 1

@@ -1,6 +1,6 @@
 """End to end in a real browser: Debian's Chromium driven by Playwright against `samadapt serve` on the tiny
-backbone. Load a generated NIfTI, see the overlay, click, see the mask change, undo, download the mask and check its
-geometry; a broken file shows its message in the page.
+backbone. Load a generated NIfTI, see the overlay, click, see the mask change, undo, draw a box, propagate, download
+the mask and check its geometry; a broken file shows its message in the page.
 
 Needs ``/usr/bin/chromium`` (package ``chromium``, installed by scripts/setup.sh) and the ``playwright`` package; the
 test is skipped, with the reason, only when either is missing."""
@@ -115,6 +115,10 @@ def test_load_overlay_click_undo_download(browser, server, tmp_path):
     wait_idle(page, "window.samadapt.clicks === 3")
     assert session.prompts[(0, 6, 1)].box == (10, 8, 30, 30)
     assert page.evaluate("window.samadapt.prompts.box") == [10, 8, 30, 30]
+    assert session.mask[6].any()
+    page.click("#propagate")  # the boxed result carried to the neighbouring slices
+    wait_idle(page, "window.samadapt.jobs === 1")
+    assert session.done[5].all() and session.done[7].all() and page.text_content("#message") == ""
     with page.expect_download() as info:
         page.click("#download")
     saved = tmp_path / "downloaded.nii.gz"

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import SamadaptError
 from .inputs import inside, list_folder, load_input, safe_name
 from .model import ServedModel
-from .session import Session
+from .session import Session, slice_view
 
 STATIC = Path(__file__).parent / "static"
 
@@ -218,10 +218,26 @@ def create_app(model: ServedModel, folder: str | Path | None = None, token: str 
     def predict_volume(sid: str, req: VolumeRequest) -> dict:
         s = session(sid)
         s.check_slice(req.axis, 0)
-        if s.progress["running"]:
-            raise HTTPException(409, "a whole-volume prediction is already running")
-        s.progress.update(running=True, done=0, total=s.case.shape[req.axis], axis=req.axis, error=None)
-        threading.Thread(target=s.predict_volume, args=(req.axis,), daemon=True).start()
+        start_job(s, s.predict_volume, req.axis)
+        return dict(s.progress)
+
+    def start_job(s: Session, job, *args) -> None:
+        with s.lock:
+            if s.progress["running"]:
+                raise HTTPException(409, "a whole-volume job is already running on this image")
+            s.progress.update(running=True, done=0, total=s.case.shape[args[0]], axis=args[0], error=None)
+        threading.Thread(target=job, args=args, daemon=True).start()
+
+    @app.post("/api/sessions/{sid}/propagate", summary="Carry one slice's class to the neighbouring slices "
+                                                       "(promptable methods; background job)")
+    def propagate(sid: str, req: PromptRequest) -> dict:
+        s = session(sid)
+        s.check_slice(req.axis, req.index)
+        if not model.prompt_kinds:
+            raise HTTPException(400, f"{model.method.name} takes no prompts: nothing to propagate with")
+        if not (slice_view(s.mask, req.axis, req.index) == req.cls).any():
+            raise HTTPException(400, f"class {req.cls} is empty on this slice: nothing to propagate")
+        start_job(s, s.propagate, req.axis, req.index, req.cls)
         return dict(s.progress)
 
     @app.get("/api/sessions/{sid}/progress", summary="Progress of the whole-volume prediction")

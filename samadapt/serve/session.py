@@ -27,6 +27,18 @@ def slice_view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return volume[(slice(None),) * axis + (index,)]
 
 
+def prompts_from_mask(region: np.ndarray, kinds: tuple[str, ...]) -> Prompts:
+    """The prompt that asks for ``region`` (H x W bool, not empty) again: its box grown by 2 pixels when the method
+    takes boxes, else one positive click on the region's pixel nearest its centroid."""
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    if "boxes" in kinds:
+        return Prompts(box=(max(0, xs.min() - 2), max(0, ys.min() - 2), min(w - 1, xs.max() + 2),
+                            min(h - 1, ys.max() + 2)))
+    k = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return Prompts(points=[(float(xs[k]), float(ys[k]), True)])
+
+
 class Session:
     """An opened case in its own folder ``folder`` (removed by :meth:`close`), with the mask being edited."""
 
@@ -147,13 +159,15 @@ class Session:
             return mask.copy()
 
     def undo(self) -> dict | None:
-        """Take back the last click, box or stroke; returns the slice it changed (or None when nothing to undo)."""
+        """Take back the last click, box, stroke or propagation; returns the slice it changed (or None when nothing to undo)."""
         with self.lock:
             if not self.undo_stack:
                 return None
             axis, index, mask, done, (key, prompts) = self.undo_stack.pop()
-            slice_view(self.mask, axis, index)[:] = mask
-            slice_view(self.done, axis, index)[:] = done
+            target = (self.mask, self.done) if mask.ndim == 3 else \
+                (slice_view(self.mask, axis, index), slice_view(self.done, axis, index))  # a volume or one slice
+            target[0][:] = mask
+            target[1][:] = done
             if key is not None:
                 if prompts is None:
                     self.prompts.pop(key, None)
@@ -184,6 +198,40 @@ class Session:
                     with self.lock:
                         self._fill(axis, i, label)
                     self.progress["done"] = i + 1
+        except Exception as exc:  # reported in the page; the session stays usable
+            self.progress["error"] = str(exc)
+        finally:
+            self.progress["running"] = False
+
+    def propagate(self, axis: int, index: int, cls: int) -> None:
+        """Carry class ``cls`` of slice ``index`` to its neighbours along ``axis``, both ways: each next slice is
+        prompted with the previous slice's result (its box grown by 2 pixels, or, for methods without boxes, a
+        click on its pixel nearest the centroid) until the result is empty. One undo step takes it all back.
+        Updates ``progress``; meant to run in a background thread."""
+        self.check_slice(axis, index)
+        kinds = self.model.prompt_kinds
+        try:
+            start = slice_view(self.mask, axis, index) == cls
+            if not kinds or not start.any():
+                raise InputError(self.name, "nothing to propagate: " + ("this method takes no prompts" if not kinds
+                                                                        else f"class {cls} is empty on this slice"))
+            n, ds = self.case.shape[axis], self._dataset(axis)
+            self.progress.update(running=True, done=0, total=n - 1, axis=axis, error=None)
+            with self.lock:
+                self.undo_stack.append((axis, index, self.mask.copy(), self.done.copy(), (None, None)))
+                del self.undo_stack[:-50]
+            for step in (1, -1):
+                prev, i = start, index + step
+                while 0 <= i < n and prev.any():
+                    probs = self.model.predict_slice(ds[i], prompts_from_mask(prev, kinds), cls)
+                    prev = probs[1].numpy() > 0.5
+                    with self.lock:
+                        mask = slice_view(self.mask, axis, i)
+                        mask[(mask == cls) & ~prev] = 0
+                        mask[prev] = cls
+                        slice_view(self.done, axis, i)[:] = True
+                    self.progress["done"] += 1
+                    i += step
         except Exception as exc:  # reported in the page; the session stays usable
             self.progress["error"] = str(exc)
         finally:

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 const st = {  // the page's state; window.samadapt exposes it (the browser test reads it)
   info: null, session: null, axis: 0, index: 0, image: null, mask: null, prompts: null,
-  lo: 0, hi: 1, busy: 0, request: 0, drag: null, clicks: 0, lastClickMs: null,
+  lo: 0, hi: 1, busy: 0, request: 0, drag: null, clicks: 0, lastClickMs: null, jobs: 0,
 };
 window.samadapt = st;
 
@@ -61,6 +61,7 @@ async function loadInfo() {
     .join("");
   for (const [kind, ids] of [["points", ["tool-pos", "tool-neg"]], ["boxes", ["tool-box"]]])
     for (const id of ids) $(id).hidden = !i.prompt_kinds.includes(kind);
+  $("propagate").hidden = !i.prompt_kinds.length;
   $("tool-hint").textContent = i.prompt_kinds.length ? "click: right button or shift = negative; wheel: slices"
     : `${i.method} takes no prompts: correct with the brush`;
   const first = document.querySelector(`#tools label:not([hidden]) input[name=tool]`);
@@ -84,7 +85,7 @@ async function opened(desc) {
   st.session = desc; say("");
   $("name").textContent = `${desc.name} · ${desc.shape.join(" × ")} · ${desc.modality}`;
   $("axis").disabled = desc.is_2d; $("axis").value = "0";
-  $("predict-volume").disabled = desc.is_2d;
+  $("predict-volume").disabled = desc.is_2d; $("propagate").disabled = desc.is_2d;
   setWindow("auto");
   $("preset").value = "auto";
   await setAxis(0);
@@ -289,22 +290,29 @@ addEventListener("keydown", (e) => {
 });
 
 // --- whole volume and download ----------------------------------------------------------------------------------
-$("predict-volume").addEventListener("click", async () => {
+async function runJob(path, body, what) {  // a background job of the server, polled until it ends
   if (!st.session) return;
+  const buttons = ["predict-volume", "propagate"].map($);
   try {
-    await json(`/api/sessions/${st.session.id}/predict-volume`, { axis: st.axis });
-    $("predict-volume").disabled = true;
+    await json(`/api/sessions/${st.session.id}/${path}`, body);
+    buttons.forEach((b) => { b.disabled = true; });
     for (;;) {
       const p = await (await fetch(`/api/sessions/${st.session.id}/progress`,
         { headers: token ? { "X-Token": token } : {} })).json();
-      status(`predicting the volume: ${p.done} / ${p.total} slices`);
+      status(`${what}: ${p.done} / ${p.total} slices`);
       if (!p.running) { if (p.error) say(p.error); break; }
       await new Promise((r) => setTimeout(r, 500));
     }
-    status("whole volume predicted");
+    st.jobs++;
+    status(`${what}: done`);
     await setSlice(st.index);
-  } catch (e) { say(e.message); } finally { $("predict-volume").disabled = false; }
-});
+  } catch (e) { say(e.message); } finally {
+    buttons.forEach((b) => { b.disabled = st.session.is_2d; });
+  }
+}
+$("predict-volume").addEventListener("click", () => runJob("predict-volume", { axis: st.axis }, "predicting the volume"));
+$("propagate").addEventListener("click", () => runJob("propagate",
+  { axis: st.axis, index: st.index, cls: Number($("cls").value) }, "propagating"));
 
 $("download").addEventListener("click", async () => {
   if (!st.session) return;
