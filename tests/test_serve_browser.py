@@ -119,6 +119,15 @@ def test_load_overlay_click_undo_download(browser, server, tmp_path):
     page.click("#propagate")  # the boxed result carried to the neighbouring slices
     wait_idle(page, "window.samadapt.jobs === 1")
     assert session.done[5].all() and session.done[7].all() and page.text_content("#message") == ""
+
+    page.select_option("#axis", "2")  # sagittal: Z x Y slices
+    wait_idle(page, "window.samadapt.axis === 2 && window.samadapt.index === 24")
+    assert page.text_content("#slice-label") == "25 / 48"
+    assert page.evaluate("[document.getElementById('image').width, document.getElementById('image').height]") == [40, 12]
+    assert overlay_pixels(page) == int((session.mask[:, :, 24] > 0).sum())
+    level = page.input_value("#level")
+    page.select_option("#preset", "-600,1500")  # CT lung preset
+    assert (page.input_value("#level"), page.input_value("#width")) == ("-600.0", "1500") and level != "-600.0"
     with page.expect_download() as info:
         page.click("#download")
     saved = tmp_path / "downloaded.nii.gz"
