@@ -26,7 +26,10 @@ BINARY_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prom
 # DeSAM's grid mode decodes up to 81 point prompts per slice (about 14 s per slice on 2 CPU threads, 11 minutes per
 # seed on the 46 test slices of the MNI152 slab), so it runs on the small nuclei task only.
 DESAM_GRID = "desam-grid=desam_cpu"
-MULTICLASS_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt", "hsam=hsam_cpu")
+# H-SAM's claim is against SAMed (same recipe: samed_cpu); its stages are re-scored from the same trained run.
+MULTICLASS_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt", "hsam=hsam_cpu",
+                     "hsam-stage1=@hsam method.options.inference_stage=1",
+                     "hsam-stage2=@hsam method.options.inference_stage=2", "samed=samed_cpu")
 
 
 @dataclass(frozen=True)
