@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from samadapt.errors import ConfigError, InputError
 from samadapt.methods import build_method
-from samadapt.methods.promise import (ProMISe, binary_opening, bce_dice_loss, parse_point_labels,
+from samadapt.methods.promise import (ProMISe, anchor_grid, binary_opening, bce_dice_loss, parse_point_labels,
                                       sample_gt_points)
 
 # Small APM sizes keep the unit tests fast; the defaults (ResNet34, width 256) are exercised in one test.
@@ -100,18 +101,108 @@ def test_backbone_stays_in_eval_mode(tiny_backbone):
 
 
 @pytest.mark.parametrize("apm", ["resnet", "cross"])
-def test_coordinates_inside_image(tiny_backbone, batch, apm):
-    """Points stay inside [0, S] even when the head is pushed to extreme outputs."""
-    method = make(tiny_backbone, apm=apm)
+@pytest.mark.parametrize("param", ["anchor", "sigmoid"])
+def test_coordinates_inside_image(tiny_backbone, batch, apm, param):
+    """Points stay inside [0, S] even when the head is pushed to extreme outputs; anchored points stay within
+    ``anchor_radius`` cells of their anchor, so they keep 0.1 cell (2.1 px of 64) off the border."""
+    method = make(tiny_backbone, apm=apm, point_param=param)
     feats = method.features(batch)
-    head = method.apm.resnet.fc if apm == "resnet" else method.apm.head
+    head = method.apm.head.linear
     with torch.no_grad():
-        head.weight.mul_(1e4)
+        head.weight.normal_().mul_(1e4)
         head.bias.copy_(torch.linspace(-1e4, 1e4, head.bias.numel()))
-    coords, labels = method.apm_points(feats)
+    with torch.no_grad():
+        coords, labels = method.apm_points(feats)
     assert coords.shape == (2, 8, 2)
     assert coords.min() >= 0 and coords.max() <= 64
-    assert (coords < 1).any() and (coords > 63).any()  # the extremes were reached, so the clamp was exercised
+    if param == "sigmoid":
+        assert (coords < 1).any() and (coords > 63).any()  # the extremes were reached
+    else:
+        offset = (coords - method.apm.head.anchors).abs()
+        cell = 64 / 3  # 8 points: a 3 x 3 grid
+        assert offset.max() == pytest.approx(0.4 * cell, rel=1e-4)  # saturated, and still bounded
+        assert coords.min() >= 0.1 * cell - 1e-4 and coords.max() <= 64 - 0.1 * cell + 1e-4
+
+
+def test_anchor_grid_spreads_both_labels():
+    """16 points: the 16 cell centres of a 4 x 4 grid, positives on one checkerboard colour, negatives on the
+    other (so neither kind is confined to one half of the image); 8 points use 8 of the 9 cells of a 3 x 3 grid."""
+    labels = parse_point_labels(None, 16)
+    a = anchor_grid(labels, 256)
+    cells = (a / 64 - 0.5).round().long()  # column, row
+    assert torch.allclose(a, (cells.float() + 0.5) * 64)
+    assert len({tuple(c.tolist()) for c in cells}) == 16
+    colour = (cells.sum(1) % 2).tolist()
+    assert colour == [0] * 8 + [1] * 8
+    rows_pos = {int(c[1]) for c, lab in zip(cells, labels) if lab == 1}
+    assert rows_pos == {0, 1, 2, 3}
+    b = anchor_grid(parse_point_labels(None, 8), 64)
+    assert len({tuple(x.tolist()) for x in b}) == 8 and b.min() > 0 and b.max() < 64
+
+
+def test_anchor_apm_starts_on_the_grid(tiny_backbone, batch):
+    """The zero-initialised head puts every image's points exactly on the anchors at the start."""
+    for apm in ("resnet", "cross"):
+        method = make(tiny_backbone, apm=apm)
+        coords, _ = method.apm_points(method.features(batch))
+        assert torch.equal(coords, method.apm.head.anchors.expand(2, -1, -1))
+    with pytest.raises(ConfigError, match="point_param"):
+        make(tiny_backbone, point_param="softmax")
+    with pytest.raises(ConfigError, match="anchor_radius"):
+        make(tiny_backbone, anchor_radius=0.8)
+
+
+def shifted_square_batch(n: int = 4) -> dict:
+    """n tiny-backbone images, each with a bright 24 x 24 square (its label) at a different place."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(n, 3, 64, 64, generator=g)
+    label = torch.zeros(n, 64, 64, dtype=torch.long)
+    for i in range(n):
+        x0, y0 = int(torch.randint(0, 36, (1,), generator=g)), int(torch.randint(0, 36, (1,), generator=g))
+        label[i, y0:y0 + 24, x0:x0 + 24] = 1
+        image[i, :, y0:y0 + 24, x0:x0 + 24] += 0.8
+    return {"image": image.clamp(0, 1), "label": label}
+
+
+def train_apm(backbone, batch, steps: int, lr: float, **options) -> Tensor:
+    """APM-only ProMISe trained with Adam on ``batch`` (features computed once); returns its eval-mode points."""
+    method = make(backbone, mode="apm", **options)
+    batch = dict(batch, features=method.features(batch))
+    opt = torch.optim.Adam(method.param_groups(lr))
+    for _ in range(steps):
+        loss = method.loss(method(batch), batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    method.eval()
+    with torch.no_grad():
+        return method(batch)["points"]
+
+
+def border_fraction(points: Tensor, size: int = 64) -> float:
+    """Share of points within 2 % of the side from an edge."""
+    m = 0.02 * size
+    return float(((points < m) | (points > size - m)).any(-1).float().mean())
+
+
+@pytest.mark.parametrize("apm", ["resnet", "cross"])
+def test_trained_points_do_not_collapse(tiny_backbone, apm):
+    """The collapse: 30 Adam steps at a high lr drive the release's sigmoid coordinates onto the border. Anchored
+    points, trained the same way, stay inside the image, off the border, unsaturated, and (ResNet APM, whose points
+    come from the whole image's features) differ between images."""
+    batch = shifted_square_batch()
+    sigmoid = train_apm(tiny_backbone, batch, 30, 3e-2, apm=apm, point_param="sigmoid")
+    assert border_fraction(sigmoid) > 0.5  # the failure this guards against, reproduced
+    method = make(tiny_backbone, mode="apm", apm=apm)
+    anchored = train_apm(tiny_backbone, batch, 30, 3e-2, apm=apm)
+    assert anchored.min() >= 0 and anchored.max() <= 64
+    assert border_fraction(anchored) == 0.0
+    offset = (anchored - method.apm.head.anchors).abs() / method.apm.head.radius
+    assert offset.max() > 0.01  # trained away from the grid ...
+    assert (offset > 0.99).float().mean() < 0.1  # ... without saturating at the cell edges
+    if apm == "resnet":
+        spread = anchored.std(dim=0).norm(dim=-1)  # per point, over the images
+        assert spread.mean() > 0.02, spread
 
 
 def test_default_resnet34_apm(tiny_backbone, batch):
@@ -123,7 +214,8 @@ def test_default_resnet34_apm(tiny_backbone, batch):
     assert [len(getattr(resnet, f"layer{i}")) for i in (1, 2, 3, 4)] == [3, 4, 6, 3]
     assert isinstance(resnet.layer1[0], ResNetBlock)
     assert resnet.conv1.in_channels == 256 and resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
-    assert resnet.fc.out_features == 32
+    assert resnet.fc is None and method.apm.head.linear.in_features == 512
+    assert method.apm.head.linear.out_features == 32
     assert method.apm.feature_map[0].in_channels == sum(tiny_backbone.intermediate_widths)
     assert method(batch)["points"].shape == (2, 16, 2)
     assert method.apm_labels.tolist() == [1] * 8 + [0] * 8

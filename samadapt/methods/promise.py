@@ -4,8 +4,9 @@ Every SAM weight stays frozen (image encoder, prompt encoder, mask decoder); the
 prompt encoder and mask decoder, and gradients flow *through* them to the two add-on modules:
 
 - **APM** looks at the encoder's intermediate feature maps and outputs ``N_p`` point prompts (x, y) in the S x S
-  input frame (``S * sigmoid``, so they stay inside the image), with a fixed label pattern (default: first half
-  positive, second half negative). The points go into SAM's frozen prompt encoder, so the model stays promptable:
+  input frame, with a fixed label pattern (default: first half positive, second half negative). By default each
+  point is a bounded offset from an image-independent anchor grid (``point_param=anchor``, see ``PointHead``);
+  ``point_param=sigmoid`` is the release's ``S * sigmoid``, whose points collapse onto the image border. The points go into SAM's frozen prompt encoder, so the model stays promptable:
   a user can see the chosen points (``last_points``) and replace or extend them.
   Two variants: ``resnet`` (concatenated intermediates -> ``FeatureMap`` convs -> MONAI ResNet34 -> 2 N_p
   coordinates) and ``cross`` (N_p learned queries cross-attending over the multi-level intermediate maps).
@@ -42,6 +43,7 @@ from .base import Method, MethodConfig, upsample_to
 from .prompting import encode_prompts
 
 MODES = ("apm", "apm_ips", "ips_gt")
+POINT_PARAMS = ("anchor", "sigmoid")
 
 
 @dataclass
@@ -78,6 +80,12 @@ class ProMISeConfig(MethodConfig):
     """Upsample level l by ConvT2x2/s2 + Conv3x3 (no pad) + BN + ReLU, l times (paper: True, 64 -> 126 -> 250)."""
     cross_max_tokens: int | None = 4096
     """CPU memory cap: average-pool each memory level to at most this many tokens (None: no cap)."""
+    point_param: str = "anchor"
+    """How APM's raw outputs become points (``PointHead``): ``anchor`` (a bounded offset from a fixed anchor grid,
+    the head zero-initialised) or ``sigmoid`` (the release's ``S * sigmoid``, which collapses to the border)."""
+    anchor_radius: float = 0.4
+    """``anchor``: how far a point may move from its anchor (each axis), as a fraction of the grid cell; 0.4 keeps
+    the outer points 0.1 cell off the image border (0.5: the whole cell, up to the border)."""
     apm_lr_scale: float = 1.0
     """APM learning rate = ``apm_lr_scale`` x the run's lr (paper: 1, one lr for APM and IPS). A high lr drives
     the coordinate sigmoid into saturation (all points stuck on the image border, the same for every image)."""
@@ -113,6 +121,64 @@ def parse_point_labels(spec: Sequence[int] | str | None, num_points: int) -> lis
     return values
 
 
+# --- APM: from raw outputs to points ---------------------------------------------------------------------------
+def anchor_grid(labels: Sequence[int], size: int) -> Tensor:
+    """Image-independent anchors N x 2 (x, y): the cell centres of a g x g grid over the S x S frame
+    (g = ceil(sqrt(N))), positive points on one checkerboard colour and negative ones on the other, so that both
+    kinds cover the whole image whatever the label order (row-major cells, positives from the front of the
+    colour-sorted list, negatives from its back)."""
+    n = len(labels)
+    g = math.ceil(math.sqrt(n))
+    cells = sorted(range(g * g), key=lambda c: ((c // g + c % g) % 2, c))
+    pos = iter(cells)
+    neg = iter(reversed(cells))
+    chosen = [next(pos) if lab == 1 else next(neg) for lab in labels]
+    step = size / g
+    return torch.tensor([[(c % g + 0.5) * step, (c // g + 0.5) * step] for c in chosen], dtype=torch.float32)
+
+
+class PointHead(nn.Module):
+    """The APM's coordinate head: features B x [N x] D -> points B x N x 2 (x, y) in the S x S frame.
+
+    ``out_features`` is 2 N for one vector per image (ResNet APM) or 2 for one vector per point (cross APM). By
+    ``kind``:
+
+    - ``sigmoid`` (the release): ``S * sigmoid(Linear(f))``. Every point can go anywhere, and nothing but the
+      decoder's gradient keeps it off the border. Adam moves each of the D head weights by about the lr per step,
+      so the logits move by about ``lr * sum_j |f_j|`` (D = 512 pooled ResNet features): within a few steps they
+      reach the sigmoid's flat tails, where ``d point / d logit = S sigmoid'`` vanishes, and the points sit on
+      the image edges, the same for every image (measured: ``benchmarks/promise_apm_probe.py``).
+    - ``anchor``: ``a + r * tanh(Linear(LN(f)) / sqrt(D))``. ``a`` = ``anchor_grid`` (fixed, not trained),
+      ``r = radius * S / g`` (radius 0.4: each point moves within its own grid cell and keeps 0.1 cell off the
+      image border; no two points can meet). LayerNorm (no affine) and ``1 / sqrt(D)`` make an Adam step move the
+      offsets by about ``lr * sqrt(D)`` whatever the feature scale, far from saturation; the zero-initialised
+      Linear starts every image on the grid.
+    """
+
+    def __init__(self, in_features: int, out_features: int, labels: Sequence[int], size: int, kind: str = "anchor",
+                 radius: float = 0.4):
+        super().__init__()
+        if kind not in POINT_PARAMS:
+            raise ConfigError(f"promise point_param must be one of {POINT_PARAMS}, got {kind!r}")
+        if not 0 < radius <= 0.5:
+            raise ConfigError(f"promise anchor_radius must be in (0, 0.5] (a fraction of a grid cell), got {radius}")
+        self.kind, self.size, self.num_points = kind, size, len(labels)
+        self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if kind == "anchor" else nn.Identity()
+        self.linear = nn.Linear(in_features, out_features)
+        self.gain = in_features ** -0.5 if kind == "anchor" else 1.0
+        if kind == "anchor":
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        self.register_buffer("anchors", anchor_grid(labels, size), persistent=False)
+        self.radius = radius * size / math.ceil(math.sqrt(len(labels)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        raw = (self.linear(self.norm(features)) * self.gain).view(features.shape[0], self.num_points, 2)
+        if self.kind == "sigmoid":
+            return self.size * torch.sigmoid(raw)
+        return self.anchors + self.radius * torch.tanh(raw)
+
+
 # --- APM: ResNet variant ---------------------------------------------------------------------------------------
 def concat_intermediates(maps: Sequence[Tensor]) -> Tensor:
     """Concatenate intermediate maps, deepest first (the release's ``cat(f12, f9, f6)``), on one grid.
@@ -145,22 +211,21 @@ class FeatureMap(nn.Sequential):
 
 class APMResNet(nn.Module):
     """ResNet APM: intermediates (optionally average-pooled to ``grid``) -> FeatureMap -> MONAI ResNet (3x3
-    stride-1 stem, max-pool, 4 stages, GAP, fc) -> 2 N_p values -> coordinates ``size * sigmoid``: B x N_p x 2
-    (x, y) in the S x S frame."""
+    stride-1 stem, max-pool, 4 stages, GAP) -> 512 pooled features -> ``PointHead`` (the release's fc):
+    B x N_p x 2 (x, y) in the S x S frame."""
 
-    def __init__(self, in_channels: int, num_points: int, input_size: int, feature_channels: int = 256,
+    def __init__(self, in_channels: int, labels: Sequence[int], input_size: int, feature_channels: int = 256,
                  layers: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (64, 128, 256, 512),
-                 grid: int | None = None):
+                 grid: int | None = None, point_param: str = "anchor", radius: float = 0.4):
         super().__init__()
         from monai.networks.nets import ResNet
 
         self.grid = grid
-        self.num_points = num_points
-        self.input_size = input_size
         self.feature_map = FeatureMap(in_channels, feature_channels)
         self.resnet = ResNet(block="basic", layers=list(layers), block_inplanes=list(widths), spatial_dims=2,
                              n_input_channels=feature_channels, conv1_t_size=3, conv1_t_stride=1,
-                             shortcut_type="B", num_classes=2 * num_points, feed_forward=True)
+                             shortcut_type="B", feed_forward=False)
+        self.head = PointHead(list(widths)[-1], 2 * len(labels), labels, input_size, point_param, radius)
 
     def forward(self, features: Features) -> Tensor:
         x = concat_intermediates(features.intermediates)  # B x sum(C_i) x h x w
@@ -168,8 +233,7 @@ class APMResNet(nn.Module):
             f = math.ceil(max(x.shape[-2:]) / self.grid)
             x = F.avg_pool2d(x, f, ceil_mode=True)
         x = self.feature_map(x)  # B x C x h' x w'
-        raw = self.resnet(x).view(x.shape[0], self.num_points, 2)  # B x N_p x 2
-        return self.input_size * torch.sigmoid(raw)
+        return self.head(self.resnet(x))  # B x 512 -> B x N_p x 2
 
 
 # --- APM: cross-attention variant ------------------------------------------------------------------------------
@@ -218,19 +282,20 @@ class CrossAttentionLayer(nn.Module):
 
 class APMCross(nn.Module):
     """Cross-attention APM: N_p learned queries attend over the intermediate maps, deepest level first, cycling
-    the levels for ``rounds`` rounds; ``Linear(D -> 2)`` then ``size * sigmoid`` gives B x N_p x 2 (x, y).
+    the levels for ``rounds`` rounds; a ``PointHead`` (the release's ``Linear(D -> 2)``) gives B x N_p x 2 (x, y).
 
     Each level: 1x1 projection C_i -> D (identity when C_i == D), optional upsampling (level l by l UpBlocks, the
     release's 64 -> 126 -> 250 memory), optional average pooling to at most ``max_tokens`` tokens (CPU cap),
     plus a learned level embedding and the 2D sine position encoding.
     """
 
-    def __init__(self, widths: Sequence[int], num_points: int, input_size: int, dim: int = 256, heads: int = 8,
-                 rounds: int = 1, upsample: bool = False, max_tokens: int | None = 4096):
+    def __init__(self, widths: Sequence[int], labels: Sequence[int], input_size: int, dim: int = 256,
+                 heads: int = 8, rounds: int = 1, upsample: bool = False, max_tokens: int | None = 4096,
+                 point_param: str = "anchor", radius: float = 0.4):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"cross_dim {dim} must be divisible by cross_heads {heads}")
-        self.input_size = input_size
+        num_points = len(labels)
         self.max_tokens = max_tokens
         levels = list(reversed(list(widths)))  # deepest first
         self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in levels)
@@ -242,7 +307,7 @@ class APMCross(nn.Module):
         for p in (self.level_embed, self.query_feat, self.query_pe):
             nn.init.normal_(p, std=0.02)
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, heads, 4 * dim) for _ in range(rounds * len(levels)))
-        self.head = nn.Linear(dim, 2)
+        self.head = PointHead(dim, 2, labels, input_size, point_param, radius)
 
     def _memory(self, maps: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Per level (deepest first): tokens B x T_l x D (with level embedding) and position encoding 1 x T_l x D."""
@@ -269,7 +334,7 @@ class APMCross(nn.Module):
         for i, layer in enumerate(self.layers):
             src, pe = memory[i % len(memory)]
             x = layer(x, qpe, src, pe)
-        return self.input_size * torch.sigmoid(self.head(x))  # B x N_p x 2
+        return self.head(x)  # B x N_p x 2
 
 
 # --- IPS --------------------------------------------------------------------------------------------------------
@@ -383,13 +448,15 @@ class ProMISe(Method):
         self.feature_layers = backbone.resolve_layers(config.feature_layers) if config.mode != "ips_gt" else ()
         if config.mode != "ips_gt":
             widths = backbone.widths_of(self.feature_layers)
+            labels = self.apm_labels.tolist()
             if config.apm == "resnet":
-                self.apm = APMResNet(sum(widths), config.num_points, backbone.input_size, config.feature_channels,
-                                     config.resnet_layers, config.resnet_widths, config.feature_grid)
+                self.apm = APMResNet(sum(widths), labels, backbone.input_size, config.feature_channels,
+                                     config.resnet_layers, config.resnet_widths, config.feature_grid,
+                                     config.point_param, config.anchor_radius)
             else:
-                self.apm = APMCross(widths, config.num_points, backbone.input_size, config.cross_dim,
-                                    config.cross_heads, config.cross_layers, config.cross_upsample,
-                                    config.cross_max_tokens)
+                self.apm = APMCross(widths, labels, backbone.input_size, config.cross_dim, config.cross_heads,
+                                    config.cross_layers, config.cross_upsample, config.cross_max_tokens,
+                                    config.point_param, config.anchor_radius)
         self.ips = IPS(backbone.embed_dim, m, config.ips_hidden, config.ips_zero_init) \
             if config.mode in ("apm_ips", "ips_gt") else None
         self.last_points: Tensor | None = None
