@@ -22,7 +22,9 @@ from ..io_utils import atomic_write_json
 
 BINARY_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt",
                  "box-prompt-whole=box_prompt_whole", "desam-box=desam_cpu method.options.mode=box",
-                 "hetersam=hetersam_cpu", "hsam=hsam_cpu", "msam=msam_cpu", "promise=promise_cpu")
+                 "hetersam=hetersam_cpu", "hsam=hsam_cpu", "msam=msam_cpu", "promise=promise_cpu",
+                 "promise-cross=promise_cpu method.options.apm=cross")
+# promise = the paper's APM_IPS_resnet, promise-cross = APM_IPS_cross (cross-attention APM, same CPU preset).
 # DeSAM's grid mode decodes up to 81 point prompts per slice (about 14 s per slice on 2 CPU threads, 11 minutes per
 # seed on the 46 test slices of the MNI152 slab), so it runs on the small nuclei task only.
 DESAM_GRID = "desam-grid=desam_cpu"
