@@ -109,9 +109,9 @@ def predict(
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
-    if set_ and not config:
-        raise ConfigError("--set overrides the run file of --config; a trained model (--run, --checkpoint, "
-                          "--onnx) keeps the settings it was trained with")
+    if set_ and (run or checkpoint or onnx):
+        raise ConfigError("--set configures a model built from --config or defaults; a trained model (--run, "
+                          "--checkpoint, --onnx) keeps the settings it was trained with")
     check_output_dir(out)
     clean_stale_parts(out)  # temporary files of a killed earlier prediction into this folder
     predictor = None

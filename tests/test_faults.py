@@ -268,7 +268,7 @@ def test_bad_options_and_outputs_are_one_line_errors(discs, tmp_path, one_thread
         (["predict", str(discs / "images"), "--run", str(tmp_path), "--out", str(tmp_path / "p"), "--batch-size",
           "0"], "--batch-size 0: expected >= 1"),
         (["predict", str(discs / "images"), "--run", str(tmp_path), "--out", str(tmp_path / "p"), "--set",
-          "train.lr=1"], "--set overrides the run file of --config"),
+          "train.lr=1"], "a trained model (--run, --checkpoint, --onnx) keeps the settings"),
         (["predict", str(discs / "images"), "--run", str(tmp_path), "--out", str(not_a_folder)], "not a folder"),
         (["evaluate", str(discs / "masks"), str(discs / "masks"), "--out", str(not_a_folder)], "not a folder"),
     ]
