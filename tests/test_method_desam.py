@@ -13,7 +13,10 @@ from samadapt.data.preprocessing import PadInfo
 from samadapt.errors import ConfigError, InputError
 from samadapt.layers.amg import masks_to_boxes, remove_small_regions, select_masks
 from samadapt.methods import build_method
+from samadapt.layers.sam_decoder import decode_masks
+from samadapt.layers.shared_image_decoder import decode_tokens, image_side
 from samadapt.methods.desam import PDMM, DeSAM, grid_points
+from samadapt.methods.prompting import encode_prompts
 
 SMALL = {"channels": [32, 16, 8], "se_reduction": 4, "min_mask_region_area": 4, "points_per_side": 3}
 
@@ -277,11 +280,68 @@ def test_grid_inference_decodes_lazily_with_the_same_result(tiny_backbone):
     assert m.last_grid["candidates"] == 9 and m.last_grid["decoded"] < 9
     with torch.no_grad():  # the whole pipeline by hand: every point decoded, then post-processed
         coords = grid_points(3, 64, 64)
-        iou, emb = m._prim_points(feats.embedding, coords)
+        labels = torch.ones(9, 1)
+        sparse, dense = encode_prompts(tiny_backbone, points=(coords[:, None], labels), boxes=None)
+        iou, emb = m.prim_forward(feats.embedding.expand(9, -1, -1, -1), sparse, dense)
+        iou = iou[:, 0]
         logits = m.pdmm.decode(emb, m.pdmm.context(feats.intermediates), torch.zeros(9, dtype=torch.long))[:, 0]
     sel = select_masks(torch.sigmoid(logits), iou, score_thresh=-1e6, min_area=4, top_k=1)
     expected = sel.masks[0] if len(sel.masks) else torch.zeros(64, 64, dtype=torch.bool)
     assert torch.equal(lazy, expected)
+
+
+def test_shared_image_prim_equals_sam_decoder_on_repeated_embeddings(tiny_backbone):
+    m = make(tiny_backbone).eval()
+    feats = m.features(batch_for(tiny_backbone, b=2))
+    coords = torch.rand(5, 1, 2, generator=torch.Generator().manual_seed(1)) * 64
+    sparse, dense = encode_prompts(tiny_backbone, points=(coords, torch.ones(5, 1)), boxes=None)
+    index = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        ref = decode_masks(m.prim, feats.embedding[index], tiny_backbone.prompt_encoder.get_dense_pe(), sparse, dense)
+        side = image_side(m.prim, feats.embedding, tiny_backbone.prompt_encoder.get_dense_pe(), dense[:1])
+        iou, tokens, image_tokens = decode_tokens(m.prim, side, sparse, index)
+    assert torch.allclose(iou, ref.iou, atol=1e-5) and torch.allclose(tokens, ref.tokens, atol=1e-5)
+    assert torch.allclose(image_tokens, ref.image_tokens, atol=1e-5)
+
+
+def test_batched_grid_prompts_equal_one_by_one(tiny_backbone, monkeypatch):
+    m = make(tiny_backbone, pred_iou_thresh=-1e6, points_per_side=3, prim_batch=18).eval()
+    feats = m.features(batch_for(tiny_backbone, b=3))
+    calls = []
+    prim = m._prim_points
+    monkeypatch.setattr(m, "_prim_points", lambda side, c, i: calls.append(len(c)) or prim(side, c, i))
+    batched = m.grid_masks(feats)
+    assert calls == [18, 9]  # two whole slices per call, then the third
+    scores_last = m.last_grid["scores"]
+    with torch.no_grad():  # one point at a time through SAM's decoder path (prim_forward), then the same selection
+        ones = []
+        for i in range(3):
+            emb = feats.embedding[i:i + 1]
+            context = m.pdmm.context([f[i:i + 1] for f in feats.intermediates])
+            scores, embs = [], []
+            for c in grid_points(3, 64, 64):
+                sparse, dense = encode_prompts(tiny_backbone, points=(c.view(1, 1, 2), torch.ones(1, 1)), boxes=None)
+                iou, e = m.prim_forward(emb, sparse, dense)
+                scores.append(iou[0, 0])
+                embs.append(e)
+            scores = torch.stack(scores)
+            ones.append(m._decode_candidates(scores, torch.arange(9), torch.cat(embs), context, 0))
+    assert torch.allclose(scores, scores_last, atol=1e-5)
+    assert torch.equal(batched, torch.stack(ones))
+    assert m.last_grid["candidates"] == 9
+
+
+def test_grid_inference_keeps_only_embeddings_over_the_iou_threshold(tiny_backbone):
+    m = make(tiny_backbone, points_per_side=3).eval()
+    feats = m.features(batch_for(tiny_backbone, b=1))
+    m.grid_masks(feats)
+    scores = m.last_grid["scores"]
+    m.config.pred_iou_thresh = float(scores.median())
+    side = image_side(m.prim, feats.embedding, tiny_backbone.prompt_encoder.get_dense_pe(),
+                      encode_prompts(tiny_backbone, points=(torch.zeros(1, 1, 2), torch.ones(1, 1)), boxes=None)[1])
+    all_scores, passing, embeddings = m._score_points(side, grid_points(3, 64, 64), torch.zeros(9, dtype=torch.long))
+    assert torch.equal(passing, torch.nonzero(all_scores > m.config.pred_iou_thresh)[:, 0])
+    assert 0 < len(passing) < 9 and embeddings.shape[0] == len(passing)
 
 
 def test_grid_inference_picks_the_highest_iou_point(tiny_backbone, monkeypatch):
@@ -289,7 +349,7 @@ def test_grid_inference_picks_the_highest_iou_point(tiny_backbone, monkeypatch):
     feats = m.features(batch_for(tiny_backbone, b=1))
     calls = []
 
-    def fake_prim(emb, coords):  # IoU = x coordinate; M encodes the point's x so that the decode is traceable
+    def fake_prim(side, coords, index):  # IoU = x coordinate; M encodes the point's x so that the decode is traceable
         calls.append(coords.clone())
         m_emb = coords[:, :1, None, None].expand(-1, 256, 16, 16).clone()
         return coords[:, 0] / 100.0, m_emb

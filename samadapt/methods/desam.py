@@ -6,10 +6,11 @@ image tokens. Image encoder and prompt encoder stay frozen (training runs from t
 included); the method owns and trains:
 
 - **PRIM** (prompt-relevant IoU module): a trainable copy of the backbone's mask decoder, run with
-  :func:`~samadapt.layers.sam_decoder.decode_masks`. Its IoU head (first output) is the quality score, and its
-  prompt-attended image tokens ``image_tokens`` (B x 256 x h x w, the two-way transformer's ``src'``) are the mask
-  embedding ``M``. SAM's ``output_upscaling`` and hypernetwork MLPs are unused by DeSAM (as in the release); they
-  are kept frozen, so they are neither optimised nor stored in checkpoints.
+  :func:`~samadapt.layers.shared_image_decoder.decode_tokens` (SAM's decoder without the unused upscaling). Its
+  IoU head (first output) is the quality score, and its prompt-attended image tokens (B x 256 x h x w, the two-way
+  transformer's ``src'``) are the mask embedding ``M``. SAM's ``output_upscaling`` and hypernetwork MLPs are
+  unused by DeSAM (as in the release); they are kept frozen, so they are neither optimised nor stored in
+  checkpoints.
 - **PDMM** (prompt-decoupled mask module, ``PIMMDecoder`` in the release): a residual-SE U-Net
   (:mod:`samadapt.layers.res_se`, MONAI ``UnetResBlock`` + SE) that fuses ``M`` with the encoder's three
   intermediate maps ``f_a, f_b, f_c`` (shallow to deep; widths from ``backbone.intermediate_widths``; SAM ViT: the
@@ -36,7 +37,9 @@ Modes (``mode``, training and inference):
   1 (positive), as in the release; the mask target is always the full ground truth. Loss = DiceCE(sigmoid,
   squared_pred) + ``lambda_iou`` x L1 (or MSE) between PRIM's IoU and the 0/1 target. Points are drawn inside the
   un-padded image region when the batch carries ``pad``. Inference: an N x N point grid (``points_per_side``, 9),
-  PRIM's IoU for every point, then the best candidates by IoU are decoded by PDMM ``points_per_batch`` at a time and
+  PRIM's IoU for every point (the points of whole slices in one batched call of up to ``prim_batch`` prompts, the
+  first block's image-side projections computed once per slice; only the mask embeddings of points over
+  ``pred_iou_thresh`` are kept), then the best candidates by IoU are decoded by PDMM ``points_per_batch`` at a time and
   post-processed (:func:`samadapt.layers.amg.select_masks`: IoU > ``pred_iou_thresh``, sigmoid >
   ``mask_threshold``, box NMS ``box_nms_thresh``, small regions < ``min_mask_region_area`` low-res pixels removed,
   the ``keep_masks`` best kept and merged; none left = empty prediction). Decoding stops as soon as the kept set is
@@ -73,15 +76,12 @@ from ..backbones.base import Backbone, Features
 from ..errors import ConfigError, InputError
 from ..layers.amg import select_masks
 from ..layers.res_se import UnetResSEBlock, UpResSEBlock, UpsampleResSE
-from ..layers.sam_decoder import decode_masks
+from ..layers.shared_image_decoder import decode_tokens, image_side
 from . import register_method
 from .base import Method, MethodConfig, resize_labels, upsample_to
 from .prompting import encode_prompts
 
 MODES = ("grid", "box")
-MAX_STORED_EMBEDDINGS = 128
-"""Grid inference keeps PRIM's mask embeddings of up to this many points per image (4 MB each at 64 x 64) instead
-of recomputing them for the points PDMM decodes."""
 
 
 @dataclass
@@ -108,7 +108,11 @@ class DeSAMConfig(MethodConfig):
     points_per_side: int = 9
     """Grid inference: N of the N x N point grid (paper: 9, 81 points)."""
     points_per_batch: int = 9
-    """Grid inference: prompts per PRIM/PDMM forward (paper: 9)."""
+    """Grid inference: most candidates per PDMM forward (paper: 9 prompts per forward)."""
+    prim_batch: int = 64
+    """Grid inference: most point prompts per PRIM call; the points of whole slices are grouped (at least one
+    slice per call), so a 9 x 9 grid is one call per slice and a 4 x 4 grid four slices per call. Memory grows with
+    it (about 4 MB per prompt and intermediate at a 64 x 64 grid). The result does not depend on it."""
     pred_iou_thresh: float = 0.5
     """Grid inference: keep candidates whose PRIM IoU exceeds this (paper: 0.5)."""
     mask_threshold: float = 0.5
@@ -236,8 +240,8 @@ class DeSAM(Method):
             raise ConfigError(f"desam iou_loss must be 'l1' or 'mse', got {config.iou_loss!r}")
         if not 0.0 <= config.bg_point_prob <= 1.0:
             raise ConfigError(f"desam bg_point_prob must be in [0, 1], got {config.bg_point_prob}")
-        if config.points_per_side < 1 or config.points_per_batch < 1 or config.keep_masks < 1:
-            raise ConfigError("desam points_per_side, points_per_batch and keep_masks must be >= 1")
+        if min(config.points_per_side, config.points_per_batch, config.keep_masks, config.prim_batch) < 1:
+            raise ConfigError("desam points_per_side, points_per_batch, prim_batch and keep_masks must be >= 1")
         widths = tuple(backbone.intermediate_widths)
         if len(widths) < 3:
             raise ConfigError(f"desam needs three intermediate maps; backbone {backbone.name!r} has {len(widths)}")
@@ -302,9 +306,10 @@ class DeSAM(Method):
     # --- the two modules ------------------------------------------------------------------------------------------
     def prim_forward(self, embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
         """PRIM: embedding B x 256 x h x w + prompts -> (IoU B x 1, mask embedding M B x 256 x h x w)."""
-        pe = self.backbone.prompt_encoder.get_dense_pe()
-        out = decode_masks(self.prim, embedding, pe, sparse, dense)
-        return out.iou[:, :1], out.image_tokens
+        side = image_side(self.prim, embedding, self.backbone.prompt_encoder.get_dense_pe(), dense)
+        index = torch.arange(embedding.shape[0], device=embedding.device)
+        iou, _, m = decode_tokens(self.prim, side, sparse, index)
+        return iou[:, :1], m
 
     def _intermediates(self, features: Features) -> list[Tensor]:
         if len(features.intermediates) < 3:
@@ -386,53 +391,76 @@ class DeSAM(Method):
     # --- grid inference -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def grid_masks(self, features: Features, batch: dict | None = None) -> Tensor:
-        """Automatic grid-mode masks: bool B x 4h x 4w (see the module docstring)."""
-        batch = batch or {}
-        emb = features.embedding
-        b = emb.shape[0]
-        context = self.pdmm.context(self._intermediates(features))
-        out = []
-        for i, (h, w) in enumerate(self._valid_sizes(batch, b)):
-            coords = grid_points(self.config.points_per_side, h, w).to(emb.device)
-            ctx_i = tuple(c[i:i + 1] for c in context)
-            out.append(self._grid_one(emb[i:i + 1], ctx_i, coords))
-        return torch.stack(out)
+        """Automatic grid-mode masks: bool B x 4h x 4w (see the module docstring).
 
-    def _prim_points(self, emb: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
-        """PRIM for P single-point prompts on one image: emb 1 x 256 x h x w, coords P x 2 -> (IoU P, M P x ...)."""
-        p = coords.shape[0]
-        labels = torch.ones(p, 1, device=coords.device)
-        sparse, dense = self._prompt_embeddings((coords[:, None, :], labels), None)
-        iou, m = self.prim_forward(emb.expand(p, -1, -1, -1), sparse, dense)
+        The prompt-independent work (PDMM's context paths, PRIM's first-block image projections) runs once per
+        slice; the grid points of as many whole slices as fit in ``prim_batch`` prompts go through PRIM in one call;
+        only the mask embeddings of points over ``pred_iou_thresh`` are kept, and PDMM decodes them lazily.
+        """
+        cfg = self.config
+        emb = features.embedding
+        b, device = emb.shape[0], emb.device
+        context = self.pdmm.context(self._intermediates(features))
+        coords = [grid_points(cfg.points_per_side, h, w).to(device) for h, w in self._valid_sizes(batch or {}, b)]
+        _, dense = self._prompt_embeddings((coords[0][:1, None], torch.ones(1, 1, device=device)), None)
+        side = image_side(self.prim, emb, self.backbone.prompt_encoder.get_dense_pe(), dense[:1])
+        n = len(coords[0])
+        per_call = max(1, cfg.prim_batch // n)  # whole slices per PRIM call
+        masks = []
+        for g in range(0, b, per_call):
+            images = list(range(g, min(b, g + per_call)))
+            flat = torch.cat([coords[i] for i in images])
+            index = torch.arange(g, g + len(images), device=device).repeat_interleave(n)
+            scores, passing, embeddings = self._score_points(side, flat, index)
+            for k, i in enumerate(images):
+                mine = (passing >= k * n) & (passing < (k + 1) * n)
+                masks.append(self._decode_candidates(scores[k * n:(k + 1) * n], passing[mine] - k * n,
+                                                     embeddings[mine], context, i))
+        return torch.stack(masks)
+
+    def _prim_points(self, side: dict, coords: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """PRIM for P single-point prompts against their slices' ``side`` (:func:`image_side`): coords P x 2,
+        index P -> (IoU P, mask embeddings M P x 256 x h x w)."""
+        labels = torch.ones(coords.shape[0], 1, device=coords.device)
+        sparse, _ = self._prompt_embeddings((coords[:, None, :], labels), None)
+        iou, _, m = decode_tokens(self.prim, side, sparse, index)
         return iou[:, 0], m
 
-    def _grid_one(self, emb: Tensor, context: tuple[Tensor, ...], coords: Tensor) -> Tensor:
-        """One image: emb 1 x 256 x h x w, context of batch 1, coords P x 2 -> bool mask 4h x 4w."""
+    def _score_points(self, side: dict, coords: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """PRIM on P points in calls of ``prim_batch``; only the points over ``pred_iou_thresh`` keep their M.
+
+        Returns (IoU P, indices K of the passing points, their M K x 256 x h x w)."""
+        step = max(self.config.prim_batch, 1)
+        scores, passing, embeddings = [], [], []
+        for j in range(0, len(coords), step):
+            iou, m = self._prim_points(side, coords[j:j + step], index[j:j + step])
+            keep = torch.nonzero(iou > self.config.pred_iou_thresh)[:, 0]
+            scores.append(iou)
+            passing.append(keep + j)
+            embeddings.append(m[keep])
+        return torch.cat(scores), torch.cat(passing), torch.cat(embeddings)
+
+    def _decode_candidates(self, scores: Tensor, candidates: Tensor, embeddings: Tensor,
+                           context: tuple[Tensor, ...], image: int) -> Tensor:
+        """One slice: PRIM IoU of its P points, its K candidates (indices) and their M -> bool mask 4h x 4w.
+
+        PDMM decodes the candidates best IoU first in growing chunks and stops once the kept set is final."""
         cfg = self.config
-        chunk = cfg.points_per_batch
-        keep_embeddings = len(coords) <= MAX_STORED_EMBEDDINGS  # else PRIM runs again for the decoded points
-        scores_list, stored = [], []
-        for j in range(0, len(coords), chunk):
-            iou, m = self._prim_points(emb, coords[j:j + chunk])
-            scores_list.append(iou)
-            if keep_embeddings:
-                stored.append(m)
-        scores = torch.cat(scores_list)
-        embeddings = torch.cat(stored) if keep_embeddings else None
-        order = torch.argsort(scores, descending=True)
-        order = order[scores[order] > cfg.pred_iou_thresh]  # candidates, best PRIM IoU first
-        lowres = (4 * emb.shape[-2], 4 * emb.shape[-1])
+        device = scores.device
+        rank = torch.argsort(scores[candidates], descending=True)  # candidates, best PRIM IoU first
+        order, embeddings = candidates[rank], embeddings[rank]
+        lowres = tuple(4 * s for s in context[0].shape[-2:])
         probs, logits, cand_scores = [], [], []
         selection = None
         start, step = 0, cfg.keep_masks
         while start < len(order):  # decode lazily (growing chunks); stop once the kept set cannot change
-            idx = order[start:start + step]
-            start, step = start + step, min(2 * step, max(chunk, cfg.keep_masks))
-            m = embeddings[idx] if embeddings is not None else self._prim_points(emb, coords[idx])[1]
-            lg = self.pdmm.decode(m, context, torch.zeros(len(idx), dtype=torch.long, device=emb.device))[:, 0]
+            idx = slice(start, start + step)
+            start, step = start + step, min(2 * step, max(cfg.points_per_batch, cfg.keep_masks))
+            m = embeddings[idx]
+            lg = self.pdmm.decode(m, context, torch.full((len(m),), image, dtype=torch.long, device=device))[:, 0]
             logits.append(lg.float())
             probs.append(torch.sigmoid(lg.float()))
-            cand_scores.append(scores[idx].float())
+            cand_scores.append(scores[order[idx]].float())
             selection = select_masks(
                 torch.cat(probs), torch.cat(cand_scores), score_thresh=cfg.pred_iou_thresh,
                 mask_threshold=cfg.mask_threshold, nms_thresh=cfg.box_nms_thresh,
@@ -440,10 +468,10 @@ class DeSAM(Method):
                 stability_thresh=cfg.stability_score_thresh, stability_offset=cfg.stability_score_offset)
             if selection.complete:
                 break
-        # Diagnostics of the last image (tests, logs): PRIM scores, candidates over the IoU threshold, decoded, kept.
+        # Diagnostics of the last slice (tests, logs): PRIM scores, candidates over the IoU threshold, decoded, kept.
         self.last_grid = {"scores": scores.detach(), "candidates": int(len(order)),
                           "decoded": sum(len(p) for p in probs),
                           "kept": 0 if selection is None else int(len(selection.masks))}
         if selection is None or not len(selection.masks):
-            return torch.zeros(lowres, dtype=torch.bool, device=emb.device)
+            return torch.zeros(lowres, dtype=torch.bool, device=device)
         return selection.masks.any(dim=0)
