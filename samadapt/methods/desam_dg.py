@@ -84,13 +84,42 @@ def _case_ids(source: Any, which: str) -> list[str]:
     return list(source.case_ids)  # a target without a split file: every labelled case is unseen
 
 
-def _gt_slices(pred: np.ndarray, gt: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only the slices along ``axis`` that contain ground truth (DeSAM's evaluation protocol)."""
+def gt_slices(pred: np.ndarray, gt: np.ndarray, axis: int, release_range: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the slices along ``axis`` that contain ground truth (DeSAM's evaluation protocol).
+
+    pred, gt: Z x Y x X (2D inputs are returned unchanged). ``release_range``: as the release's preprocessing, only
+    GT slices with ``z_min <= z < z_max`` (the last slice holding ground truth is left out).
+    """
     if gt.ndim != 3:
         return pred, gt
     other = tuple(a for a in range(3) if a != axis)
     keep = np.flatnonzero(gt.any(axis=other))
+    if release_range and len(keep):
+        keep = keep[keep < keep.max()]
     return np.take(pred, keep, axis=axis), np.take(gt, keep, axis=axis)
+
+
+def zero_border(pred: np.ndarray, axis: int, px: float, reference: int | None = 256) -> np.ndarray:
+    """A copy of ``pred`` with ``px`` pixels along each in-plane edge of every slice (normal ``axis``) set to 0.
+
+    The release zeroes 50 px of its 256 x 256 slices; with ``reference`` the width scales to the slice size
+    (``round(px * side / reference)`` per in-plane axis), ``reference=None`` takes ``px`` as is. 2D inputs
+    (Y x X) are one slice.
+    """
+    out = np.array(pred, copy=True)
+    planes = [a for a in range(out.ndim) if out.ndim == 2 or a != axis]
+    for a in planes:
+        side = out.shape[a]
+        k = min(side, int(round(px * side / reference)) if reference else int(px))
+        if k <= 0:
+            continue
+        index = [slice(None)] * out.ndim
+        index[a] = slice(0, k)
+        out[tuple(index)] = 0
+        index[a] = slice(side - k, side)
+        out[tuple(index)] = 0
+    return out
 
 
 def _json_value(v: Any) -> Any:
@@ -113,6 +142,9 @@ def evaluate_domain_generalisation(
     cases: str = "test",
     modes: Sequence[str] | None = None,
     gt_slices_only: bool = False,
+    release_gt_range: bool = False,
+    border_px: float = 0,
+    border_reference: int | None = 256,
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 8,
@@ -132,6 +164,11 @@ def evaluate_domain_generalisation(
         modes: inference modes to compare (sets the method's ``mode`` option, e.g. DeSAM ``["grid", "box"]``);
             default: the trained configuration only.
         gt_slices_only: score only the slices that contain ground truth (DeSAM's prostate protocol).
+        release_gt_range: with ``gt_slices_only``, leave out the last GT slice of each case as the release does
+            (its slices are ``z_min <= z < z_max``).
+        border_px / border_reference: zero the prediction within ``border_px`` pixels of each in-plane edge of
+            every slice before scoring (the release: 50 on its 256 x 256 slices, ``edge_set_zero``), the width
+            scaled to the slice size by ``border_reference`` (None: pixels as is). The ground truth is unchanged.
         data_root: where named targets are built (default ``out_dir/data``, else ``./dg_data``).
         use_cache / cache_dir: read/write encoder outputs in the embedding cache (default: the run's cache dir).
 
@@ -145,6 +182,10 @@ def evaluate_domain_generalisation(
     from ..metrics import compute_metrics
 
     say = progress or (lambda _msg: None)
+    if release_gt_range and not gt_slices_only:
+        raise ConfigError("release_gt_range applies to the GT slices; set gt_slices_only too")
+    if border_px < 0:
+        raise ConfigError(f"border_px must be >= 0, got {border_px}")
     checkpoint = _checkpoint_path(run_dir_or_checkpoint)
     manifest = read_manifest(checkpoint)
     if "config" not in manifest:
@@ -203,8 +244,10 @@ def evaluate_domain_generalisation(
                     gt = np.asarray(case.label)
                     if mapping == "any>0":
                         pred, gt = (pred > 0).astype(np.uint8), (gt > 0).astype(np.uint8)
+                    if border_px:
+                        pred = zero_border(pred, config.data.axis, border_px, border_reference)
                     if gt_slices_only:
-                        pred, gt = _gt_slices(pred, gt, config.data.axis)
+                        pred, gt = gt_slices(pred, gt, config.data.axis, release_gt_range)
                     result = compute_metrics(pred, gt, classes, case.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
                     for c in classes:
                         per_case.append({"target": name, "mode": mode, "case": cid, "class": c, **result[c]})
@@ -251,5 +294,5 @@ def write_dg_table(rows: Sequence[dict], per_case: Sequence[dict], out: Path, ch
     atomic_write_text(out / "dg_table.md", header + metrics_table(rows, TABLE_COLUMNS) + "\n")
 
 
-__all__ = ["TABLE_COLUMNS", "evaluate_domain_generalisation", "resolve_target",
-           "target_builders", "write_dg_table"]
+__all__ = ["TABLE_COLUMNS", "evaluate_domain_generalisation", "gt_slices", "resolve_target",
+           "target_builders", "write_dg_table", "zero_border"]
