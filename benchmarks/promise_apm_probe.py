@@ -110,12 +110,13 @@ def main() -> None:
         train_ds = SliceDataset([source.load(train_case)], backbone.input_size)
         val_ds = SliceDataset([source.load(val_case)], backbone.input_size)
     t0 = time.perf_counter()
-    stored = root / f"features_{args.task}_{args.train}_{args.val}_{'-'.join(map(str, method.intermediates))}.pt"
+    layers = method.intermediates or backbone.intermediate_layers  # ips_gt needs none: share the stored file
+    stored = root / f"features_{args.task}_{args.train}_{args.val}_{'-'.join(map(str, layers))}.pt"
     if stored.is_file():  # encoder outputs of an earlier probe with the same slices and layers
         train, val = torch.load(stored, weights_only=False)
     else:
-        train = encode(backbone, slices(train_ds, args.train, True), method.intermediates)
-        val = encode(backbone, slices(val_ds, args.val, True), method.intermediates)
+        train = encode(backbone, slices(train_ds, args.train, True), layers)
+        val = encode(backbone, slices(val_ds, args.val, True), layers)
         torch.save((train, val), stored)
     print(json.dumps({"encoded_s": round(time.perf_counter() - t0, 1), "train": len(train["label"]),
                       "val": len(val["label"]), "options": options, "lr": args.lr}), flush=True)
