@@ -30,8 +30,9 @@ SETS = ["backbone.name=tiny", "method.name=decoder", "train.device=cpu", "data.c
 
 # Runs `samadapt train ...` (argv[4:]) and SIGKILLs itself around the NTH rename onto a file named TARGET ("before"
 # or "after" it), or at the NTH validation ("validate"): a real kill -9 at a chosen instant, no timing involved.
+# With "validate" and WHEN "pause" it instead creates the file $FAULT_MARKER there and waits for $FAULT_MARKER.go.
 DRIVER = r"""
-import os, signal, sys
+import os, signal, sys, time
 target, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 seen = [0]
 def hit():
@@ -41,7 +42,12 @@ if target == "validate":
     import samadapt.engine.trainer as trainer
     real_validate = trainer.validate
     def validate(*a, **k):
-        if hit():
+        if hit() and when == "pause":
+            marker = os.environ["FAULT_MARKER"]
+            open(marker, "w").close()
+            while not os.path.exists(marker + ".go"):
+                time.sleep(0.05)
+        elif seen[0] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_validate(*a, **k)
     trainer.validate = validate
@@ -246,6 +252,28 @@ def test_run_folder_is_locked_and_kept_whole(discs, tmp_path, one_thread):
     assert [h["epoch"] for h in result.history] == [1, 2] and len(_rows(out)) == 2
     _train(data, out, "train.epochs=1", overwrite=True)
     assert [r["epoch"] for r in _rows(out)] == ["1"]
+
+
+# Defect 4: two `samadapt train` into one --out both exited 0, log.csv interleaved and one reported a checkpoint
+# holding the other's model.
+def test_second_concurrent_train_into_one_folder_is_refused(discs, tmp_path, one_thread):
+    import time
+
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", "--data", str(discs), "--out", str(out)] + [a for s in SETS for a in ("--set", s)]
+    first = subprocess.Popen([sys.executable, "-c", DRIVER, "validate", "1", "pause", *args], env={
+        **ENV, "FAULT_MARKER": str(marker)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists() and first.poll() is None:  # the first run is inside its first epoch
+            time.sleep(0.1)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        code, output = _cli(*args)
+        assert code == 2 and f"another samadapt process (pid {first.pid}) is writing to this folder" in output
+    finally:
+        Path(f"{marker}.go").touch()
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert [r["epoch"] for r in _rows(out)] == ["1", "2", "3"]
 
 
 def _cli(*args: str):
