@@ -335,6 +335,14 @@ def test_written_files_follow_the_umask_and_stale_parts_are_cleaned(tmp_path, ti
     live.write_bytes(b"")
     assert clean_stale_parts(tmp_path) == [stale]
     assert live.exists() and not stale.exists()
+    from samadapt.data.cache import EmbeddingCache
+
+    cache_dir = EmbeddingCache(tmp_path / "cache", tiny_backbone).dir  # a cache folder is cleaned when opened
+    entry = cache_dir / "ab" / f".abcd.safetensors.{int(dead.stdout)}-0123abcd.part.safetensors"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"")
+    EmbeddingCache(tmp_path / "cache", tiny_backbone)
+    assert not entry.exists()
 
 
 # Defect 8 (predict): a kill -9 during predict left hidden temporary files in the output folder that nothing cleaned.
