@@ -147,13 +147,16 @@ def evaluate(
     nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm."),
     metric: List[str] = typer.Option([], "--metric", help="Metric to report (repeatable; default dice iou hd95 "
                                      "hd95_vox nsd assd). hd95_medpy(_vox): MedPy's HD95, as SAMed/H-SAM report it."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="Score 2D pictures on a GRID x GRID copy: prediction "
+                                       "nearest, ground truth bilinear then > 0 (ProMISe's release: 256)."),
 ):
     """Dice, IoU, HD95 (mm and voxels), NSD and ASSD (mm where spacing is known) per case and class."""
     from .engine.evaluate import EVALUATION_METRICS, evaluate_folders, print_summary
     from .io_utils import check_output_dir
 
     check_output_dir(out)
-    summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance, metrics=metric or EVALUATION_METRICS)
+    summary = evaluate_folders(pred, gt, out, nsd_tolerance_mm=nsd_tolerance, metrics=metric or EVALUATION_METRICS,
+                               grid=grid)
     print_summary(summary)
 
 

@@ -279,3 +279,46 @@ def test_cli_evaluate_metric_option(tmp_path):
     bad = runner.invoke(app, [*args[:-1], str(tmp_path / "out2"), "--metric", "hd99"])
     assert bad.exit_code == 2 and "unknown metric" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "out2" / "per_case.csv").exists()
+
+
+def test_release_grid_protocol(tmp_path):
+    """ProMISe's evaluation at 256 px: the prediction resized nearest, the ground truth bilinear then > 0, which
+    dilates it (a one-pixel-wide object survives the 4x downsampling, and the border pixels count as foreground)."""
+    from samadapt.engine.evaluate import to_release_grid
+
+    gt = np.zeros((64, 64), np.uint8)
+    gt[17:47, 17:47] = 1
+    gt[2:62, 61] = 2  # a one-pixel line, between the columns that nearest downsampling keeps
+    pred = np.zeros_like(gt)
+    pred[17:47, 17:47] = 1
+    p16, g16, spacing = to_release_grid(pred, gt, (0.5, 2.0), 16, tmp_path / "gt.png")
+    nearest_gt = to_release_grid(gt, gt, (0.5, 2.0), 16, tmp_path / "gt.png")[0]
+    assert p16.shape == g16.shape == (16, 16) and spacing == (2.0, 8.0)
+    assert (p16 == 1).sum() == 7 * 7 == (nearest_gt == 1).sum()  # nearest: pixels 4i inside the square
+    assert (g16 == 1).sum() == 8 * 8  # bilinear > 0: any of the two pixels around 4i + 1.5 inside
+    assert (g16 == 2).any() and not (nearest_gt == 2).any()
+    with pytest.raises(InputError, match="gt.png.*2D pictures"):
+        to_release_grid(pred[None], gt[None], (1, 1, 1), 16, tmp_path / "gt.png")
+    write(tmp_path / "gt" / "a.png", gt)
+    write(tmp_path / "pred" / "a.png", pred)
+    at_size = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "o1", classes=[1], metrics=["dice"])
+    on_grid = evaluate_folders(tmp_path / "pred", tmp_path / "gt", tmp_path / "o2", classes=[1], metrics=["dice"],
+                               grid=16)
+    assert at_size["classes"] == [1] and on_grid["grid"] == 16 and at_size["grid"] is None
+    dice = float(read_csv(tmp_path / "o1" / "per_case.csv")[0]["dice"])
+    dice_grid = float(read_csv(tmp_path / "o2" / "per_case.csv")[0]["dice"])
+    assert dice == pytest.approx(1.0) and dice_grid < 0.95  # the dilated ground truth costs the exact prediction
+
+
+def test_cli_evaluate_grid_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from samadapt.cli import app
+
+    pred, gt = boxes_3d()
+    write(tmp_path / "gt" / "a.nii.gz", gt)
+    write(tmp_path / "pred" / "a.nii.gz", pred)
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(tmp_path / "out"), "--grid", "256"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "a.nii.gz" in result.output and "2D pictures" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / "per_case.csv").exists()

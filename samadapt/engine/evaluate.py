@@ -33,7 +33,8 @@ from samadapt.errors import InputError
 from samadapt.io_utils import atomic_path, atomic_write_json
 from samadapt.metrics import DISTANCE_METRICS, VOXEL_METRICS, compute_metrics, rows_from_result, summarize
 
-__all__ = ["EVALUATION_METRICS", "LABEL_EXTENSIONS", "evaluate_folders", "print_summary", "read_label_map"]
+__all__ = ["EVALUATION_METRICS", "LABEL_EXTENSIONS", "evaluate_folders", "print_summary", "read_label_map",
+           "to_release_grid"]
 
 EVALUATION_METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "hd95_vox", "nsd", "assd")
 """What :func:`evaluate_folders` scores by default: HD95 both in the run's units and in voxels (published tables)."""
@@ -171,6 +172,34 @@ def _json_safe(obj):
     return obj
 
 
+def to_release_grid(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], size: int, path: Path
+                    ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """ProMISe's evaluation protocol: both 2D label maps (H x W) on a ``size x size`` grid.
+
+    The prediction is resized nearest. Each ground-truth class is resized bilinearly (as a 0/1 map, no
+    antialiasing) and kept where the result is > 0, which dilates it slightly (the release's quirk); where two
+    classes touch the higher label wins. Returns (pred, gt, spacing scaled by H / size and W / size).
+    Raises ``InputError`` naming ``path`` for a label map that is not 2D.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if gt.ndim != 2:
+        raise InputError(path, f"evaluation on a {size} x {size} grid scores 2D pictures; this label map is "
+                               f"{gt.ndim}D {tuple(gt.shape)}")
+    if size < 1:
+        raise InputError("grid", f"expected a positive size, got {size}")
+    out_pred = F.interpolate(torch.from_numpy(pred.astype(np.int64))[None, None].float(), size=(size, size),
+                             mode="nearest")[0, 0].numpy().astype(pred.dtype)
+    out_gt = np.zeros((size, size), dtype=gt.dtype)
+    for k in sorted(int(v) for v in np.unique(gt) if v != 0):
+        mask = torch.from_numpy((gt == k).astype(np.float32))[None, None]
+        resized = F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        out_gt[resized > 0] = k
+    scaled = (float(spacing[0]) * gt.shape[0] / size, float(spacing[1]) * gt.shape[1] / size)
+    return out_pred, out_gt, scaled
+
+
 def evaluate_folders(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -180,6 +209,7 @@ def evaluate_folders(
     *,
     units: str = "mm",
     metrics: Sequence[str] = EVALUATION_METRICS,
+    grid: int | None = None,
 ) -> dict:
     """Score every ground-truth file in ``gt_dir`` against the prediction of the same name stem in ``pred_dir``.
 
@@ -191,6 +221,8 @@ def evaluate_folders(
         nsd_tolerance_mm: NSD tolerance in mm (in voxels with ``units="voxel"``).
         units: ``"mm"`` (spacing of each ground-truth image) or ``"voxel"`` (SAMed/H-SAM compatibility).
         metrics: names from :data:`samadapt.metrics.ALL_METRICS` (default :data:`EVALUATION_METRICS`).
+        grid: score 2D pictures on a ``grid x grid`` copy (ProMISe's release: 256), see :func:`to_release_grid`;
+            None scores them at their own size.
 
     Returns:
         The summary also written to ``summary.json`` (NaN as ``None``).
@@ -242,6 +274,8 @@ def evaluate_folders(
                 f"size {tuple(pred.shape)} differs from ground truth {gt_path} size {tuple(gt.shape)} (numpy order)",
             )
         raster = _split_name(gt_path.name)[1] in _RASTER or _split_name(pred_path.name)[1] in _RASTER
+        if grid is not None:
+            pred, gt, spacing = to_release_grid(pred, gt, spacing, grid, gt_path)
         if units == "mm" and not raster and not np.allclose(pred_spacing, spacing, rtol=1e-3, atol=1e-4):
             warnings_out.append(
                 f"{pred_path.name}: spacing {pred_spacing} differs from ground truth {spacing}; "
@@ -268,6 +302,7 @@ def evaluate_folders(
     summary.update(
         {
             "units": units,
+            "grid": grid,
             "nsd_tolerance": float(nsd_tolerance_mm),
             "raster_cases_without_spacing": raster_cases if units == "mm" else 0,
             "unmatched_predictions": unmatched,
