@@ -5,8 +5,8 @@ Usage::
     python benchmarks/hetersam_light_decoder.py --run NAME=RUN_DIR [--run NAME=RUN_DIR ...] --out OUT_DIR \
         [--threads 2] [--timing-slices 16]
 
-Each run (``samadapt train`` of method ``hetersam``) is rebuilt from its best checkpoint (chosen on the validation
-split). On every test case of the dataset's split, each slice goes once through the prompt branch and the fusion
+Each run (``samadapt train`` of method ``hetersam``; on K-class data its K one-vs-rest heads, combined as
+``OneVsRest.predict`` does) is rebuilt from its best checkpoint (chosen on the validation split). On every test case of the dataset's split, each slice goes once through the prompt branch and the fusion
 (E', D), then through the frozen SAM mask decoder (``full``) and, when the run trained one
 (``light_decoder: true``), through the light head (``light``); both volumes are reassembled and scored in 3D
 (``samadapt.metrics.compute_metrics``: Dice, IoU, HD95/NSD/ASSD in mm). Encoder outputs come from the run's
@@ -35,9 +35,11 @@ from samadapt.metrics import compute_metrics
 METRICS = ("dice", "iou", "hd95", "nsd", "assd")
 
 
-def _probs(logits: torch.Tensor, method) -> list[torch.Tensor]:
-    p = torch.sigmoid(upsample_to(logits.float(), method.input_size))
-    return list(torch.cat([1 - p, p], dim=1).cpu())
+def _probs(logits: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Per-head foreground logits (K x B x 1 x h x w) -> class probabilities B x (K + 1) x S x S, as OneVsRest."""
+    fg = torch.cat([torch.sigmoid(upsample_to(x.float(), size)) for x in logits], dim=1)
+    probs = torch.cat([torch.prod(1 - fg, dim=1, keepdim=True), fg], dim=1)
+    return list((probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-8)).cpu())
 
 
 @torch.inference_mode()
@@ -45,9 +47,10 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
     predictor = Predictor.from_checkpoint(run / "checkpoints" / "best.safetensors", device="cpu",
                                           batch_size=batch_size, use_cache=True)
     method = predictor.method.eval()
+    heads = list(getattr(method, "heads", [method]))  # one-vs-rest on K-class data
     if method.name != "hetersam":
         raise SystemExit(f"{run}: method {method.name!r}, expected hetersam")
-    if method.config.faithful:
+    if heads[0].config.faithful:
         raise SystemExit(f"{run}: faithful (min-max) runs are not supported by this benchmark")
     from samadapt.engine.checkpoint import read_manifest
     from samadapt.engine.config import RunConfig, _update
@@ -55,7 +58,8 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
     config = RunConfig()
     _update(config, read_manifest(run / "checkpoints" / "best.safetensors")["config"], "")
     source = open_source(config.data)
-    paths = ["full"] + (["light"] if method.light_head is not None else [])
+    paths = ["full"] + (["light"] if heads[0].light_head is not None else [])
+    classes = list(range(1, len(heads) + 1))
     seconds = {"prompt_fusion": 0.0, "full": 0.0, "light": 0.0, "encoder": 0.0}
     n_slices, n_encoded = 0, 0
     rows = []
@@ -72,23 +76,24 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
                 seconds["encoder"] += time.perf_counter() - t
                 n_encoded += len(batch["image"])
             t = time.perf_counter()
-            embedding, dense = method.fused(batch)
+            fused = [head.fused(batch) for head in heads]
             seconds["prompt_fusion"] += time.perf_counter() - t
             t = time.perf_counter()
-            full = method.sam_decode(embedding, dense)
+            full = [head.sam_decode(e, d) for head, (e, d) in zip(heads, fused)]
             seconds["full"] += time.perf_counter() - t
-            probs["full"].extend(_probs(full, method))
+            probs["full"].extend(_probs(full, method.input_size))
             if "light" in paths:
                 t = time.perf_counter()
-                light = method.light_head(embedding + dense)
+                light = [head.light_head(e + d) for head, (e, d) in zip(heads, fused)]
                 seconds["light"] += time.perf_counter() - t
-                probs["light"].extend(_probs(light, method))
+                probs["light"].extend(_probs(light, method.input_size))
             n_slices += len(batch["image"])
         for path in paths:
             pred = reassemble(probs[path], predictor.axis, case)
-            scores = compute_metrics(pred, case.label, classes=[1], spacing=case.spacing)[1]
-            rows.append({"model": name, "fusion": method.config.fusion, "path": path, "case": case_id,
-                         **{m: scores[m] for m in METRICS}})
+            scores = compute_metrics(pred, case.label, classes=classes, spacing=case.spacing)
+            for c in classes:
+                rows.append({"model": name, "fusion": heads[0].config.fusion, "path": path, "case": case_id,
+                             "class": c, **{m: scores[c][m] for m in METRICS}})
     enc = seconds["encoder"] / max(n_encoded, 1)
     pf = seconds["prompt_fusion"] / max(n_slices, 1)
     for row in rows:
@@ -120,7 +125,7 @@ def main() -> None:
         rows += evaluate_run(name, Path(path), args.timing_slices, args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
-    cols = ["model", "fusion", "path", "case", *METRICS, "encoder_s", "prompt_fusion_s", "decoder_s", "end_to_end_s",
+    cols = ["model", "fusion", "path", "case", "class", *METRICS, "encoder_s", "prompt_fusion_s", "decoder_s", "end_to_end_s",
             "decoder_vs_full", "post_encoder_vs_full", "end_to_end_vs_full"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
