@@ -164,21 +164,32 @@ def evaluate(
 @friendly
 def evaluate_dg(
     run: str = typer.Argument(..., help="A `samadapt train` run folder (uses checkpoints/best) or a checkpoint."),
-    targets: List[str] = typer.Argument(..., help="Target datasets: folders, name=folder, or builder names "
+    targets: List[str] = typer.Argument(None, help="Target datasets: folders, name=folder, or builder names "
                                                   "(mni152-brain-2mm, mni152-brain-3mm, nuclei, invesalius-ct, and "
                                                   "the simulated scanner shifts mni152-{brain,tissue}-{bias,gamma,"
                                                   "gibbs,blur,lowres,noise})."),
     out: str = typer.Option(..., "--out", help="Folder for dg_table.{csv,json,md} and dg_per_case.csv."),
     modes: List[str] = typer.Option([], "--mode", help="Inference modes to compare (e.g. --mode grid --mode box)."),
     gt_slices_only: bool = typer.Option(False, "--gt-slices-only", help="Score only slices with ground truth."),
+    release_gt_range: bool = typer.Option(False, "--release-gt-range",
+                                          help="With --gt-slices-only: leave out each case's last GT slice "
+                                               "(DeSAM's z_min <= z < z_max)."),
+    border_px: float = typer.Option(0, "--border-px", help="Zero predictions within this many pixels of each slice "
+                                                           "edge, per 256 px of slice (DeSAM: 50)."),
+    sites: Optional[str] = typer.Option(None, "--sites", help="A multi-site prostate root: every site except the "
+                                                              "run's source site is a target (one row per site)."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Single-source domain generalisation: score one trained run on its test split and on each target dataset."""
     from rich.table import Table
 
+    from .errors import ConfigError
     from .methods.desam_dg import TABLE_COLUMNS, evaluate_domain_generalisation
 
-    rows = evaluate_domain_generalisation(run, targets, out, modes=modes or None, gt_slices_only=gt_slices_only,
+    if not targets and sites is None:
+        raise ConfigError("give target datasets or --sites")
+    rows = evaluate_domain_generalisation(run, targets or [], out, modes=modes or None, gt_slices_only=gt_slices_only,
+                                          release_gt_range=release_gt_range, border_px=border_px, sites=sites,
                                           device=device, progress=lambda msg: console.print(msg))
     table = Table(title="domain generalisation")
     for c in TABLE_COLUMNS:

@@ -60,6 +60,16 @@ def resolve_target(spec: str, data_root: Path) -> tuple[str, Path]:
     raise InputError(path, f"no such dataset folder, nor a known target ({', '.join(sorted(builders))})")
 
 
+def site_targets(sites_root: str | os.PathLike, source: str | os.PathLike | None) -> list[str]:
+    """The single-source protocol's targets: every prostate site folder under ``sites_root`` except ``source`` (the
+    run's training site, matched by path), as ``name=folder`` specs named ``<letter> <folder>`` (e.g. ``B BMC``)."""
+    from ..data.readers.prostate import prostate_sites
+
+    here = Path(source).resolve() if source else None
+    return [f"{letter} {folder.name}={folder}" for letter, folder in prostate_sites(sites_root).items()
+            if folder.resolve() != here]
+
+
 # --- the protocol --------------------------------------------------------------------------------------------------
 def _checkpoint_path(run_dir_or_checkpoint: str | os.PathLike) -> Path:
     p = Path(run_dir_or_checkpoint)
@@ -145,6 +155,7 @@ def evaluate_domain_generalisation(
     release_gt_range: bool = False,
     border_px: float = 0,
     border_reference: int | None = 256,
+    sites: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 8,
@@ -169,6 +180,9 @@ def evaluate_domain_generalisation(
         border_px / border_reference: zero the prediction within ``border_px`` pixels of each in-plane edge of
             every slice before scoring (the release: 50 on its 256 x 256 slices, ``edge_set_zero``), the width
             scaled to the slice size by ``border_reference`` (None: pixels as is). The ground truth is unchanged.
+        sites: a multi-site prostate root (:mod:`samadapt.data.readers.prostate`): every site except the run's
+            source site is added as a target, one row per site (DeSAM's single-source protocol). A source trained
+            with ``test_fraction 0`` (the 90/10 split) has no source row.
         data_root: where named targets are built (default ``out_dir/data``, else ``./dg_data``).
         use_cache / cache_dir: read/write encoder outputs in the embedding cache (default: the run's cache dir).
 
@@ -213,7 +227,10 @@ def evaluate_domain_generalisation(
             seed=config.data.split_seed).test)
         if cases == "all":
             ids = list(src.case_ids)
-        targets.append((f"{Path(config.data.path).name} (source)", "source", src, ids))
+        if ids or sites is None:
+            targets.append((f"{Path(config.data.path).name} (source)", "source", src, ids))
+    if sites is not None:
+        target_datasets = list(target_datasets) + site_targets(sites, config.data.path or None)
     for spec in target_datasets:
         name, path = resolve_target(spec, root)
         src = open_dataset(path)
@@ -294,5 +311,5 @@ def write_dg_table(rows: Sequence[dict], per_case: Sequence[dict], out: Path, ch
     atomic_write_text(out / "dg_table.md", header + metrics_table(rows, TABLE_COLUMNS) + "\n")
 
 
-__all__ = ["TABLE_COLUMNS", "evaluate_domain_generalisation", "gt_slices", "resolve_target",
+__all__ = ["TABLE_COLUMNS", "evaluate_domain_generalisation", "gt_slices", "resolve_target", "site_targets",
            "target_builders", "write_dg_table", "zero_border"]

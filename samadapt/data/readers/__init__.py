@@ -2,11 +2,12 @@
 
 Built-in readers: ``nnunet`` (nnU-Net v2 raw), ``folder2d`` (images/ + masks/), ``pranet`` (PraNet's polyp
 TrainDataset/ + TestDataset/<set>/), ``isic2018`` (the ISIC-2018 Task 1 folders), ``synapse`` (TransUNet's
-train_npz/ + test_vol_h5/ + lists_Synapse/, as SAMed and H-SAM use it), ``npz`` (MedSAM-style),
-``dicom`` (a folder holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's
-``imagesTs``) and ``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register
-a :class:`DatasetSource` subclass with ``@READERS.register("name")`` (entry-point group ``samadapt.readers``);
-the class is built as ``cls(path, modality=None)``.
+train_npz/ + test_vol_h5/ + lists_Synapse/, as SAMed and H-SAM use it), ``prostate-site`` / ``prostate-sites``
+(the six-site prostate MRI folders of SAML/MaxStyle/DeSAM), ``npz`` (MedSAM-style), ``dicom`` (a folder
+holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's ``imagesTs``) and
+``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register a :class:`DatasetSource` subclass with
+``@READERS.register("name")`` (entry-point group ``samadapt.readers``); the class is built as
+``cls(path, modality=None)``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ READERS: Registry[type] = Registry("reader", "samadapt.readers")
 
 from .base import DatasetSource  # noqa: E402
 from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
-from . import isic, pranet, synapse  # noqa: E402,F401
+from . import isic, pranet, prostate, synapse  # noqa: E402,F401
 from .isic import is_isic2018_root  # noqa: E402
 from .synapse import is_synapse_root  # noqa: E402
 from .pranet import is_pranet_root  # noqa: E402
+from .prostate import is_prostate_root, is_prostate_site  # noqa: E402
 from .folder2d import IMAGE_DIRS, find_subdir, has_pictures  # noqa: E402
 from ..cases import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, file_ending  # noqa: E402
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """The reader name for ``path``: nnunet (dataset.json), pranet, isic2018, synapse (train_npz/, test_vol_h5/),
-    folder2d (images/), npz, volumes, dicom, file."""
+    prostate-site / prostate-sites, folder2d (images/), npz, volumes, dicom, file."""
     path = Path(path)
     if path.is_file():
         ending = file_ending(path)
@@ -50,6 +52,10 @@ def detect_format(path: str | os.PathLike) -> str:
         return "isic2018"
     if is_synapse_root(path):
         return "synapse"
+    if is_prostate_site(path):
+        return "prostate-site"
+    if is_prostate_root(path):
+        return "prostate-sites"
     if find_subdir(path, IMAGE_DIRS) is not None or has_pictures(path):
         return "folder2d"
     if any(p.suffix == ".npz" for p in path.iterdir()):
