@@ -466,12 +466,12 @@ def test_integration_litemedsam_loss_falls(litemedsam_backbone, real_brain_batch
     torch.manual_seed(0)
     backbone = litemedsam_backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    method = build_method("promise", backbone, {"mode": "apm_ips", "feature_channels": 64})
+    method = build_method("promise", backbone, {"mode": "apm_ips", "feature_channels": 64, "apm_lr_scale": 0.1})
     batch = {"image": real_brain_batch["image"][:2], "label": real_brain_batch["label"][:2]}
     with torch.no_grad():
         x = backbone.preprocess(batch["image"])
-        batch["features"] = backbone.encode(x, intermediates=True)
-    opt = torch.optim.Adam([p for _, p in method.trainable_parameters()], lr=1e-4)
+        batch["features"] = backbone.encode(x, intermediates=method.intermediates)
+    opt = torch.optim.Adam(method.param_groups(1e-3))  # as promise_cpu: APM at 0.1x the lr
     losses = []
     for _ in range(6):
         opt.zero_grad()
