@@ -40,8 +40,9 @@ def test_train_predict_evaluate_round_trip(disc_folder, tmp_path):
     assert set(manifest["data"]["split"]) >= {"train", "val", "test"}
     pred = tmp_path / "pred"
     run("predict", str(disc_folder / "images"), "--run", str(out), "--out", str(pred), "--device", "cpu")
-    written = sorted(p.name for p in pred.iterdir())
+    written = sorted(p.name for p in pred.iterdir() if p.name != "prediction.json")  # + how they were computed
     assert written == sorted(p.name for p in (disc_folder / "images").iterdir())
+    assert json.loads((pred / "prediction.json").read_text())["prediction"]["fast"] is None  # the exact path
     for name in written:  # each mask has its image's size
         assert Image.open(pred / name).size == Image.open(disc_folder / "images" / name).size
     ev = tmp_path / "eval"

@@ -4,6 +4,7 @@ every bad input of issue 3 (each must raise InputError naming the file)."""
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +329,7 @@ def test_npz_bad_inputs(tmp_path):
 # --- DICOM and single files --------------------------------------------------------------------------------------
 def write_dicom_series(folder: Path, volume: np.ndarray, series_uid: str, spacing=(0.8, 0.8, 2.5)):
     """Write an int16 volume as a CT DICOM series (one file per slice) with SimpleITK."""
+    saved = locale.setlocale(locale.LC_ALL)
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -341,6 +343,9 @@ def write_dicom_series(folder: Path, volume: np.ndarray, series_uid: str, spacin
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-3:]}_{z:03d}.dcm"))
         writer.Execute(s)
+    # GDCM's writer sets the C locale (LC_ALL=C), which turns Python's default text encoding into ASCII for the rest
+    # of the process (a later test writing "±" then failed); put back the locale the process started with.
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_dicom_series_one_and_several(tmp_path):

@@ -39,8 +39,9 @@ def test_predict_dicom_series_writes_aligned_nifti(tmp_path):
     write_dicom_series(tmp_path / "series", vol, "1.2.826.0.1.3680043.8.498.1")
     ref = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
     run("predict", str(tmp_path / "series"), "--out", str(tmp_path / "pred"), *ZERO_SHOT)
-    written = list((tmp_path / "pred").iterdir())
+    written = [p for p in (tmp_path / "pred").iterdir() if p.name != "prediction.json"]
     assert len(written) == 1 and written[0].name.endswith(".nii.gz")
+    assert (tmp_path / "pred" / "prediction.json").is_file()
     out = sitk.ReadImage(str(written[0]))
     assert out.GetSize() == ref.GetSize()
     np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), atol=1e-4)
