@@ -80,6 +80,8 @@ class Trained:
 
 
 CONVERGENCE_KEYS = ("epochs", "steps", "best_epoch", "s_to_best")
+CONSOLE_KEYS = ("dice", "hd95", "nsd", "epochs", "s_to_best", "train_s")
+"""The columns of the table printed at the end of a comparison (a terminal is narrow)."""
 """Per-model training facts in every comparison row and summary (mean ± std over seeds)."""
 
 
@@ -106,7 +108,7 @@ def _train_or_reuse(cfg: RunConfig, num_classes: int) -> Trained:
         console.print(f"reusing the finished run {run}")
         history = _read_history(run)
     else:
-        result = run_train(cfg, resume=(run / "checkpoints" / "state.pt").exists())
+        result = run_train(cfg, resume=(run / "state.pt").exists())  # an interrupted run continues
         if result is None:  # zero-shot: nothing to train
             return Trained(Predictor.from_config(cfg, num_classes, device="cpu", use_cache=True), [], 0.0)
         history = result.history
@@ -279,10 +281,11 @@ def _write_report(report: Path, rows, histories, shown, plotters, case, title, m
                         f"![points {label}](points_{label}.png)\n"
     atomic_write_text(report / "README.md", text)
     atomic_write_text(report / "summary.md", "\n".join(lines) + "\n")
-    table = Table(title=title)
-    for c in (*head[:-1], *keys):
+    table = Table(title=title)  # the terminal gets the main columns; README.md has them all
+    brief = [k for k in keys if k in CONSOLE_KEYS]
+    for c in (*head[:-1], *brief):
         table.add_column(c)
     for r in summary:
-        table.add_row(r["model"], *([r["test_set"]] if named else []), str(r["class"]), *[_cell(r, k) for k in keys])
+        table.add_row(r["model"], *([r["test_set"]] if named else []), str(r["class"]), *[_cell(r, k) for k in brief])
     Console().print(table)
     console.print(f"report: {report}  (total {total / 60:.1f} min)")
