@@ -76,8 +76,10 @@ def test_nuclei_tiles_both_formats(tmp_path):
 
 
 def test_demo_registry_and_errors(tmp_path):
+    shifted = {f"mni152-{task}-{shift}" for task in ("brain", "tissue")
+               for shift in ("bias", "gamma", "gibbs", "blur", "lowres", "noise")}
     assert set(DEMO_DATASETS) == {"mni152-brain", "mni152-tissue", "nuclei", "invesalius-ct", "mni152-brain-2mm",
-                                  "mni152-brain-3mm"}
+                                  "mni152-brain-3mm", *shifted}
     with pytest.raises(ConfigError):
         build_demo("imagenet", tmp_path)
     (tmp_path / "occupied").mkdir()

@@ -52,7 +52,7 @@ def _compare(method, path: Path, items: list[dict]) -> float:
 
 
 def test_exportable_set_is_what_the_docs_say():
-    assert EXPORTABLE == ["box-prompt", "decoder", "hetersam", "hsam", "unet"]
+    assert EXPORTABLE == ["box-prompt", "decoder", "hetersam", "hsam", "samed", "unet"]
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
