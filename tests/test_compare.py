@@ -45,3 +45,28 @@ def test_prompt_plot_for_methods_that_choose_points(tiny_backbone, tmp_path):
     assert promise.method.last_points.shape[0] == 2  # one batch held both picked slices
     decoder = Predictor(build_method("decoder", tiny_backbone, {}), IntensityConfig())
     assert plot_prompts(decoder, case, [0], tmp_path / "none.png") is None
+
+
+def test_an_interrupted_model_resumes_instead_of_being_refused(tmp_path, monkeypatch):
+    """A run folder holding a committed epoch (state.pt) but no finished training is resumed by the next compare."""
+    import json
+
+    from samadapt import compare as compare_mod
+    from synthetic import write_disc_pictures
+
+    (tmp_path / "discs").mkdir()
+    disc_folder = write_disc_pictures(tmp_path / "discs", 12, (80, 96), 0, "case{:02d}", (25, 55, 25, 70), (8, 18))
+
+    models = [ModelSpec.parse("dec=decoder_tiny")]
+    common = ["data.cache=off", "data.empty_ratio=null"]
+    compare_mod.compare(disc_folder, models, tmp_path, epochs=2, common=common, overlays=False)
+    run = tmp_path / "runs" / "dec" / "seed0"
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["training"]  # as if killed after its last epoch's commit, before the run was marked finished
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    resumed = []
+    real_train = compare_mod.run_train
+    monkeypatch.setattr(compare_mod, "run_train", lambda cfg, resume=False: resumed.append(resume) or
+                        real_train(cfg, resume=resume))
+    rows = compare_mod.compare(disc_folder, models, tmp_path, epochs=2, common=common, overlays=False)
+    assert resumed == [True] and rows and all(r["epochs"] == 2 for r in rows)
