@@ -18,16 +18,12 @@ from samadapt.errors import CheckpointError
 from samadapt.methods import METHODS, build_method
 from samadapt.weights import read_torch_checkpoint
 from synthetic import Discs
+from test_fast_predict import SMALL as FAST_SMALL
 
-# Small method settings (heads only; the backbone is the real one) so that each builds and predicts quickly.
-SMALL = {
-    "desam": {"channels": [32, 16, 8], "se_reduction": 4, "min_mask_region_area": 4, "points_per_side": 2},
-    "hetersam": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "fusion_mlp_dim": 64,
-                 "drop_path": 0.0},
-    "msam": {"mea_pool_size": 8, "mea_mlp_ratio": 0.5, "infer_iterations": 2},
-    "promise": {"feature_channels": 16, "resnet_layers": [1, 1, 1, 1], "resnet_widths": [8, 16, 16, 16],
-                "cross_dim": 32, "cross_heads": 2, "ips_hidden": 64, "num_points": 8},
-}
+# test_fast_predict's small head settings (the backbone is the real one), with fewer DeSAM grid points and M-SAM
+# iterations so that each method predicts a 1024 px slice quickly.
+SMALL = {**FAST_SMALL, "desam": {**FAST_SMALL["desam"], "points_per_side": 2},
+         "msam": {**FAST_SMALL["msam"], "infer_iterations": 2}}
 
 
 @pytest.fixture(scope="module")
