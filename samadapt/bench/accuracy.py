@@ -77,7 +77,8 @@ def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float | None =
     """Train and score one task (or reuse its finished result); returns the summary written to ``result.json``.
 
     ``minutes`` (wall clock), ``epochs`` and ``patience`` are the shared training budget (None keeps the presets';
-    ``CONVERGE`` is the convergence budget). The summary holds the spec and, per model and class, mean and std over cases and seeds of each metric.
+    ``CONVERGE`` is the convergence budget). The summary holds the spec and, per model and class, mean and std over
+    cases and seeds of each metric.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
@@ -121,7 +122,8 @@ def markdown(result: dict) -> str:
              "time of training including its last validation; epochs, steps (optimizer steps) and s to best (wall "
              "seconds to the best-validation epoch, whose checkpoint is scored): mean ± std over seeds."
              + _load_text(result.get("load_average")), "",
-             "| model | class | n | Dice | HD95 mm | NSD 1 mm | epochs | steps | s to best | train s | predict s/slice |",
+             "| model | class | n | Dice | HD95 mm | NSD 1 mm | epochs | steps | s to best | train s | "
+             "predict s/slice |",
              "|" + "---|" * 11]
     for r in result["summary"]:
         lines.append(f"| {r['model']} | {r['class']} | {r['n']} | {_cell(r, 'dice', 3)} | {_cell(r, 'hd95', 1)} | "

@@ -97,7 +97,8 @@ class Predictor:
         """One line for people: what ``describe`` says (printed by ``samadapt predict``)."""
         d = self.describe()
         if d["fast"] is None:
-            return f"exact path on {d['device']}" + (f", {d['amp']} autocast from the run" if d["amp"] != "none" else "")
+            run_amp = f", {d['amp']} autocast from the run" if d["amp"] != "none" else ""
+            return f"exact path on {d['device']}{run_amp}"
         done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d["fast_report"].items())
         if d["amp"] == "bf16":
             why = {"on": "--bf16 on", "auto": "auto: this device computes bf16 natively"}.get(d["fast"]["bf16"], "run")
