@@ -6,7 +6,7 @@ embeddings with its own loss, AdamW (weight decay 0.1) and ``warmup_poly`` (``--
 ``--steps``), as the CPU presets do. The LoRA updates stay at their zero init (the encoder is LiteMedSAM's, as at
 step 0 of a real run), so this isolates the decoder, loss and schedule from the encoder: a cheap stand-in for the
 first steps of a run, not a converged result. Every ``--every`` steps it prints one JSON line per output on the
-validation slices: ``dice`` (mean foreground Dice, :func:`samadapt.metrics.batch_dice`), ``bg`` (fraction of pixels
+validation slices: ``dice`` (mean foreground Dice, :func:`samadapt.evaluation.metrics.batch_dice`), ``bg`` (fraction of pixels
 predicted background; the truth is ``true_bg``) and ``classes`` (the labels predicted anywhere).
 
     OMP_NUM_THREADS=1 python benchmarks/hsam_background_probe.py --method hsam --steps 150 --lr 1e-3 --warmup 10
@@ -26,11 +26,11 @@ from samadapt.backbones import Features, build_backbone
 from samadapt.data.demo_data import build_mni152
 from samadapt.data.readers import open_dataset
 from samadapt.data.slices import SliceDataset, collate
-from samadapt.engine.config import TrainConfig
+from samadapt.config.run_config import TrainConfig
 from samadapt.engine.schedulers import build_scheduler
 from samadapt.methods import build_method
 from samadapt.methods.base import upsample_to
-from samadapt.metrics import batch_dice
+from samadapt.evaluation.metrics import batch_dice
 
 
 def pick(ds: SliceDataset, n: int) -> dict:

@@ -42,7 +42,7 @@ brain report "All methods on MNI152 brain extraction" "${BASE[@]}" \
 
 X="$OUT/extras"
 S=${SEEDS%%,*}
-"$PY" -m samadapt.methods.msam_eval --checkpoint "$B/runs/msam/seed$S/checkpoints/best.safetensors" \
+"$PY" -m samadapt.evaluation.protocols.refinement --checkpoint "$B/runs/msam/seed$S/checkpoints/best.safetensors" \
   --data "$B/data/mni152-brain" --iterations 5 --out "$X/msam_refinement"
 "$PY" benchmarks/promise_prompting.py --data "$B/data/mni152-brain" --cache "$B/cache" --out "$X/promise_prompting" \
   --run "apm_ips=$B/runs/promise-apm-ips/seed$S" --run "apm=$B/runs/promise-apm/seed$S" \

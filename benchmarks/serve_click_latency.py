@@ -26,7 +26,7 @@ def main() -> None:
 
     from fastapi.testclient import TestClient
 
-    from samadapt.engine.config import load_config
+    from samadapt.config.run_config import load_config
     from samadapt.serve import create_app, load_model
 
     image = args.image

@@ -39,7 +39,7 @@ def friendly(fn: Callable) -> Callable:
 
 
 def _config(config: Optional[str], overrides: List[str], **shortcuts):
-    from .engine.config import load_config
+    from .config.run_config import load_config
 
     sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     return load_config(config, sets + list(overrides))
@@ -151,7 +151,7 @@ def evaluate(
                                        "nearest, ground truth bilinear then > 0 (ProMISe's release: 256)."),
 ):
     """Dice, IoU, HD95 (mm and voxels), NSD and ASSD (mm where spacing is known) per case and class."""
-    from .engine.evaluate import EVALUATION_METRICS, evaluate_folders, print_summary
+    from .evaluation.folders import EVALUATION_METRICS, evaluate_folders, print_summary
     from .io_utils import check_output_dir
 
     check_output_dir(out)
@@ -184,7 +184,7 @@ def evaluate_dg(
     from rich.table import Table
 
     from .errors import ConfigError
-    from .methods.desam_dg import TABLE_COLUMNS, evaluate_domain_generalisation
+    from .evaluation.protocols.domain_generalisation import TABLE_COLUMNS, evaluate_domain_generalisation
 
     if not targets and sites is None:
         raise ConfigError("give target datasets or --sites")
@@ -212,10 +212,10 @@ def cache(
 ):
     """Precompute the frozen encoder's outputs for every slice of a dataset."""
     from .backbones import build_backbone
-    from .data.cache import EmbeddingCache
+    from .engine.embedding_cache import EmbeddingCache
     from .data.slices import SliceDataset
     from .engine.run import intensity_config, open_source
-    from .weights import cache_dir as default_cache
+    from .backbones.weights import cache_dir as default_cache
 
     cfg = _config(None, set_, **{"data.path": data})
     source = open_source(cfg.data)
@@ -264,7 +264,7 @@ def info():
     from .engine.fast import FastOptions
     from .engine.manifest import package_versions
     from .methods import METHODS
-    from .weights import cache_dir
+    from .backbones.weights import cache_dir
 
     out = Console()
     table = Table(title="methods")
@@ -310,8 +310,8 @@ def compare(
     report: str = typer.Option("report", "--report", help="Report folder name inside OUT."),
 ):
     """Train several models with the same budget and compare them on the test split in one report."""
-    from .compare import ModelSpec
-    from .compare import compare as run_compare
+    from .evaluation.compare import ModelSpec
+    from .evaluation.compare import compare as run_compare
     from .data.demo_data import DEMO_DATASETS, build_demo
 
     path = Path(data)
@@ -332,7 +332,7 @@ def demo(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run unet and box-prompt."),
 ):
     """Build the MNI152 brain-extraction task, train METHOD on litemedsam, compare with baselines, write a report."""
-    from .demo import run_demo
+    from .bench.demo import run_demo
 
     run_demo(Path(out), method=method, minutes=minutes, threads=threads, baselines=baselines)
 

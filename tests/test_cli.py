@@ -1,7 +1,6 @@
 """End-to-end through the command line: train (1 and 2 processes), predict, evaluate, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,10 @@ import pytest
 from PIL import Image
 
 from synthetic import write_disc_pictures
+from support import ENV, run_cli
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 
 
-def run(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "samadapt.cli", *args], capture_output=True, encoding="utf-8",
-                          env=ENV, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"samadapt {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +27,19 @@ TINY = ["--backbone", "tiny", "--method", "decoder", "--device", "cpu", "--set",
 
 def test_train_predict_evaluate_round_trip(disc_folder, tmp_path):
     out = tmp_path / "run"
-    run("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "3", *TINY)
+    run_cli("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "3", *TINY)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backbone"]["name"] == "tiny" and manifest["training"]["epochs_run"] == 3
     assert set(manifest["data"]["split"]) >= {"train", "val", "test"}
     pred = tmp_path / "pred"
-    run("predict", str(disc_folder / "images"), "--run", str(out), "--out", str(pred), "--device", "cpu")
+    run_cli("predict", str(disc_folder / "images"), "--run", str(out), "--out", str(pred), "--device", "cpu")
     written = sorted(p.name for p in pred.iterdir() if p.name != "prediction.json")  # + how they were computed
     assert written == sorted(p.name for p in (disc_folder / "images").iterdir())
     assert json.loads((pred / "prediction.json").read_text())["prediction"]["fast"] is None  # the exact path
     for name in written:  # each mask has its image's size
         assert Image.open(pred / name).size == Image.open(disc_folder / "images" / name).size
     ev = tmp_path / "eval"
-    run("evaluate", str(pred), str(disc_folder / "masks"), "--out", str(ev))
+    run_cli("evaluate", str(pred), str(disc_folder / "masks"), "--out", str(ev))
     summary = json.loads((ev / "summary.json").read_text())
     assert (ev / "per_case.csv").is_file() and summary
 
@@ -66,30 +59,30 @@ def test_two_process_ddp_training(disc_folder, tmp_path):
 
 
 def test_bad_input_errors(disc_folder, tmp_path):
-    bad = run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY, check=False)
+    bad = run_cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *TINY, check=False)
     assert bad.returncode == 2 and "nope" in bad.stderr
-    bad = run("train", "--data", str(disc_folder), "--method", "no-such-method", "--out", str(tmp_path / "r2"),
+    bad = run_cli("train", "--data", str(disc_folder), "--method", "no-such-method", "--out", str(tmp_path / "r2"),
               check=False)
     assert bad.returncode == 2 and "unknown method 'no-such-method'" in bad.stderr
-    bad = run("train", "--data", str(disc_folder), "--backbone", "nope", "--out", str(tmp_path / "r3"), check=False)
+    bad = run_cli("train", "--data", str(disc_folder), "--backbone", "nope", "--out", str(tmp_path / "r3"), check=False)
     assert bad.returncode == 2 and "unknown backbone 'nope'" in bad.stderr
-    bad = run("train", "--data", str(disc_folder), "--set", "train.nosuchkey=1", check=False)
+    bad = run_cli("train", "--data", str(disc_folder), "--set", "train.nosuchkey=1", check=False)
     assert bad.returncode == 2 and "train.nosuchkey" in bad.stderr
     # a checkpoint trained on another backbone is refused
     out = tmp_path / "run"
-    run("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "1", *TINY)
+    run_cli("train", "--data", str(disc_folder), "--out", str(out), "--epochs", "1", *TINY)
     manifest_path = out / "checkpoints" / "best.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["backbone"]["weights_id"] = "0123456789abcdef"
     manifest_path.write_text(json.dumps(manifest))
-    bad = run("predict", str(disc_folder / "images"), "--checkpoint", str(out / "checkpoints" / "best.safetensors"),
+    bad = run_cli("predict", str(disc_folder / "images"), "--checkpoint", str(out / "checkpoints" / "best.safetensors"),
               "--out", str(tmp_path / "p"), check=False)
     assert bad.returncode == 2 and "trained on backbone tiny" in bad.stderr
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
 
 
 def test_info_lists_methods_and_backbones():
-    out = run("info").stdout
+    out = run_cli("info").stdout
     for name in ("decoder", "box-prompt", "unet", "litemedsam", "tiny", "sam_vit_b"):
         assert name in out
     from samadapt.engine.device import cpu_capabilities
@@ -104,7 +97,7 @@ def test_compare_trains_reuses_and_reports(disc_folder, tmp_path):
     args = ["compare", str(disc_folder), "--out", str(out), "--seeds", "0,1", "--epochs", "2",
             "--set", "data.cache=off", "--set", "data.empty_ratio=null",
             "-m", "dec=decoder_tiny", "-m", "dec_again=@dec", "-m", "box=box_prompt_whole backbone.name=tiny"]
-    first = run(*args)
+    first = run_cli(*args)
     rows = json.loads((out / "report" / "metrics.json").read_text())
     test_cases = json.loads((out / "runs" / "dec" / "seed0" / "manifest.json").read_text())["data"]["split"]["test"]
     assert len(rows) == 3 * 2 * len(test_cases)  # models x seeds x cases, one foreground class
@@ -117,12 +110,12 @@ def test_compare_trains_reuses_and_reports(disc_folder, tmp_path):
     readme = (out / "report" / "README.md").read_text()
     assert "| dec | 1 |" in readme and (out / "report" / "overlays.png").stat().st_size > 0
     assert (out / "report" / "training_curves.png").is_file() and "reusing" not in first.stderr
-    second = run(*args)  # finished runs are reused, not trained again
+    second = run_cli(*args)  # finished runs are reused, not trained again
     assert second.stderr.count("reusing the finished run") == 2
     again = json.loads((out / "report" / "metrics.json").read_text())
     assert [(r["model"], r["dice"]) for r in again] == [(r["model"], r["dice"]) for r in rows]
 
 
 def test_compare_rejects_a_reuse_of_an_unknown_model(disc_folder, tmp_path):
-    proc = run("compare", str(disc_folder), "--out", str(tmp_path / "c"), "-m", "a=@nothing", check=False)
+    proc = run_cli("compare", str(disc_folder), "--out", str(tmp_path / "c"), "-m", "a=@nothing", check=False)
     assert proc.returncode == 2 and "nothing" in proc.stderr

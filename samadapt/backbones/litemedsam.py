@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..weights import load_state_dict_checked, read_torch_checkpoint
+from .weights import load_state_dict_checked, read_torch_checkpoint
 from . import BACKBONES
 from .base import Backbone, file_sha256
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..weights import cache_dir, load_state_dict_checked, read_torch_checkpoint
+from .weights import cache_dir, load_state_dict_checked, read_torch_checkpoint
 from . import BACKBONES
 from .base import file_sha256
 from .litemedsam import LiteMedSAM

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..weights import cache_dir, download_file, load_state_dict_checked, read_torch_checkpoint
+from .weights import cache_dir, download_file, load_state_dict_checked, read_torch_checkpoint
 from . import BACKBONES
 from .base import Backbone, file_sha256
 

@@ -33,7 +33,7 @@ class TinySAM(Backbone):
 def build_tiny(checkpoint: str | None = None, seed: int = 0) -> TinySAM:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-    from ..weights import load_state_dict_checked, read_torch_checkpoint
+    from .weights import load_state_dict_checked, read_torch_checkpoint
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..compare import ModelSpec, compare, summarize_rows
+from ..evaluation.compare import ModelSpec, compare, summarize_rows
 from ..data.demo_data import build_demo
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..data.slices import collate, volume_slices
-from ..engine.config import load_config
+from ..config.run_config import load_config
 from ..engine.predict import Predictor
 from ..engine.run import build_model, feature_source, intensity_config, open_source, prepare_data, use_cache
 from ..engine.trainer import Trainer

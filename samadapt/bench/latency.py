@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..backbones import build_backbone
 from ..data.readers import open_dataset
-from ..engine.config import load_config
+from ..config.run_config import load_config
 from ..engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor, quantize_int8
 from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions

@@ -48,7 +48,7 @@ INT8_OPS = ("MatMul", "Gemm")
 this project's AVX2 CPU, while int8 MatMul/Gemm (the Linear layers: about half the encoder's FLOPs) was faster."""
 
 # Methods whose ``predict`` does not trace into one graph with a dynamic batch, and why (found by exporting each
-# method and checking ONNX Runtime against PyTorch on another batch size; tests/test_export.py keeps this true).
+# method and checking ONNX Runtime against PyTorch on another batch size; tests/engine/test_export.py keeps this true).
 NOT_TRACEABLE = {
     "desam": "its inference works image by image (grid mode: IoU filter, box NMS, small-region removal and lazy "
              "decoding, all data-dependent; box mode: per-image valid-size boxes), so the traced graph has a fixed "

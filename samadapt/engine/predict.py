@@ -20,7 +20,7 @@ from ..data.slices import collate, reassemble, volume_slices
 from ..errors import CheckpointError
 from ..methods import Method
 from .checkpoint import load_checkpoint, read_manifest
-from .config import RunConfig, _update, apply_overrides
+from ..config.run_config import RunConfig, _update, apply_overrides
 from .device import autocast, resolve_device, to_device
 from .fast import FastOptions, apply_fast_options, bf16_native
 

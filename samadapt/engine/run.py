@@ -35,7 +35,7 @@ from ..errors import ConfigError, InputError
 from ..io_utils import FolderLock, atomic_write_json, check_output_dir, clean_stale_parts
 from ..methods import Method, build_method
 from . import distributed as dist_utils
-from .config import DataConfig, RunConfig, check_config, load_config, save_config
+from ..config.run_config import DataConfig, RunConfig, check_config, load_config, save_config
 from .device import resolve_device
 from .manifest import base_manifest
 from .trainer import Trainer, TrainResult
@@ -116,8 +116,8 @@ def embedding_cache(backbone: Backbone, method: Method, cfg: DataConfig):
     """The ``EmbeddingCache`` this run reads encoder outputs from, or None when not caching."""
     if not use_cache(method, cfg):
         return None
-    from ..data.cache import EmbeddingCache
-    from ..weights import cache_dir
+    from .embedding_cache import EmbeddingCache
+    from ..backbones.weights import cache_dir
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "embeddings"
     return EmbeddingCache(root, backbone, intermediates=method.intermediates)

@@ -8,7 +8,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import ConfigError
-from .config import TrainConfig
+from ..config.run_config import TrainConfig
 
 
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:

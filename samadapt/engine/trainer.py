@@ -29,7 +29,7 @@ from ..methods.base import Method
 from . import distributed as dist_utils
 from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, load_training_state, rng_state,
                          save_checkpoint, save_training_state, set_rng_state)
-from .config import TrainConfig
+from ..config.run_config import TrainConfig
 from .device import autocast, to_device
 from .schedulers import build_optimizer, build_scheduler
 from .validation import validate

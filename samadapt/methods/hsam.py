@@ -44,7 +44,7 @@ Stage 2 (``HSAMStage2``, random init):
 Loss per stage ``0.1 CE + 0.9 Dice`` (softmax, background included, squared denominators, whole-batch sums;
 stage 1 at 4h x 4w against nearest-downsampled labels, stage 2 at S x S), combined as ``(1 - w) L1 + w L2`` with
 ``w = 0.6 ** (0.99 ** epoch)`` set by ``on_epoch_start``. The optimiser and schedule (AdamW, weight decay 0.1,
-warmup + poly) come from the run's ``train`` section (see ``configs/hsam_paper.yaml``).
+warmup + poly) come from the run's ``train`` section (see ``config/presets/hsam_paper.yaml``).
 
 Inference (``inference_stage``): 1 = stage-1 logits bilinearly upsampled to S, 2 = stage-2 logits, 3 = their
 average (the release's ``--stage 3``); softmax over the T channels.

@@ -30,7 +30,7 @@ Inference: ``predict`` returns the last iteration's probabilities; ``predict_ite
 Without ``batch["points"]`` it runs the automatic mode (``infer_iterations`` mask-only refinements, the first from an
 empty mask or the whole-image box); with ``points`` (B x N x 2, (x, y) in the S x S frame) and ``point_labels`` (B x N;
 1, 0, or -1 padding) it runs one iteration per click. ``refine(batch, n, mode="simulate")`` simulates corrective
-clicks from the ground truth (the interactive evaluation protocol). ``samadapt.methods.msam_eval`` computes the Dice
+clicks from the ground truth (the interactive evaluation protocol). ``samadapt.evaluation.protocols.refinement`` computes the Dice
 curve over iterations and plots it.
 """
 

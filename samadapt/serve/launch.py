@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine.checkpoint import read_manifest
-from ..engine.config import RunConfig
+from ..config.run_config import RunConfig
 from ..engine.predict import Predictor
 from ..errors import ConfigError, InputError
 from .model import ServedModel

@@ -1,0 +1,1 @@
+"""The run configuration: ``RunConfig`` and its sections, YAML presets (``presets/``), overrides and checks."""

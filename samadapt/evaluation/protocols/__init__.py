@@ -1,0 +1,1 @@
+"""Evaluation protocols beyond scoring a folder: domain generalisation, refinement curves, prompting, light decoder."""

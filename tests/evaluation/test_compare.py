@@ -1,0 +1,72 @@
+"""samadapt.evaluation.compare pieces that the CLI test does not reach: model specs, summaries, prompt plots."""
+
+import math
+
+import numpy as np
+import pytest
+
+from samadapt.evaluation.compare import ModelSpec, plot_prompts, summarize_rows
+from samadapt.data.cases import Case
+from samadapt.data.preprocessing import IntensityConfig
+from samadapt.engine.predict import Predictor
+from samadapt.errors import ConfigError
+from samadapt.methods import build_method
+from support import SMALL
+
+
+def test_model_spec_parsing():
+    spec = ModelSpec.parse("desam-box=desam_cpu method.options.mode=box train.lr=1e-4")
+    assert (spec.label, spec.config, spec.overrides, spec.reuses) == \
+        ("desam-box", "desam_cpu", ["method.options.mode=box", "train.lr=1e-4"], None)
+    assert ModelSpec.parse("s1=@hsam method.options.inference_stage=1").reuses == "hsam"
+    for bad in ("decoder_cpu", "=decoder_cpu", "x="):
+        with pytest.raises(ConfigError):
+            ModelSpec.parse(bad)
+
+
+def test_summary_means_over_cases_and_seeds_without_nans():
+    rows = [{"model": "a", "class": 1, "dice": d, "iou": 0.5, "hd95": h, "hd95_vox": h / 2, "nsd": 1.0, "assd": 1.0,
+             "train_s": 2.0, "predict_s_per_slice": 0.1} for d, h in ((0.8, 2.0), (0.6, math.nan), (0.7, 4.0))]
+    (summary,) = summarize_rows(rows)
+    assert summary["n"] == 3 and summary["dice"] == pytest.approx(0.7)
+    assert summary["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.7]))
+    assert summary["hd95"] == pytest.approx(3.0)  # the NaN (empty prediction) is left out, not counted as 0
+    assert summary["hd95_vox"] == pytest.approx(1.5)
+
+
+def test_prompt_plot_for_methods_that_choose_points(tiny_backbone, tmp_path):
+    rng = np.random.default_rng(0)
+    label = np.zeros((3, 40, 48), np.uint8)
+    label[:, 10:30, 12:36] = 1
+    case = Case("c", (rng.random((1, 3, 40, 48)) + label).astype(np.float32), label)
+    promise = Predictor(build_method("promise", tiny_backbone, SMALL["promise"]), IntensityConfig())
+    path = plot_prompts(promise, case, [0, 2], tmp_path / "points.png")
+    assert path.stat().st_size > 0 and promise.batch_size == 8
+    assert promise.method.last_points.shape[0] == 2  # one batch held both picked slices
+    decoder = Predictor(build_method("decoder", tiny_backbone, {}), IntensityConfig())
+    assert plot_prompts(decoder, case, [0], tmp_path / "none.png") is None
+
+
+def test_an_interrupted_model_resumes_instead_of_being_refused(tmp_path, monkeypatch):
+    """A run folder holding a committed epoch (state.pt) but no finished training is resumed by the next compare."""
+    import json
+
+    from samadapt.evaluation import compare as compare_mod
+    from synthetic import write_disc_pictures
+
+    (tmp_path / "discs").mkdir()
+    disc_folder = write_disc_pictures(tmp_path / "discs", 12, (80, 96), 0, "case{:02d}", (25, 55, 25, 70), (8, 18))
+
+    models = [ModelSpec.parse("dec=decoder_tiny")]
+    common = ["data.cache=off", "data.empty_ratio=null"]
+    compare_mod.compare(disc_folder, models, tmp_path, epochs=2, common=common, overlays=False)
+    run = tmp_path / "runs" / "dec" / "seed0"
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["training"]  # as if killed after its last epoch's commit, before the run was marked finished
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    resumed = []
+    real_train = compare_mod.run_train
+    monkeypatch.setattr(compare_mod, "run_train", lambda cfg, resume=False: resumed.append(resume) or
+                        real_train(cfg, resume=resume))
+    rows = compare_mod.compare(disc_folder, models, tmp_path, epochs=2, common=common, overlays=False)
+    assert resumed == [True] and rows and all(r["epochs"] == 2 for r in rows)
