@@ -39,12 +39,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
+from ..data.clicks import batch_clicks
 from ..errors import ConfigError, InputError
 from ..layers.lora import apply_lora, lora_parameters
 from ..layers.lora_heads import apply_qv_lora
@@ -116,57 +116,6 @@ class MSAMConfig(MethodConfig):
     """Reproduce the release's click-region bug: threshold the previous *logits* at 0.5 instead of probability 0.5."""
 
 
-# --- click simulation -------------------------------------------------------------------------------------------------
-def _deepest_pixel(mask: np.ndarray) -> tuple[int, int, float]:
-    """(row, col, distance) of the pixel of ``mask`` farthest from its complement and from the image border."""
-    from scipy.ndimage import distance_transform_edt
-
-    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    flat = int(np.argmax(dist))
-    return flat // mask.shape[1], flat % mask.shape[1], float(dist.flat[flat])
-
-
-def simulate_clicks(pred: Tensor, target: Tensor, mode: str = "random",
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """One corrective click per image from the error region of ``pred`` against ``target``.
-
-    pred, target: B x H x W bool (or 0/1). Error region = FN (target & ~pred) | FP (pred & ~target).
-    ``mode="random"``: a uniformly drawn error pixel, positive (1) if it is a false negative, negative (0) if a false
-    positive (the release). ``mode="center"``: the pixel deepest inside the false-negative or false-positive region
-    (Euclidean distance to the region's complement and the image border), whichever is deeper, ties to FN.
-    Returns ``coords`` B x 1 x 2 float pixel coordinates (x, y) and ``labels`` B x 1 long; an image without error (a
-    perfect mask) gets a padding point: label -1 at (0, 0).
-    """
-    if mode not in CLICK_MODES:
-        raise ConfigError(f"click mode must be one of {CLICK_MODES}, got {mode!r}")
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise InputError("msam clicks", f"pred and target must both be B x H x W, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    pred, target = pred.bool(), target.bool()
-    fn, fp = target & ~pred, pred & ~target
-    b, h, w = pred.shape
-    coords = torch.zeros(b, 1, 2, dtype=torch.float32, device=pred.device)
-    labels = torch.full((b, 1), -1, dtype=torch.long, device=pred.device)
-    for i in range(b):
-        error = (fn[i] | fp[i])
-        if not bool(error.any()):
-            continue
-        if mode == "random":
-            weights = error.flatten().float().cpu()
-            idx = int(torch.multinomial(weights, 1, generator=generator))
-            r, c = idx // w, idx % w
-            positive = bool(fn[i, r, c])
-        else:
-            fn_np, fp_np = fn[i].cpu().numpy(), fp[i].cpu().numpy()
-            rn, cn, dn = _deepest_pixel(fn_np) if fn_np.any() else (0, 0, -1.0)
-            rp, cp, dp = _deepest_pixel(fp_np) if fp_np.any() else (0, 0, -1.0)
-            positive = dn >= dp
-            r, c = (rn, cn) if positive else (rp, cp)
-        coords[i, 0, 0], coords[i, 0, 1] = float(c), float(r)
-        labels[i, 0] = 1 if positive else 0
-    return coords, labels
-
-
 def _lora_targets(backbone: Backbone, config: MSAMConfig) -> list[str]:
     name = getattr(backbone, "name", "")
     targets = config.lora_targets or LORA_TARGETS.get(name)
@@ -184,6 +133,10 @@ class MSAM(Method):
     max_classes = 1
     promptable = True
     prompt_kinds = ("points",)
+    presets = {"cpu": "msam_cpu", "paper": "msam_paper"}
+    benchmark_parts = ("latency", "cost")
+    export_refusal = ("the Mask-Enhanced Adapter pools a dynamically sized map with adaptive_avg_pool2d, which "
+                      "torch.onnx cannot export")
 
     def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
@@ -289,7 +242,7 @@ class MSAM(Method):
         with torch.no_grad():
             up = upsample_to(prev_logits.detach().float(), label.shape[-1])[:, 0]
             pred = up > 0.5 if self.config.faithful else up > 0.0
-            return simulate_clicks(pred, label > 0, mode)
+            return batch_clicks(pred, label > 0, mode)
 
     def refine(self, batch: dict, iterations: int, mode: str = "auto", embedding: Tensor | None = None,
                start: str | None = None, click_mode: str | None = None) -> list[Tensor]:
@@ -399,4 +352,4 @@ class MSAM(Method):
         return self.predict_iterations(batch)[-1]
 
 
-__all__ = ["LORA_LAYOUTS", "LORA_TARGETS", "MSAM", "MSAMConfig", "simulate_clicks"]
+__all__ = ["LORA_LAYOUTS", "LORA_TARGETS", "MSAM", "MSAMConfig"]

@@ -14,7 +14,7 @@ from samadapt.errors import ConfigError, InputError
 from samadapt.layers.lora import LoRALinear, LoRAQKV, lora_modules
 from samadapt.layers.mask_enhanced_adapter import MaskEnhancedAdapter, RelPosSelfAttention
 from samadapt.methods import build_method
-from samadapt.methods.msam import LORA_TARGETS, MSAM, simulate_clicks
+from samadapt.methods.msam import LORA_TARGETS, MSAM
 from samadapt.evaluation.protocols.refinement import case_curves, plot_refinement_curves, pooled_dice, slice_curve
 
 SMALL = {"mea_pool_size": 8, "mea_mlp_ratio": 0.5, "train_iterations": 2, "infer_iterations": 2}
@@ -97,69 +97,7 @@ def test_relpos_attention_matches_brute_force():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-# --- click simulator --------------------------------------------------------------------------------------------------
-def square(h=32, w=32, r0=8, r1=20, c0=10, c1=26):
-    m = torch.zeros(h, w, dtype=torch.bool)
-    m[r0:r1, c0:c1] = True
-    return m
-
-
-@pytest.mark.parametrize("mode", ["random", "center"])
-def test_clicks_empty_prediction_gives_positive_click_inside_target(mode):
-    target = square()[None]
-    pred = torch.zeros_like(target)
-    for seed in range(20):
-        coords, labels = simulate_clicks(pred, target, mode, torch.Generator().manual_seed(seed))
-        x, y = coords[0, 0].long().tolist()
-        assert labels.tolist() == [[1]]
-        assert bool(target[0, y, x])
-
-
-def test_center_click_is_the_deepest_error_pixel():
-    target = torch.zeros(1, 31, 31, dtype=torch.bool)
-    target[0, 5:26, 5:26] = True  # 21 x 21 square centred at (15, 15)
-    coords, labels = simulate_clicks(torch.zeros_like(target), target, "center")
-    assert coords[0, 0].tolist() == [15.0, 15.0] and labels.item() == 1
-    # A false-positive band deeper than a thin false-negative strip: negative click in the band's middle.
-    pred_fp = target.clone()
-    pred_fp[0, 5:26, 5:7] = False  # FN strip 2 columns wide (depth 1)
-    pred_fp[0, 26:31, 5:26] = True  # FP band 5 rows deep below the square (depth 3)
-    coords, labels = simulate_clicks(pred_fp, target, "center")
-    x, y = coords[0, 0].long().tolist()
-    assert labels.item() == 0 and y == 28 and 5 <= x <= 25
-    assert bool(pred_fp[0, y, x]) and not bool(target[0, y, x])
-
-
-def test_random_clicks_stay_in_the_error_region_with_the_right_labels():
-    target = square()[None]
-    pred = square(r0=12, r1=26, c0=10, c1=26)[None]  # shifted down: FN above, FP below
-    fn, fp = target & ~pred, pred & ~target
-    seen = set()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        coords, labels = simulate_clicks(pred, target, "random", g)
-        x, y = coords[0, 0].long().tolist()
-        lab = labels.item()
-        assert (lab == 1 and bool(fn[0, y, x])) or (lab == 0 and bool(fp[0, y, x]))
-        seen.add(lab)
-    assert seen == {0, 1}
-
-
-def test_perfect_mask_gives_padding_click_per_image():
-    target = torch.stack([square(), square(r0=0, r1=4)])
-    pred = target.clone()
-    pred[1, 30, 30] = True  # image 1 has one FP pixel
-    coords, labels = simulate_clicks(pred, target, "random")
-    assert labels[:, 0].tolist() == [-1, 0]
-    assert coords[1, 0].tolist() == [30.0, 30.0]
-    both_empty = torch.zeros(1, 8, 8, dtype=torch.bool)
-    assert simulate_clicks(both_empty, both_empty, "center")[1].item() == -1
-    with pytest.raises(InputError):
-        simulate_clicks(pred[:, :4], target, "random")
-    with pytest.raises(ConfigError):
-        simulate_clicks(pred, target, "nearest")
-
-
+# --- click simulation (the policies themselves: tests/data/test_clicks.py) ---------------------------------------
 def test_faithful_switch_thresholds_logits_at_half(tiny_backbone):
     prev = torch.full((1, 1, 16, 16), 0.3)  # p = sigmoid(0.3) > 0.5 everywhere, but logit < 0.5
     label = torch.ones(1, 64, 64, dtype=torch.long)
