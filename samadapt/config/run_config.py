@@ -8,13 +8,15 @@ A run file looks like::
     train: {epochs: 20, batch_size: 8, lr: 1.0e-4}
     output: runs/decoder
 
-``method.options`` is checked against the method's own config dataclass when the method is built.
+Values are coerced to each field's annotated type (``samadapt.methods.options.coerce``); ``method.options`` are
+typed and checked against the method's own config dataclass as soon as the config is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..methods import METHODS
+from ..methods.base import config_from_dict
+from ..methods.options import coerce
 
 
 @dataclass
@@ -156,38 +161,6 @@ def check_config(config: RunConfig) -> RunConfig:
     return config
 
 
-def _coerce(value: Any, current: Any, where: str) -> Any:
-    """Coerce ``value`` (often a string from the command line) to the type of ``current``."""
-    if isinstance(value, str):
-        loaded = yaml.safe_load(value) if value != "" else value
-    else:
-        loaded = value
-    if current is None or loaded is None:
-        return loaded
-    if isinstance(current, bool):
-        if not isinstance(loaded, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return loaded
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if isinstance(loaded, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-            try:
-                loaded = float(loaded)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if not isinstance(loaded, (int, float)) or isinstance(loaded, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(current, int) and not float(loaded).is_integer():
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return type(current)(loaded)
-    if isinstance(current, tuple):
-        if not isinstance(loaded, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(loaded)
-    if isinstance(current, str) and not isinstance(loaded, str):
-        return str(value)
-    return loaded
-
-
 def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
     for key, value in values.items():
         where = f"{prefix}{key}"
@@ -203,11 +176,15 @@ def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
                 raise ConfigError(f"{where}: expected a mapping, got {value!r}")
             _update(current, value, where + ".")
         else:
-            setattr(obj, key, _coerce(value, current, where))
+            setattr(obj, key, coerce(value, typing.get_type_hints(type(obj))[key], where))
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists)."""
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists, coerced to the setting's type).
+
+    ``method.options.<key>`` overrides apply after the others (typed by the method named last, wherever
+    ``method.name`` comes); then every method option is typed and checked by ``method_options``."""
+    options: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -217,10 +194,19 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         for part in reversed(parts[:-1]):
             nested = {part: nested}
         if parts[0] == "method" and len(parts) > 2 and parts[1] == "options":
-            config.method.options[".".join(parts[2:])] = yaml.safe_load(value)
+            options[".".join(parts[2:])] = value
             continue
         _update(config, nested, "")
+    config.method.options.update(options)
+    config.method.options = method_options(config.method)
     return config
+
+
+def method_options(spec: MethodSpec) -> dict[str, Any]:
+    """``spec.options`` coerced to the field types of method ``spec.name``'s config class and checked against
+    their allowed values (``samadapt.methods.base.config_from_dict``); ConfigError names ``method.options.<key>``."""
+    config = config_from_dict(METHODS.get(spec.name).config_class, spec.options)
+    return {key: getattr(config, key) for key in spec.options}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -25,21 +25,27 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features, LayerRequest
 from ..errors import ConfigError
+from .options import typed_fields
 
 
 @dataclasses.dataclass
 class MethodConfig:
-    """Options shared by every method; each method subclasses this with its own fields."""
+    """Options shared by every method; each method subclasses this with its own fields, whose annotations give their
+    types and whose ``options.option`` metadata their allowed values (checked by ``config_from_dict``)."""
+
+    def check(self) -> None:
+        """Checks that relate several fields (ConfigError naming them); ``config_from_dict`` calls it once every field
+        has been coerced and checked on its own. None here."""
 
 
-def config_from_dict(cls: type, values: dict[str, Any] | None) -> Any:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones."""
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
-    return cls(**values)
+def config_from_dict(cls: type, values: dict[str, Any] | None, prefix: str = "method.options.") -> Any:
+    """Build config dataclass ``cls`` from a dict: each value coerced to its field's type (strings from ``--set``
+    parsed as YAML) and checked against the field's allowed values, then ``check``; unknown keys are refused with
+    the list of valid ones. Errors are ConfigError naming ``prefix`` + the key, the value and what is allowed."""
+    config = cls(**typed_fields(cls, dict(values or {}), prefix))
+    if isinstance(config, MethodConfig):
+        config.check()
+    return config
 
 
 class Method(nn.Module):
