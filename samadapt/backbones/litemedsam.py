@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .weights import load_state_dict_checked, read_torch_checkpoint
+from ..state_dicts import load_state_checked
+from .weights import read_torch_checkpoint
 from . import BACKBONES
 from .base import Backbone, file_sha256
 
@@ -49,7 +50,7 @@ def build_litemedsam(checkpoint: str | None = None, pretrained: bool = True) -> 
     if pretrained or checkpoint:
         path = Path(checkpoint) if checkpoint else Path(mlt.get_asset_path())
         state = read_torch_checkpoint(path)
-        load_state_dict_checked(net, state, str(path))
+        load_state_checked(net, state, str(path))
         same_size = path.stat().st_size == mlt.CHECKPOINT_SIZE
         weights_id = mlt.CHECKPOINT_SHA256 if (same_size and not checkpoint) else file_sha256(path)
     return LiteMedSAM(net.image_encoder, net.prompt_encoder, net.mask_decoder, weights_id=weights_id)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .weights import cache_dir, load_state_dict_checked, read_torch_checkpoint
+from ..state_dicts import load_state_checked
+from .weights import cache_dir, read_torch_checkpoint
 from . import BACKBONES
 from .base import file_sha256
 from .litemedsam import LiteMedSAM
@@ -110,6 +111,6 @@ def build_mobilesam(checkpoint: str | None = None, pretrained: bool = True, seed
                           pixel_scale=255.0)
     if path is not None:
         state = {k: v for k, v in read_torch_checkpoint(path).items() if k not in UNUSED_KEYS}
-        load_state_dict_checked(model, state, str(path))
+        load_state_checked(model, state, str(path))
         model.weights_id = file_sha256(path)
     return model

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from .weights import cache_dir, download_file, load_state_dict_checked, read_torch_checkpoint
+from ..state_dicts import load_state_checked
+from .weights import cache_dir, download_file, read_torch_checkpoint
 from . import BACKBONES
 from .base import Backbone, file_sha256
 
@@ -140,7 +141,7 @@ def _check_architecture(name: str, state: dict[str, Tensor], source: str) -> Non
     """Name the architecture a SAM checkpoint was made for when it is not ``name`` (clearer than shape lists)."""
     pos = state.get("image_encoder.pos_embed")
     if pos is None or pos.dim() != 4:
-        return  # not a SAM-layout checkpoint: load_state_dict_checked lists the keys
+        return  # not a SAM-layout checkpoint: load_state_checked lists the keys
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
     width = int(pos.shape[-1])
     found = _WIDTH_TO_NAME.get(width)
@@ -194,7 +195,7 @@ def build_sam_backbone(
 
     ``pretrained=False`` (and no ``checkpoint``) keeps ``segment-anything``'s random init, seeded (``weights_id``
     ``random-<seed>``); it also works under ``with torch.device("meta")`` to inspect ViT-L/H without memory.
-    Otherwise weights come from ``resolve_sam_checkpoint`` and load through ``load_state_dict_checked`` (missing,
+    Otherwise weights come from ``resolve_sam_checkpoint`` and load through ``load_state_checked`` (missing,
     unexpected or mis-shaped keys raise ``CheckpointError``); ``weights_id`` is the file's SHA-256.
     """
     from segment_anything import sam_model_registry
@@ -216,7 +217,7 @@ def build_sam_backbone(
     if path is not None:
         state = read_torch_checkpoint(path)
         _check_architecture(name, state, str(path))
-        load_state_dict_checked(sam, state, str(path))
+        load_state_checked(sam, state, str(path))
     else:
         weights_id = f"random-{seed}"
     resize_sam_input(sam, input_size)

@@ -33,7 +33,8 @@ class TinySAM(Backbone):
 def build_tiny(checkpoint: str | None = None, seed: int = 0) -> TinySAM:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-    from .weights import load_state_dict_checked, read_torch_checkpoint
+    from ..state_dicts import load_state_checked
+    from .weights import read_torch_checkpoint
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -51,7 +52,7 @@ def build_tiny(checkpoint: str | None = None, seed: int = 0) -> TinySAM:
         )
     model = TinySAM(encoder, prompt_encoder, decoder, weights_id=f"random-{seed}")
     if checkpoint:
-        load_state_dict_checked(model, read_torch_checkpoint(checkpoint), checkpoint)
+        load_state_checked(model, read_torch_checkpoint(checkpoint), checkpoint)
         from .base import file_sha256
 
         model.weights_id = file_sha256(checkpoint)

@@ -1,9 +1,10 @@
-"""Loading state dicts loudly, and where downloaded weights live.
+"""Reading users' weight files, and where downloaded weights live.
 
-``load_state_dict_checked`` strips the wrappers users' checkpoints come in (``model``/``state_dict`` entries,
-``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``) and raises ``CheckpointError`` listing the keys when
-nothing matches or keys are missing, instead of silently loading half a model. ``download_file`` fetches weights
-into ``cache_dir()`` with a SHA-256 check and never leaves a partial file behind.
+``read_torch_checkpoint`` reads a ``.pth``/``.pt`` file safely and strips the wrappers users' checkpoints come in
+(``model``/``state_dict`` entries, ``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``); the backbones load
+the result through ``samadapt.state_dicts.load_state_checked``, which lists the keys when nothing matches or keys
+are missing. ``download_file`` fetches weights into ``cache_dir()`` with a SHA-256 check and never leaves a partial
+file behind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
 
@@ -49,42 +49,6 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         state[key] = value
     return state
-
-
-def _short_list(keys: list[str], n: int = 12) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def load_state_dict_checked(
-    module: nn.Module, state: Mapping[str, torch.Tensor], source: str, allow_missing: bool = False
-) -> None:
-    """Load ``state`` into ``module``; fail loudly on no match, missing keys or shape mismatches.
-
-    ``source`` names the file (or object) in error messages. Unexpected keys are an error too: a checkpoint with
-    extra tensors is a checkpoint for another model.
-    """
-    own = module.state_dict()
-    matched = [k for k in state if k in own]
-    if not matched:
-        raise CheckpointError(
-            f"{source}: no key matches the model. Checkpoint keys: {_short_list(sorted(state))}; "
-            f"model keys: {_short_list(sorted(own))}"
-        )
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    wrong_shape = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in matched
-                         if tuple(state[k].shape) != tuple(own[k].shape))
-    problems = []
-    if missing and not allow_missing:
-        problems.append(f"missing keys: {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_short_list(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches: {_short_list(wrong_shape)}")
-    if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems))
-    module.load_state_dict(dict(state), strict=not allow_missing)
 
 
 def read_torch_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ non-finite weights. ``state.pt`` holds what ``--resume`` needs: weights, optimiz
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..io_utils import atomic_path, atomic_write_json
 from ..methods.base import Method
+from ..state_dicts import load_state_checked, read_sidecar_manifest
 
 
 def adapter_state(method: Method) -> dict[str, torch.Tensor]:
@@ -96,16 +96,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     weights = Path(path).with_suffix(".safetensors")
     if not weights.is_file():
         raise CheckpointError(f"{weights}: checkpoint file not found")
-    path = weights.with_suffix(".json")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint manifest not found (expected beside the .safetensors file)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: manifest is not a JSON object")
-    return manifest
+    return read_sidecar_manifest(weights)
 
 
 def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | None = None) -> dict[str, Any]:
@@ -131,23 +122,8 @@ def load_checkpoint(method: Method, path: str | Path, expect_backbone: dict | No
 
 def apply_adapter_state(method: Method, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load ``tensors`` (an ``adapter_state``, read from ``path``) into ``method``; fail loudly on no match, missing
-    keys or shape mismatches."""
-    expected = adapter_state(method)
-    matched = [k for k in tensors if k in expected]
-    if not matched:
-        raise CheckpointError(f"{path}: no key matches the model; checkpoint has {sorted(tensors)[:8]}, "
-                              f"model expects {sorted(expected)[:8]}")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; "
-                              f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
-    bad = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in matched
-           if tensors[k].shape != expected[k].shape]
-    if bad:
-        raise CheckpointError(f"{path}: shape mismatches: {bad[:10]}")
-    result = method.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys
+    or unexpected keys or shape mismatches."""
+    load_state_checked(method, tensors, path, expected=adapter_state(method))
 
 
 def rng_state() -> dict[str, Any]:

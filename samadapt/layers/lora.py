@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..io_utils import atomic_path, atomic_write_text
 from ..errors import CheckpointError, ConfigError
+from ..state_dicts import load_state_checked, read_sidecar_manifest, short_list
 
 ADAPTER_FORMAT = "samadapt-lora/1"
 
@@ -254,17 +255,7 @@ def save_adapter(module: nn.Module, path: str | os.PathLike, manifest: dict | No
 
 def read_adapter_manifest(path: str | os.PathLike) -> dict:
     """The JSON manifest beside an adapter file; ``CheckpointError`` naming the file when missing or invalid."""
-    mpath = _manifest_path(Path(path))
-    if not mpath.is_file():
-        raise CheckpointError(f"{mpath}: adapter manifest not found (expected beside {Path(path).name})")
-    try:
-        return json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{mpath}: adapter manifest is not valid JSON ({exc})") from exc
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+    return read_sidecar_manifest(path, kind="adapter")
 
 
 def load_adapter(module: nn.Module, path: str | os.PathLike, check_base: bool = True) -> dict:
@@ -297,7 +288,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, check_base: bool = 
         absent = [n for n in layers if not isinstance(named.get(n), nn.Linear)]
         if absent:
             raise CheckpointError(f"{path}: adapter targets that are not nn.Linear layers of this model: "
-                                  f"{_short(absent)}")
+                                  f"{short_list(absent)}")
         for name, spec in layers.items():
             cls = _KINDS.get(spec.get("kind"))
             if cls is None:
@@ -307,25 +298,7 @@ def load_adapter(module: nn.Module, path: str | os.PathLike, check_base: bool = 
         for param in module.parameters():
             if id(param) not in lora_ids:
                 param.requires_grad_(False)
-    own = {f"{name}.{pname}": p for name, w in lora_modules(module).items() for pname, p in w.lora_parameters()}
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                    if k in state and state[k].shape != own[k].shape)
-    problems = []
-    if not (set(own) & set(state)):
-        problems.append("no adapter key matches the model")
-    if missing:
-        problems.append(f"missing keys: {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_short(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {_short(shapes)}")
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in own.items():
-            param.copy_(state[key].to(device=param.device, dtype=param.dtype))
+    load_state_checked(module, state, path, expected=lora_state_dict(module))
     return manifest
 
 
