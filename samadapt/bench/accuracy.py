@@ -19,19 +19,28 @@ from ..evaluation.compare import ModelSpec, compare, summarize_rows
 from ..data.demo_data import build_demo
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json
+from .selection import preset
 
-BINARY_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt",
-                 "box-prompt-whole=box_prompt_whole", "desam-box=desam_cpu method.options.mode=box",
-                 "hetersam=hetersam_cpu", "hsam=hsam_cpu", "msam=msam_cpu", "promise=promise_cpu",
-                 "promise-cross=promise_cpu method.options.apm=cross")
+
+def model(label: str, method: str, *overrides: str, purpose: str = "cpu") -> str:
+    """The compare spec ``LABEL=PRESET [overrides]``, PRESET being the preset ``method`` declares for ``purpose``."""
+    return " ".join([f"{label}={preset(method, purpose)}", *overrides])
+
+
+BINARY_MODELS = (model("decoder", "decoder"), model("unet", "unet"),
+                 model("box-prompt-gt", "box-prompt", purpose="oracle"), model("box-prompt-whole", "box-prompt"),
+                 model("desam-box", "desam", "method.options.mode=box"), model("hetersam", "hetersam"),
+                 model("hsam", "hsam"), model("msam", "msam"), model("promise", "promise"),
+                 model("promise-cross", "promise", "method.options.apm=cross"))
 # promise = the paper's APM_IPS_resnet, promise-cross = APM_IPS_cross (cross-attention APM, same CPU preset).
 # DeSAM's grid mode decodes up to 81 point prompts per slice (about 14 s per slice on 2 CPU threads, 11 minutes per
 # seed on the 46 test slices of the MNI152 slab), so it runs on the small nuclei task only.
-DESAM_GRID = "desam-grid=desam_cpu"
-# H-SAM's claim is against SAMed (same recipe: samed_cpu); its stages are re-scored from the same trained run.
-MULTICLASS_MODELS = ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt", "hsam=hsam_cpu",
+DESAM_GRID = model("desam-grid", "desam")
+# H-SAM's claim is against SAMed (same recipe: its CPU preset); its stages are re-scored from the same trained run.
+MULTICLASS_MODELS = (model("decoder", "decoder"), model("unet", "unet"),
+                     model("box-prompt-gt", "box-prompt", purpose="oracle"), model("hsam", "hsam"),
                      "hsam-stage1=@hsam method.options.inference_stage=1",
-                     "hsam-stage2=@hsam method.options.inference_stage=2", "samed=samed_cpu")
+                     "hsam-stage2=@hsam method.options.inference_stage=2", model("samed", "samed"))
 
 
 @dataclass(frozen=True)

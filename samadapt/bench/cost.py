@@ -30,13 +30,11 @@ from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json
 from .memory import peak_rss_mib, reset_peak_rss
-
-PRESETS = {"decoder": "decoder_cpu", "desam": "desam_cpu", "hetersam": "hetersam_cpu", "promise": "promise_cpu",
-           "hsam": "hsam_cpu", "msam": "msam_cpu", "unet": "unet_cpu"}
+from .selection import measured_methods, preset
 
 
 def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backbone: str):
-    return load_config(PRESETS[method], [f"backbone.name={backbone}", f"data.path={data}",
+    return load_config(preset(method), [f"backbone.name={backbone}", f"data.path={data}",
                                          f"data.cache_dir={work / 'cache'}", f"data.cache={'auto' if cache else 'off'}",
                                          "data.augment=none",
                                          "train.device=cpu", f"train.epochs={epochs}", "train.max_minutes=null",
@@ -94,16 +92,18 @@ def _in_subprocess(args: list[str]) -> dict:
 
 
 def measure(data: Path, work: Path, steps: int = 2, threads: int = 2,
-            methods: Sequence[str] = tuple(PRESETS), backbone: str = "litemedsam") -> dict:
-    """Training step time with and without the cache (where the method can cache) and prediction cost, per method.
+            methods: Sequence[str] | None = None, backbone: str = "litemedsam") -> dict:
+    """Training step time with and without the cache (where the method can cache) and prediction cost, per method
+    of ``methods`` (None: every method that declares the ``"cost"`` benchmark part).
 
     Returns ``{"steps": ..., "threads": ..., "rows": [{"method", "batch", "step_s_no_cache", "step_s_cache",
     "train_rss_no_cache", "train_rss_cache", "predict_s_per_slice", "predict_rss"}]}`` (None where not applicable).
     """
     rows = []
-    for method in methods:
-        if method not in PRESETS:
-            raise ConfigError(f"no training-cost preset for {method!r}; available: {', '.join(PRESETS)}")
+    measured = measured_methods("cost")
+    for method in methods or measured:
+        if method not in measured:
+            raise ConfigError(f"no training-cost preset for {method!r}; available: {', '.join(measured)}")
         settings = {"steps": steps, "threads": threads, "backbone": backbone}
         done = work / method / "row.json"  # a finished method is not measured again with the same settings
         if done.exists() and json.loads(done.read_text())["settings"] == settings:
@@ -146,7 +146,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="one training-cost measurement (used by samadapt benchmark)")
-    ap.add_argument("--method", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--method", required=True, choices=measured_methods("cost"))
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=2)

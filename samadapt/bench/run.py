@@ -23,6 +23,7 @@ from ..engine.manifest import git_commit, package_versions
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json, atomic_write_text
 from . import accuracy, cost, latency, volume
+from .selection import measured_methods
 
 PARTS = ("accuracy", "latency", "cost", "volume")
 
@@ -76,12 +77,12 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
             done[task] = {**accuracy.run_task(out, task, seeds, threads=threads, **limits), "command": command}
         _store(out, "accuracy", {"tasks": done}, command)
     if "latency" in parts:
-        names = list(methods or latency.PRESETS)
+        names = list(methods or measured_methods("latency"))
         _store(out, "latency", latency.measure(out / "latency", images, batch, threads, names, profile, backbone),
                command)
     if "cost" in parts:
         data = Path(accuracy.build_demo("mni152-brain", out / "data" / "mni152-brain"))
-        names = [m for m in (methods or cost.PRESETS) if m in cost.PRESETS]
+        names = [m for m in (methods or measured_methods("cost")) if m in measured_methods("cost")]
         _store(out, "cost", cost.measure(data, out / "cost", steps, threads, names, backbone), command)
     if "volume" in parts:
         _store(out, "volume", volume.measure(out / "volume", volume_runs, threads=threads, backbone=backbone),

@@ -22,8 +22,9 @@ from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
 from ..engine.fast import EXACT
 from ..engine.predict import Predictor
 from ..errors import ConfigError
-from .latency import FAST_VARIANTS, PRESETS, build
+from .latency import FAST_VARIANTS, build
 from .memory import peak_rss_mib, reset_peak_rss
+from .selection import measured_methods
 
 VARIANTS = (*FAST_VARIANTS, "onnx", "int8")
 DEFAULT_RUNS = ("decoder:fast:8", "decoder:fast:1", "decoder:int8:1", "unet:fast:8")
@@ -55,9 +56,10 @@ def parse_run(spec: str) -> tuple[str, str, int]:
     """``"METHOD:VARIANT[:BATCH]"`` -> (method, variant, batch); batch 8 when not given."""
     fields = spec.split(":")
     batch = fields[2] if len(fields) == 3 else "8"
-    if len(fields) not in (2, 3) or fields[0] not in PRESETS or fields[1] not in VARIANTS or not batch.isdigit() \
+    methods = measured_methods("latency")
+    if len(fields) not in (2, 3) or fields[0] not in methods or fields[1] not in VARIANTS or not batch.isdigit() \
             or int(batch) < 1:
-        raise ConfigError(f"volume run {spec!r} must be METHOD:VARIANT[:BATCH] with METHOD in {sorted(PRESETS)}, "
+        raise ConfigError(f"volume run {spec!r} must be METHOD:VARIANT[:BATCH] with METHOD in {methods}, "
                           f"VARIANT in {VARIANTS} and BATCH a positive integer")
     return fields[0], fields[1], int(batch)
 

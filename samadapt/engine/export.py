@@ -47,19 +47,6 @@ INT8_OPS = ("MatMul", "Gemm")
 """Ops given int8 weights. Conv stays fp32: ONNX Runtime's dynamic ConvInteger was 1.5x slower than fp32 Conv on
 this project's AVX2 CPU, while int8 MatMul/Gemm (the Linear layers: about half the encoder's FLOPs) was faster."""
 
-# Methods whose ``predict`` does not trace into one graph with a dynamic batch, and why (found by exporting each
-# method and checking ONNX Runtime against PyTorch on another batch size; tests/engine/test_export.py keeps this true).
-NOT_TRACEABLE = {
-    "desam": "its inference works image by image (grid mode: IoU filter, box NMS, small-region removal and lazy "
-             "decoding, all data-dependent; box mode: per-image valid-size boxes), so the traced graph has a fixed "
-             "batch and fails on another batch size",
-    "msam": "the Mask-Enhanced Adapter pools a dynamically sized map with adaptive_avg_pool2d, which torch.onnx "
-            "cannot export",
-    "promise": "its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
-               "batch size in the prompt encoder",
-}
-MODE_LIMITS = {"box-prompt": ("mode", "whole", "mode 'gt' needs ground-truth labels at prediction time")}
-
 
 class ImageToProbabilities(nn.Module):
     """``method.predict`` as a plain module: image B x 3 x S x S in [0, 1] -> probabilities B x (K + 1) x S x S."""
@@ -100,15 +87,11 @@ def traceable_tinyvit(model: nn.Module):
 
 
 def check_exportable(method: Method) -> None:
-    """Raise ``ConfigError`` naming the method and why, when its prediction cannot be exported to ONNX."""
-    name = method.name
-    if name in NOT_TRACEABLE:
-        raise ConfigError(f"method {name!r} cannot be exported to ONNX: {NOT_TRACEABLE[name]}")
-    if name in MODE_LIMITS:
-        key, allowed, why = MODE_LIMITS[name]
-        if getattr(method.config, key, allowed) != allowed:
-            raise ConfigError(f"method {name!r} with {key}={getattr(method.config, key)!r} cannot be exported to "
-                              f"ONNX: {why}")
+    """Raise ``ConfigError`` naming the method and why (``Method.why_not_exportable``), when its prediction cannot be
+    exported to ONNX."""
+    why = method.why_not_exportable()
+    if why is not None:
+        raise ConfigError(f"method {method.name!r} cannot be exported to ONNX: {why}")
 
 
 def _session(path: str | Path, threads: int | None = None):

@@ -60,6 +60,16 @@ class Method(nn.Module):
     promptable: ClassVar[bool] = False  # ``predict`` accepts user points/boxes
     prompt_kinds: ClassVar[tuple[str, ...]] = ()  # the user prompts ``predict`` takes: "points", "boxes"
     uses_backbone: ClassVar[bool] = True
+    presets: ClassVar[dict[str, str]] = {}
+    """Purpose -> bundled preset (``samadapt/config/presets/<preset>.yaml``) that runs this method: ``"cpu"`` (sized
+    for a 2-core CPU on the bundled backbone; the benchmark's and demo's setting), ``"paper"`` (the paper's setting)
+    and any other purpose the method has (``"oracle"``, ``"tiny"``, ...)."""
+    benchmark_parts: ClassVar[tuple[str, ...]] = ()
+    """Parts of ``samadapt benchmark`` that measure this method by default, from its ``"cpu"`` preset: ``"latency"``
+    (per-image prediction time; the volume part accepts the same methods) and ``"cost"`` (training step time)."""
+    export_refusal: ClassVar[str | None] = None
+    """Why ``predict`` does not export to one ONNX graph with a dynamic batch (the reason ``samadapt export`` prints);
+    None: it exports, and ONNX Runtime matches PyTorch on another batch size (tests/engine/test_export.py)."""
 
     def __init__(self, backbone: Backbone | None, config: MethodConfig, num_classes: int = 1):
         super().__init__()
@@ -111,6 +121,11 @@ class Method(nn.Module):
     def output_probabilities(self, output: dict[str, Tensor]) -> Tensor:
         """Turn ``forward`` output into probabilities B x (K + 1) x S x S (``logits`` entry, sigmoid or softmax)."""
         return logits_to_probabilities(upsample_to(output["logits"], self.input_size))
+
+    def why_not_exportable(self) -> str | None:
+        """Why this model, as configured, cannot be exported to ONNX (None: it can); ``export_refusal`` unless the
+        method's options decide it."""
+        return self.export_refusal
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Hook for epoch-dependent behaviour (loss schedules); the engine calls it."""

@@ -34,6 +34,8 @@ class BoxPrompt(Method):
     trainable = False
     promptable = True
     prompt_kinds = ("points", "boxes")
+    presets = {"cpu": "box_prompt_whole", "oracle": "box_prompt_gt"}
+    benchmark_parts = ("latency",)
 
     def __init__(self, backbone, config: BoxPromptConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
@@ -42,6 +44,12 @@ class BoxPrompt(Method):
         if config.mode == "whole" and num_classes > 1:
             raise ConfigError("box-prompt mode 'whole' gives one mask; use mode 'gt' for several classes")
         backbone.freeze()
+
+    def why_not_exportable(self) -> str | None:
+        """Mode ``whole`` exports; mode ``gt`` boxes come from the ground truth, which an exported model never sees."""
+        if self.config.mode == "whole":
+            return None
+        return f"with mode={self.config.mode!r} it needs ground-truth labels at prediction time"
 
     def _logits_for_boxes(self, embedding: Tensor, boxes: Tensor | None,
                           points: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -40,6 +40,8 @@ class DecoderBaseline(Method):
     name = "decoder"
     config_class = DecoderConfig
     max_classes = None
+    presets = {"cpu": "decoder_cpu", "tiny": "decoder_tiny"}
+    benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone: Backbone, config: DecoderConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

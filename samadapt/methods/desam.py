@@ -231,6 +231,12 @@ class DeSAM(Method):
     max_classes = 1
     promptable = True
     prompt_kinds = ("points", "boxes")
+    presets = {"cpu": "desam_cpu", "paper": "desam_paper", "paper_vit_h": "desam_paper_vit_h",
+               "prostate": "desam_prostate"}
+    benchmark_parts = ("latency", "cost")
+    export_refusal = ("its inference works image by image (grid mode: IoU filter, box NMS, small-region removal and "
+                      "lazy decoding, all data-dependent; box mode: per-image valid-size boxes), so the traced graph "
+                      "has a fixed batch and fails on another batch size")
 
     def __init__(self, backbone: Backbone, config: DeSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

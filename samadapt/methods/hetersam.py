@@ -246,6 +246,8 @@ class HeterSAM(Method):
     name = "hetersam"
     config_class = HeterSAMConfig
     max_classes = 1
+    presets = {"cpu": "hetersam_cpu", "paper": "hetersam_paper"}
+    benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone: Backbone, config: HeterSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

@@ -325,6 +325,8 @@ class HSAM(Method):
     config_class = HSAMConfig
     needs_encoder_grad = True
     max_classes = None
+    presets = {"cpu": "hsam_cpu", "paper": "hsam_paper"}
+    benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone: Backbone, config: HSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

@@ -78,6 +78,9 @@ class OneVsRest(Method):
         probs = torch.cat([bg, fg_t], dim=1)
         return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-8)
 
+    def why_not_exportable(self) -> str | None:
+        return self.heads[0].why_not_exportable()
+
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         for head in self.heads:
             head.on_epoch_start(epoch, num_epochs)

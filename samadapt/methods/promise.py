@@ -424,6 +424,10 @@ class ProMISe(Method):
     max_classes = 1
     promptable = True
     prompt_kinds = ("points",)
+    presets = {"cpu": "promise_cpu", "paper": "promise_paper"}
+    benchmark_parts = ("latency", "cost")
+    export_refusal = ("its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
+                      "batch size in the prompt encoder")
 
     def __init__(self, backbone: Backbone, config: ProMISeConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

@@ -54,6 +54,7 @@ class SAMed(Method):
     config_class = SAMedConfig
     needs_encoder_grad = True
     max_classes = None
+    presets = {"cpu": "samed_cpu", "paper": "samed_paper"}
 
     def __init__(self, backbone: Backbone, config: SAMedConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

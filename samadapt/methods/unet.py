@@ -27,6 +27,8 @@ class UNetBaseline(Method):
     config_class = UNetConfig
     max_classes = None
     uses_backbone = False
+    presets = {"cpu": "unet_cpu"}
+    benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone, config: UNetConfig, num_classes: int = 1):
         super().__init__(None, config, num_classes)

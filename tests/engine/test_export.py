@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 from samadapt.backbones import build_backbone
 from samadapt.cli import app
 from samadapt.data.preprocessing import IntensityConfig
-from samadapt.engine import export as export_mod
-from samadapt.engine.export import (INT8_AGREEMENT, INT8_TOLERANCE, NOT_TRACEABLE, ONNX_TOLERANCE, OnnxPredictor, export_onnx,
+from samadapt.engine.export import (INT8_AGREEMENT, INT8_TOLERANCE, ONNX_TOLERANCE, OnnxPredictor, export_onnx,
                                     export_predictor, quantize_int8, read_metadata)
 from samadapt.engine.predict import Predictor
 from samadapt.errors import ConfigError, InputError
@@ -23,7 +22,8 @@ from samadapt.methods import METHODS, build_method
 from synthetic import Discs, write_disc_pictures
 from support import SMALL
 
-EXPORTABLE = [n for n in METHODS.names() if n not in NOT_TRACEABLE]
+EXPORTABLE = [n for n in METHODS.names() if METHODS.get(n).export_refusal is None]
+REFUSED = [n for n in METHODS.names() if METHODS.get(n).export_refusal is not None]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,13 +70,14 @@ def test_one_vs_rest_exports(tmp_path):
     assert _compare(method, tmp_path / "ovr.onnx", items) <= ONNX_TOLERANCE
 
 
-@pytest.mark.parametrize("name", sorted(NOT_TRACEABLE))
+@pytest.mark.parametrize("name", REFUSED)
 def test_untraceable_methods_really_fail(name, tmp_path, monkeypatch):
-    """The listed methods are refused up front, and without the list the export check itself refuses them."""
+    """Methods declaring an export refusal are refused up front, and without it the export check itself refuses
+    them."""
     method = _method(name)
     with pytest.raises(ConfigError, match=f"method '{name}' cannot be exported to ONNX"):
         export_onnx(method, tmp_path / "m.onnx")
-    monkeypatch.setattr(export_mod, "NOT_TRACEABLE", {})
+    monkeypatch.setattr(type(method), "export_refusal", None)
     with pytest.raises(ConfigError, match=f"method '{name}'"):
         export_onnx(method, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written

@@ -1,0 +1,113 @@
+"""Facts a method declares about itself (presets, benchmark parts, export refusal) and that no table keyed by method
+names lives outside samadapt/methods/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import samadapt
+from samadapt.backbones import build_backbone
+from samadapt.bench.selection import measured_methods, preset
+from samadapt.config.run_config import load_config, preset_dir
+from samadapt.engine.export import check_exportable
+from samadapt.errors import ConfigError
+from samadapt.methods import METHODS, build_method
+from support import SMALL
+
+PACKAGE = Path(samadapt.__file__).resolve().parent
+BENCHMARK_PARTS = ("latency", "cost")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_declared_preset_is_a_bundled_file_that_runs_the_method(name):
+    cls = METHODS.get(name)
+    assert "cpu" in cls.presets, f"{name} declares no CPU preset"
+    for purpose, preset_name in cls.presets.items():
+        assert (preset_dir() / f"{preset_name}.yaml").is_file(), f"{name} {purpose}: {preset_name}.yaml missing"
+        assert load_config(preset_name, []).method.name == name
+        assert preset(name, purpose) == preset_name
+
+
+def test_every_bundled_preset_is_declared_by_its_method():
+    declared = {p for name in METHODS.names() for p in METHODS.get(name).presets.values()}
+    assert declared == {p.stem for p in preset_dir().glob("*.yaml")}
+
+
+def test_a_missing_purpose_is_a_clear_error():
+    with pytest.raises(ConfigError, match="method 'unet' declares no 'paper' preset .*cpu=unet_cpu"):
+        preset("unet", "paper")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_benchmark_parts_are_known_and_measurable(name):
+    cls = METHODS.get(name)
+    assert set(cls.benchmark_parts) <= set(BENCHMARK_PARTS)
+    if "cost" in cls.benchmark_parts:
+        assert cls.trainable  # the cost part times training steps
+
+
+def test_benchmark_defaults_are_the_methods_measured_before():
+    assert measured_methods("latency") == ["box-prompt", "decoder", "desam", "hetersam", "hsam", "msam", "promise",
+                                           "unet"]
+    assert measured_methods("cost") == ["decoder", "desam", "hetersam", "hsam", "msam", "promise", "unet"]
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_export_refusal_is_what_the_export_check_says(name, tiny_backbone):
+    cls = METHODS.get(name)
+    options = {"mode": "whole"} if name == "box-prompt" else SMALL.get(name, {})
+    method = build_method(name, tiny_backbone, options, 1)
+    assert method.why_not_exportable() == cls.export_refusal
+    if cls.export_refusal is None:
+        check_exportable(method)  # tests/engine/test_export.py exports it and compares with ONNX Runtime
+    else:
+        with pytest.raises(ConfigError) as err:
+            check_exportable(method)
+        assert str(err.value) == f"method {name!r} cannot be exported to ONNX: {cls.export_refusal}"
+
+
+def test_option_dependent_export_refusal():
+    method = build_method("box-prompt", build_backbone("tiny"), {"mode": "gt"}, 2)
+    with pytest.raises(ConfigError, match="'box-prompt' cannot be exported to ONNX: with mode='gt' it needs "
+                                          "ground-truth labels"):
+        check_exportable(method)
+
+
+def test_one_vs_rest_refuses_as_its_heads(tiny_backbone):
+    method = build_method("desam", tiny_backbone, SMALL["desam"], 2)
+    assert type(method).__name__ == "OneVsRest"
+    assert method.why_not_exportable() == METHODS.get("desam").export_refusal
+
+
+def method_keyed_dicts(path: Path, names: set[str]) -> list[str]:
+    """``file:line: key`` for every dict literal in ``path`` with a registered method name as a key."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            keys = [k.arg for k in node.keywords if k.arg in names]
+        else:
+            continue
+        found += [f"{path}:{node.lineno}: {k!r}" for k in keys]
+    return found
+
+
+def test_no_table_keyed_by_method_names_outside_the_methods():
+    names = set(METHODS.names())
+    files = [PACKAGE / "cli.py"] + [p for part in ("config", "engine", "evaluation", "bench", "serve")
+                                    for p in sorted((PACKAGE / part).rglob("*.py"))]
+    assert len(files) > 20
+    found = [hit for path in files for hit in method_keyed_dicts(path, names)]
+    assert not found, "method facts belong on the method class:\n" + "\n".join(found)
+
+
+def test_the_scan_finds_a_table_like_the_old_export_list(tmp_path):
+    old = tmp_path / "export.py"
+    old.write_text('NOT_TRACEABLE = {\n    "desam": "per image",\n    "msam": "adaptive pool",\n}\n'
+                   'MODE = dict(promise="fixed batch")\n', encoding="utf-8")
+    hits = method_keyed_dicts(old, set(METHODS.names()))
+    assert [h.split(": ", 1)[1] for h in hits] == ["'desam'", "'msam'", "'promise'"]
