@@ -6,8 +6,8 @@ embeddings with its own loss, AdamW (weight decay 0.1) and ``warmup_poly`` (``--
 ``--steps``), as the CPU presets do. The LoRA updates stay at their zero init (the encoder is LiteMedSAM's, as at
 step 0 of a real run), so this isolates the decoder, loss and schedule from the encoder: a cheap stand-in for the
 first steps of a run, not a converged result. Every ``--every`` steps it prints one JSON line per output on the
-validation slices: ``dice`` (mean foreground Dice, :func:`samadapt.evaluation.metrics.batch_dice`), ``bg`` (fraction of pixels
-predicted background; the truth is ``true_bg``) and ``classes`` (the labels predicted anywhere).
+validation slices: ``dice`` (foreground Dice per slice and class, averaged; :mod:`samadapt.overlap`), ``bg``
+(fraction of pixels predicted background; the truth is ``true_bg``) and ``classes`` (the labels predicted anywhere).
 
     OMP_NUM_THREADS=1 python benchmarks/hsam_background_probe.py --method hsam --steps 150 --lr 1e-3 --warmup 10
 """
@@ -30,7 +30,7 @@ from samadapt.config.run_config import TrainConfig
 from samadapt.engine.schedulers import build_scheduler
 from samadapt.methods import build_method
 from samadapt.methods.base import upsample_to
-from samadapt.evaluation.metrics import batch_dice
+from samadapt.overlap import class_counts, dice_from_counts
 
 
 def pick(ds: SliceDataset, n: int) -> dict:
@@ -63,7 +63,8 @@ def evaluate(method, data: dict, k: int) -> dict:
     result = {}
     for name, logits in outputs(method, out).items():
         pred = logits.argmax(1)
-        result[name] = {"dice": round(float(batch_dice(pred, label, k + 1)), 4),
+        per_slice = torch.stack([class_counts(p, g, range(1, k + 1)) for p, g in zip(pred, label)])
+        result[name] = {"dice": round(float(dice_from_counts(per_slice).mean()), 4),
                         "bg": round(float((pred == 0).float().mean()), 3),
                         "classes": sorted(int(c) for c in pred.unique())}
     return result

@@ -8,23 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..methods.base import Method, resize_labels
+from ..overlap import class_counts, dice_from_counts
 from .device import autocast
-
-
-def dice_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class (intersection, pred sum, label sum) counts: K x 3, for labels/preds B x H x W."""
-    rows = []
-    for k in range(1, num_classes + 1):
-        p, g = pred == k, label == k
-        rows.append(torch.stack([(p & g).sum(), p.sum(), g.sum()]).double())
-    return torch.stack(rows)
-
-
-def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Dice per class from ``dice_counts``; a class empty in both prediction and label scores 1."""
-    inter, ps, gs = counts.unbind(dim=1)
-    denom = ps + gs
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
 
 
 @torch.no_grad()
@@ -44,7 +29,7 @@ def validate(method: Method, ds: Dataset, collate: Callable, prepare: Callable[[
             probs = method.predict(batch)
         pred = probs.float().argmax(dim=1)
         label = resize_labels(batch["label"], pred.shape[-1])
-        counts += dice_counts(pred, label, method.num_classes).cpu()
+        counts += class_counts(pred, label, range(1, method.num_classes + 1)).cpu()
     method.train()
     dice = dice_from_counts(counts)
     out = {"dice": float(dice.mean()), "loss": loss_sum / n if n else float("nan")}

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from samadapt.errors import InputError
+from samadapt.overlap import dice_from_counts, mask_counts
 
 METRICS: tuple[str, ...] = ("dice", "iou", "hd95", "nsd", "assd")
 """The metrics :func:`compute_metrics` computes by default, in the order they are reported."""
@@ -88,7 +89,6 @@ __all__ = [
     "iou",
     "summarize",
     "rows_from_result",
-    "batch_dice",
 ]
 
 
@@ -142,12 +142,9 @@ def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
 
 def _overlap(p: np.ndarray, g: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean masks, with the empty conventions of the module docstring."""
-    sp = int(np.count_nonzero(p))
-    sg = int(np.count_nonzero(g))
-    if sp == 0 and sg == 0:
-        return 1.0, 1.0
-    inter = int(np.count_nonzero(p & g))
-    return 2.0 * inter / (sp + sg), inter / (sp + sg - inter)
+    counts = mask_counts(p, g)
+    inter, union = counts[0], counts[1] + counts[2] - counts[0]
+    return float(dice_from_counts(counts)), (1.0 if union == 0 else float(inter / union))
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -381,61 +378,3 @@ def summarize(rows: Iterable[Mapping]) -> dict:
         "per_class": per_class,
         "foreground": foreground,
     }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# cheap validation metric for training
-
-
-@torch.no_grad()
-def batch_dice(probs_or_labels: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Mean foreground Dice of a batch, for validation during training (no surface metrics, no spacing).
-
-    Args:
-        probs_or_labels: predicted labels ``B x H x W`` (integer or bool); or class scores ``B x C x H x W``
-            (probabilities or logits, ``C == num_classes``; argmax over C); or, for a binary task
-            (``num_classes == 2``), floating foreground probabilities ``B x H x W`` thresholded at 0.5.
-            Any number of spatial axes works the same way.
-        labels: ground-truth integer labels ``B x H x W``.
-        num_classes: number of classes including background 0; foreground classes are ``1 .. num_classes - 1``.
-
-    Returns:
-        A 0-d float tensor on the input's device: Dice averaged over samples and foreground classes, each
-        (sample, class) scored with the module's empty convention (both empty -> 1, one empty -> 0).
-    """
-    if num_classes < 2:
-        raise InputError("num_classes", f"expected at least 2 (background + one foreground class), got {num_classes}")
-    if probs_or_labels.dim() == labels.dim() + 1:
-        if probs_or_labels.shape[1] != num_classes:
-            raise InputError(
-                "probs_or_labels", f"expected {num_classes} channels, got shape {tuple(probs_or_labels.shape)}"
-            )
-        pred = probs_or_labels.argmax(dim=1)
-    elif probs_or_labels.shape == labels.shape:
-        if probs_or_labels.is_floating_point():
-            if num_classes != 2:
-                raise InputError(
-                    "probs_or_labels",
-                    "floating B x H x W input is read as binary foreground probabilities; give labels (integers) or "
-                    f"B x {num_classes} x H x W scores for {num_classes} classes",
-                )
-            pred = probs_or_labels > 0.5
-        else:
-            pred = probs_or_labels
-    else:
-        raise InputError(
-            "probs_or_labels",
-            f"shape {tuple(probs_or_labels.shape)} fits neither labels {tuple(labels.shape)} "
-            "nor B x C x spatial scores",
-        )
-    pred = pred.long()
-    labels = labels.long()
-    dims = tuple(range(1, labels.dim()))
-    scores = []
-    for c in range(1, num_classes):
-        p = pred == c
-        g = labels == c
-        inter = (p & g).sum(dim=dims).float()
-        denom = p.sum(dim=dims).float() + g.sum(dim=dims).float()
-        scores.append(torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1.0), torch.ones_like(denom)))
-    return torch.stack(scores, dim=1).mean()

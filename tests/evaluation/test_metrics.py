@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from samadapt.errors import InputError
-from samadapt.evaluation.metrics import (ALL_METRICS, HD95_VARIANTS, METRICS, batch_dice, compute_metrics, dice, iou,
+from samadapt.evaluation.metrics import (ALL_METRICS, HD95_VARIANTS, METRICS, compute_metrics, dice, iou,
                               rows_from_result, summarize)
 
 SQRT5 = math.sqrt(5.0)
@@ -291,33 +290,3 @@ def test_summarize_is_nan_aware_and_counts_missing():
     all_missing = summarize(rows_from_result("x", {1: {"hd95": math.nan}}))
     only = all_missing["per_class"]["1"]["hd95"]
     assert math.isnan(only["mean"]) and only["missing"] == 1 and only["n"] == 0
-
-
-# ---- batch_dice ----------------------------------------------------------------------------------------------------
-
-
-def test_batch_dice_labels_scores_and_empty_convention():
-    labels = torch.zeros(2, 8, 8, dtype=torch.long)
-    labels[0, 1:5, 1:5] = 1
-    labels[0, 5:7, 5:7] = 2
-    pred = labels.clone()
-    pred[0, 1:5, 1:3] = 0  # class 1 half-found in sample 0
-    # sample 0: class 1 -> 2*8/(8+16) = 2/3, class 2 -> 1; sample 1: both classes empty in both -> 1, 1
-    expected = (2 / 3 + 1 + 1 + 1) / 4
-    assert batch_dice(pred, labels, 3).item() == pytest.approx(expected)
-    scores = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 5.0
-    assert batch_dice(scores, labels, 3).item() == pytest.approx(expected)
-    # agrees with the numpy dice, per (sample, class)
-    per = [dice((pred[b] == c).numpy(), (labels[b] == c).numpy()) for b in range(2) for c in (1, 2)]
-    assert batch_dice(pred, labels, 3).item() == pytest.approx(float(np.mean(per)))
-    # a false positive on an empty class scores 0
-    fp = labels.clone()
-    fp[1, 0, 0] = 2
-    assert batch_dice(fp, labels, 3).item() == pytest.approx((1 + 1 + 1 + 0) / 4)
-    # binary foreground probabilities
-    probs = (labels == 1).float() * 0.9
-    assert batch_dice(probs, (labels == 1).long(), 2).item() == pytest.approx(1.0)
-    with pytest.raises(InputError):
-        batch_dice(probs, labels, 3)
-    with pytest.raises(InputError):
-        batch_dice(scores[:, :2], labels, 3)

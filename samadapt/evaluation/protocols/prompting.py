@@ -1,67 +1,45 @@
 """ProMISe on the MNI152 test slab: automatic (APM) points, ground-truth points, and simulated user corrections.
 
-For each trained ProMISe run given with ``--run NAME=RUN_DIR`` (its ``checkpoints/best.safetensors`` is used; the
-checkpoint was chosen on the validation slab), on every slice of the dataset's test case(s):
+For each trained ProMISe run given to :func:`evaluate_prompting` as ``NAME -> RUN_DIR`` (its
+``checkpoints/best.safetensors`` is used; the checkpoint was chosen on the validation slab), on every slice of the
+dataset's test case(s):
 
 1. the run as trained (APM points; ground-truth points for an ``ips_gt`` run) -> 3D Dice;
 2. for APM runs, the same model given ground-truth points instead (``eval_points=gt``: the paper's APM_IPS_GT);
-3. the promptability claim: slices whose automatic 2D Dice is below ``--bad`` get up to ``--clicks`` simulated user
+3. the promptability claim: slices whose automatic 2D Dice is below ``bad`` get up to ``clicks`` simulated user
    clicks, added to the APM points (``user_points=extend``). Each click goes to the interior of the largest error
    region of the current prediction (the pixel farthest from its border): positive on a missed region, negative on
-   a false one; the prediction is recomputed after every click. Reported: mean Dice of those slices after 0..k
-   clicks and the 3D Dice with the corrected slices.
+   a false one (``samadapt.data.clicks`` policy ``largest_region``); the prediction is recomputed after every
+   click. Reported: mean Dice of those slices after 0..k clicks and the 3D Dice with the corrected slices.
 
 Writes ``OUT/promise_prompting.md`` / ``.json`` and ``OUT/points_*.png`` (the points the model used, drawn on bad
-slices before and after the clicks). Encoder outputs come from the embedding cache (``--cache``).
+slices before and after the clicks), each atomically. Encoder outputs come from the embedding cache (``cache``).
 
-    python benchmarks/promise_prompting.py --data DATASET --cache CACHE_DIR --out OUT \\
+    samadapt evaluate prompting --data DATASET --cache CACHE_DIR --out OUT \\
         --run apm_ips=runs/promise --run apm=runs/promise_apm --run ips_gt=runs/promise_ips_gt
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import time
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from samadapt.data.clicks import next_click
 from samadapt.data.readers import open_dataset
 from samadapt.data.slices import collate, reassemble, volume_slices
 from samadapt.engine.device import to_device
 from samadapt.engine.predict import Predictor
+from samadapt.errors import ConfigError
 from samadapt.evaluation.metrics import compute_metrics
 from samadapt.evaluation.point_plots import plot_points
-
-
-def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
-    """(x, y, label) of the next corrective click, or None when the prediction is exact.
-
-    The click goes to the pixel farthest inside the largest error component (missed -> positive, false -> 0).
-    """
-    best = None
-    for error, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
-        components, n = ndimage.label(error)
-        if n == 0:
-            continue
-        sizes = ndimage.sum(error, components, index=range(1, n + 1))
-        k = int(np.argmax(sizes)) + 1
-        if best is None or sizes[k - 1] > best[0]:
-            best = (sizes[k - 1], components == k, label)
-    if best is None:
-        return None
-    region = np.pad(best[1], 1)
-    dist = ndimage.distance_transform_edt(region)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(x), float(y), best[2]
-
-
-def dice2d(pred: np.ndarray, gt: np.ndarray) -> float:
-    denom = pred.sum() + gt.sum()
-    return 1.0 if denom == 0 else float(2 * (pred & gt).sum() / denom)
+from samadapt.io_utils import atomic_write_text
+from samadapt.overlap import dice
 
 
 class Runner:
@@ -109,21 +87,25 @@ class Runner:
                                      metrics=("dice",))[1]["dice"])
 
 
-def evaluate_run(name: str, run: Path, case, args, out: Path) -> list[dict]:
+def evaluate_run(name: str, run: Path, case, out: Path, *, cache: str | os.PathLike | None = None, bad: float = 0.8,
+                 clicks: int = 3, batch_size: int = 8) -> list[dict]:
+    """The rows of one promise run on one case (see the module docstring); plots into ``out``."""
     ckpt = run / "checkpoints" / "best.safetensors"
     predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True)
-    if args.cache:  # the run's config names its own cache folder; use the shared one given here
+    if cache:  # the run's config names its own cache folder; use the shared one given here
         from samadapt.config.run_config import RunConfig, _update
         from samadapt.engine.checkpoint import read_manifest
         from samadapt.engine.run import feature_source
 
         config = RunConfig()
         _update(config, read_manifest(ckpt)["config"], "")
-        config.data.cache_dir = args.cache
+        config.data.cache_dir = str(cache)
         predictor.feature_source = feature_source(predictor.method.backbone, predictor.method, config.data,
                                                   predictor.device)
     method = predictor.method
-    runner = Runner(predictor, case, args.batch_size)
+    if method.name != "promise":
+        raise ConfigError(f"{run}: method {method.name!r}, expected promise")
+    runner = Runner(predictor, case, batch_size)
     all_idx = list(range(runner.n))
     rows = []
 
@@ -146,41 +128,41 @@ def evaluate_run(name: str, run: Path, case, args, out: Path) -> list[dict]:
     method.config.user_points = "extend"
     gts = [lab.numpy() > 0 for lab in labels]
     preds = [p[1].numpy() > 0.5 for p in probs]
-    per_slice = [dice2d(p, g) for p, g in zip(preds, gts)]
-    bad = [i for i in all_idx if gts[i].any() and per_slice[i] < args.bad]
+    per_slice = [dice(p, g) for p, g in zip(preds, gts)]
+    bad_idx = [i for i in all_idx if gts[i].any() and per_slice[i] < bad]
     fg = [i for i in all_idx if gts[i].any()]
-    curve = [float(np.mean([per_slice[i] for i in bad])) if bad else float("nan")]
-    clicks: dict[int, list] = {i: [] for i in bad}
+    curve = [float(np.mean([per_slice[i] for i in bad_idx])) if bad_idx else float("nan")]
+    user_clicks: dict[int, list] = {i: [] for i in bad_idx}
     corrected = list(probs)
-    current = {i: preds[i] for i in bad}
+    current = {i: preds[i] for i in bad_idx}
     last_used = {}
-    for _ in range(args.clicks if bad else 0):
-        for i in bad:
-            c = next_click(current[i], gts[i])
+    for _ in range(clicks if bad_idx else 0):
+        for i in bad_idx:
+            c = next_click(current[i], gts[i], "largest_region")
             if c is not None:
-                clicks[i].append(c)
-        new_probs, new_used, _ = runner.predict(bad, clicks)
-        for i, p, u in zip(bad, new_probs, new_used):
+                user_clicks[i].append(c)
+        new_probs, new_used, _ = runner.predict(bad_idx, user_clicks)
+        for i, p, u in zip(bad_idx, new_probs, new_used):
             corrected[i] = p
             current[i] = p[1].numpy() > 0.5
             last_used[i] = u
-        curve.append(float(np.mean([dice2d(current[i], gts[i]) for i in bad])))
+        curve.append(float(np.mean([dice(current[i], gts[i]) for i in bad_idx])))
     method.config.user_points = "replace"
-    row = {"run": name, "mode": method.config.mode, "points": f"apm + {args.clicks} user clicks on bad slices",
-           "dice3d": runner.dice3d(corrected), "fg_slices": len(fg), "bad_slices": len(bad),
+    row = {"run": name, "mode": method.config.mode, "points": f"apm + {clicks} user clicks on bad slices",
+           "dice3d": runner.dice3d(corrected), "fg_slices": len(fg), "bad_slices": len(bad_idx),
            "bad_dice_by_clicks": [round(v, 4) for v in curve],
            "fg_slice_dice_auto": round(float(np.mean([per_slice[i] for i in fg])), 4)}
     rows.append(row)
 
-    if bad:  # draw four bad slices spread over the slab: automatic points, then the points after the clicks
-        worst = sorted({bad[int(j)] for j in np.linspace(0, len(bad) - 1, 4)})
+    if bad_idx and clicks:  # draw four bad slices spread over the slab: automatic points, then after the clicks
+        worst = sorted({bad_idx[int(j)] for j in np.linspace(0, len(bad_idx) - 1, 4)})
         images = torch.stack([runner.items[i]["image"] for i in worst])
         truth = torch.stack([torch.from_numpy(gts[i]) for i in worst])
         before_pts = [used[i] for i in worst]
         after_pts = [last_used[i] for i in worst]
-        for tag, pts, masks, dice in (
+        for tag, pts, masks, scores in (
             ("auto", before_pts, [preds[i] for i in worst], [per_slice[i] for i in worst]),
-            ("clicks", after_pts, [current[i] for i in worst], [dice2d(current[i], gts[i]) for i in worst]),
+            ("clicks", after_pts, [current[i] for i in worst], [dice(current[i], gts[i]) for i in worst]),
         ):
             n = max(p[0].shape[0] for p in pts)
             coords = torch.zeros(len(worst), n, 2)
@@ -189,44 +171,50 @@ def evaluate_run(name: str, run: Path, case, args, out: Path) -> list[dict]:
                 coords[r, :c.shape[0]], labs[r, :c.shape[0]] = c, lab
             plot_points(images, coords, labs, out / f"points_{name}_{tag}.png",
                         masks=torch.from_numpy(np.stack(masks)), truth=truth, user_from=method.config.num_points,
-                        titles=[f"slice {i}: Dice {d:.2f}" for i, d in zip(worst, dice)])
+                        titles=[f"slice {i}: Dice {d:.2f}" for i, d in zip(worst, scores)])
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="MNI152 brain dataset (samadapt data build / demo)")
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR of a trained promise run")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", default=None, help="embedding cache folder (default: each run's own)")
-    ap.add_argument("--bad", type=float, default=0.8, help="2D Dice below which a slice counts as bad")
-    ap.add_argument("--clicks", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = open_dataset(args.data)
-    rows = []
-    for spec in args.run:
-        name, run = spec.split("=", 1)
-        for case_id in source.make_split().test:
-            for row in evaluate_run(name, Path(run), source.load(case_id), args, out):
-                row["case"] = case_id
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    (out / "promise_prompting.json").write_text(json.dumps(rows, indent=1))
+def prompting_markdown(rows: list[dict], bad: float = 0.8, clicks: int = 3) -> str:
+    """The report table of :func:`evaluate_prompting`'s rows (``bad`` and ``clicks`` as it was called with)."""
     lines = ["| run | mode | points | 3D Dice | notes |", "|---|---|---|---|---|"]
     for r in rows:
         notes = ""
         if "bad_slices" in r:
-            notes = (f"{r['bad_slices']}/{r['fg_slices']} foreground slices below {args.bad} 2D Dice; their mean "
-                     f"Dice by clicks 0..{args.clicks}: {r['bad_dice_by_clicks']}")
+            notes = (f"{r['bad_slices']}/{r['fg_slices']} foreground slices below {bad} 2D Dice; their mean "
+                     f"Dice by clicks 0..{clicks}: {r['bad_dice_by_clicks']}")
         lines.append(f"| {r['run']} | {r['mode']} | {r['points']} | {r['dice3d']:.4f} | {notes} |")
-    (out / "promise_prompting.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    main()
+def evaluate_prompting(data: str | os.PathLike, runs: Mapping[str, str | os.PathLike], out: str | os.PathLike, *,
+                       cache: str | os.PathLike | None = None, bad: float = 0.8, clicks: int = 3, batch_size: int = 8,
+                       progress: Callable[[str], None] | None = None) -> list[dict]:
+    """The prompting study of every promise run in ``runs`` ({name: run folder}) on ``data``'s test cases.
+
+    Rows (one dict each, with ``run``, ``mode``, ``points``, ``dice3d``, ``case``): the run as trained; for APM runs
+    the same model with ground-truth points, then the APM points plus up to ``clicks`` simulated user clicks on the
+    slices whose 2D Dice is below ``bad`` (``bad_slices``, ``fg_slices``, ``bad_dice_by_clicks``: the bad slices'
+    mean Dice after 0..``clicks`` clicks, ``fg_slice_dice_auto``). Writes ``out/promise_prompting.json`` (the
+    rows), ``out/promise_prompting.md`` (:func:`prompting_markdown`) and ``out/points_<run>_{auto,clicks}.png``;
+    ``progress`` gets each row as a JSON line as soon as it is computed.
+    """
+    if not runs:
+        raise ConfigError("the prompting study needs at least one promise run")
+    if clicks < 0 or batch_size < 1:
+        raise ConfigError(f"clicks must be >= 0 and batch_size >= 1, got {clicks} and {batch_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = open_dataset(data)
+    rows = []
+    for name, run in runs.items():
+        for case_id in source.make_split().test:
+            for row in evaluate_run(name, Path(run), source.load(case_id), out, cache=cache, bad=bad, clicks=clicks,
+                                    batch_size=batch_size):
+                row["case"] = case_id
+                rows.append(row)
+                if progress is not None:
+                    progress(json.dumps(row))
+    atomic_write_text(out / "promise_prompting.json", json.dumps(rows, indent=1))
+    atomic_write_text(out / "promise_prompting.md", prompting_markdown(rows, bad, clicks))
+    return rows

@@ -9,18 +9,17 @@ Modes: ``auto`` = ``predict`` without clicks (mask-only refinement from ``auto_s
 corrective click per iteration from the error region of the previous prediction against the ground truth
 (``eval_click_mode``, deterministic ``center`` by default), so iteration n is the "Dice after n clicks".
 
-Command line (the report's numbers)::
+:func:`evaluate_refinement` is the protocol (``samadapt evaluate refinement``): it scores a trained checkpoint on
+the dataset's test split (or the given cases) and writes ``OUT/refinement.json``, ``OUT/refinement.md`` and
+``OUT/refinement_curve.png``::
 
-    python -m samadapt.evaluation.protocols.refinement --checkpoint RUN/checkpoints/best.safetensors --data DATASET \
+    samadapt evaluate refinement --checkpoint RUN/checkpoints/best.safetensors --data DATASET \\
         --iterations 5 --out DIR [--baseline "decoder=0.91" ...]
-
-writes ``DIR/refinement.json``, ``DIR/refinement.md`` and ``DIR/refinement_curve.png`` for the dataset's test
-split (``--cases`` to pick others).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ...methods.base import upsample_to
+from ...overlap import dice_from_counts, mask_counts
 
 MODES = ("auto", "simulate")
 MODE_LABELS = {"auto": "automatic (no clicks)", "simulate": "interactive (simulated clicks)"}
@@ -71,13 +71,8 @@ def iteration_probabilities(method, items: Sequence[dict], iterations: int, mode
 
 def pooled_dice(fg_probs: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> float:
     """Dice of ``prob > 0.5`` against ``label > 0`` with counts pooled over all items (1.0 when both are empty)."""
-    inter = pred_sum = gt_sum = 0
-    for p, g in zip(fg_probs, labels):
-        pm, gm = p.float() > 0.5, g > 0
-        inter += int((pm & gm).sum())
-        pred_sum += int(pm.sum())
-        gt_sum += int(gm.sum())
-    return 1.0 if pred_sum + gt_sum == 0 else 2.0 * inter / (pred_sum + gt_sum)
+    counts = sum(mask_counts(p.float() > 0.5, g > 0) for p, g in zip(fg_probs, labels))
+    return float(dice_from_counts(counts))
 
 
 def slice_curve(method, items: Sequence[dict], iterations: int, mode: str, batch_size: int = 4,
@@ -146,7 +141,8 @@ def plot_refinement_curves(curves: Mapping[str, Sequence[float]], path: str | Pa
     return path
 
 
-def _markdown(result: dict[str, Any]) -> str:
+def refinement_markdown(result: Mapping[str, Any]) -> str:
+    """The report of :func:`evaluate_refinement`'s ``result``: mean Dice per mode and iteration, as a Markdown table."""
     n = result["iterations"]
     lines = [f"# M-SAM refinement curve ({', '.join(result['cases'])})", "",
              f"checkpoint: `{result['checkpoint']}`; 3D Dice on each case's own grid after each iteration, "
@@ -162,52 +158,46 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m samadapt.evaluation.protocols.refinement", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a trained msam checkpoint (.safetensors)")
-    parser.add_argument("--data", required=True, help="dataset folder (the test split is scored)")
-    parser.add_argument("--cases", nargs="*", default=None, help="case ids (default: the dataset's test split)")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--baseline", action="append", default=[], help="NAME=DICE drawn as a horizontal line")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def evaluate_refinement(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                        cases: Sequence[str] | None = None, iterations: int = 5, modes: Sequence[str] = MODES,
+                        batch_size: int = 4, baselines: Mapping[str, float] | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Refinement curves of a trained msam ``checkpoint`` on ``data``'s test split (or ``cases``).
 
+    Returns ``{"checkpoint", "data", "cases", "iterations", "per_case": {case: {mode: [dice_1, ...]}},
+    "mean": {mode: [dice_1, ...]} (over cases), "baselines", "seconds"}`` (one value per iteration) and writes it to
+    ``out/refinement.json``, with ``out/refinement.md`` (:func:`refinement_markdown`) and ``out/refinement_curve.png``
+    (each atomically). ``baselines`` ({name: Dice}) are drawn as horizontal lines.
+    """
     from ...data.readers import open_dataset
     from ...engine.predict import Predictor
+    from ...errors import ConfigError
     from ...io_utils import atomic_write_json, atomic_write_text
 
-    baselines = {}
-    for item in args.baseline:
-        name, _, value = item.rpartition("=")
-        baselines[name] = float(value)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"refinement modes must be among {MODES}, got {list(modes)}")
+    if iterations < 1:
+        raise ConfigError(f"refinement iterations must be >= 1, got {iterations}")
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
     method = predictor.method
-    source = open_dataset(args.data)
-    cases = args.cases or list(source.make_split().test)
+    if not hasattr(method, "refine"):
+        raise ConfigError(f"{checkpoint}: method {method.name!r} has no refinement iterations (train msam)")
+    source = open_dataset(data)
+    cases = list(cases or source.make_split().test)
+    modes = list(modes)
     per_case = {}
     for case_id in cases:
         case = source.load(case_id)
-        per_case[case_id] = case_curves(method, case, args.iterations, args.modes, predictor.axis,
-                                        predictor.intensity, args.batch_size)
-    mean = {m: [float(np.mean([per_case[c][m][t] for c in cases])) for t in range(args.iterations)]
-            for m in args.modes}
-    out = Path(args.out)
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "cases": cases,
-              "iterations": args.iterations, "per_case": per_case, "mean": mean, "baselines": baselines,
-              "seconds": time.time() - t0}
+        per_case[case_id] = case_curves(method, case, iterations, modes, predictor.axis, predictor.intensity,
+                                        batch_size, predictor.device)
+    mean = {m: [float(np.mean([per_case[c][m][t] for c in cases])) for t in range(iterations)] for m in modes}
+    out = Path(out)
+    result = {"checkpoint": str(checkpoint), "data": str(data), "cases": cases, "iterations": iterations,
+              "per_case": per_case, "mean": mean, "baselines": dict(baselines or {}), "seconds": time.time() - t0}
     atomic_write_json(out / "refinement.json", result)
-    plot_refinement_curves(mean, out / "refinement_curve.png", baselines,
+    plot_refinement_curves(mean, out / "refinement_curve.png", result["baselines"],
                            title=f"M-SAM refinement, {', '.join(cases)} (3D Dice)")
-    atomic_write_text(out / "refinement.md", _markdown(result))
-    print(_markdown(result))
+    atomic_write_text(out / "refinement.md", refinement_markdown(result))
     return result
-
-
-if __name__ == "__main__":
-    main()
