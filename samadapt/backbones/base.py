@@ -85,6 +85,9 @@ class Backbone(nn.Module):
     layer_widths: tuple[int, ...] = ()
     intermediate_layers: tuple[int, ...] = ()
     stage_end_layers: tuple[int, ...] = ()
+    lora_targets: tuple[str, ...] = ()
+    """fnmatch patterns (over ``image_encoder`` module names) of the fused attention ``qkv`` ``nn.Linear`` layers that
+    the LoRA methods adapt (H-SAM, SAMed, M-SAM; their ``lora_targets`` option overrides it); empty: none declared."""
     pixel_mean: Tensor
     pixel_std: Tensor
 

@@ -28,6 +28,9 @@ class LiteMedSAM(Backbone):
     layer_widths = (128, 160, 320, 320)
     intermediate_layers = (1, 2, 3)
     stage_end_layers = (0, 1, 2, 3)
+    lora_targets = ("layers.*.blocks.*.attn.qkv",)
+    """TinyViT's attention projections in stages 1-3 (stage 0 is convolutional), output laid out per head as
+    [q_h | k_h | v_h] (``samadapt.layers.lora_heads`` puts q and v updates where they really are)."""
 
     def layer_modules(self) -> list[nn.Module]:
         return list(self.image_encoder.layers)

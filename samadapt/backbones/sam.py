@@ -80,6 +80,9 @@ PATCH = 16
 class SamViT(Backbone):
     """SAM ViT-B/L/H. Sizes are per instance (they follow the encoder actually built)."""
 
+    lora_targets = ("blocks.*.attn.qkv",)
+    """Every ViT block's fused qkv projection (``ImageEncoderViT``), output laid out q | k | v."""
+
     def __init__(self, name: str, sam: nn.Module, weights_id: str):
         super().__init__(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, weights_id=weights_id,
                          pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, pixel_scale=255.0)

@@ -21,6 +21,8 @@ class TinySAM(Backbone):
     layer_widths = (64, 64, 64, 64)
     intermediate_layers = (0, 1, 2)
     stage_end_layers = (0, 1, 2, 3)
+    lora_targets = ("blocks.*.attn.qkv",)
+    """Every ViT block's fused qkv projection (laid out q | k | v, as SAM's ViT)."""
 
     def layer_modules(self) -> list[nn.Module]:
         return list(self.image_encoder.blocks)

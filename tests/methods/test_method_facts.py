@@ -111,3 +111,33 @@ def test_the_scan_finds_a_table_like_the_old_export_list(tmp_path):
                    'MODE = dict(promise="fixed batch")\n', encoding="utf-8")
     hits = method_keyed_dicts(old, set(METHODS.names()))
     assert [h.split(": ", 1)[1] for h in hits] == ["'desam'", "'msam'", "'promise'"]
+
+
+# --- what a method needs from the backbone: LoRA targets ---------------------------------------------------------------
+def test_backbones_declare_lora_targets_that_match_their_qkv_layers(tiny_backbone):
+    from fnmatch import fnmatch
+
+    from torch import nn
+
+    lite = build_backbone("litemedsam", pretrained=False)
+    for backbone in (tiny_backbone, lite):
+        linear = [n for n, m in backbone.image_encoder.named_modules() if isinstance(m, nn.Linear)]
+        matched = [n for n in linear if any(fnmatch(n, p) for p in backbone.lora_targets)]
+        assert matched and all(n.endswith("attn.qkv") for n in matched)
+        assert len(matched) == len([n for n in linear if n.endswith("attn.qkv")])
+
+
+@pytest.mark.parametrize("name", ["hsam", "samed", "msam"])
+def test_lora_methods_read_the_backbones_targets_and_the_option_overrides(name, tiny_backbone):
+    import copy
+
+    small = {"mea_pool_size": 8} if name == "msam" else {}
+    method = build_method(name, tiny_backbone, small, 1)
+    assert sorted(method.lora_layers) == [f"blocks.{i}.attn.qkv" for i in range(4)]
+    bare = copy.copy(tiny_backbone)
+    bare.lora_targets = ()
+    with pytest.raises(ConfigError, match=f"{name}: backbone 'tiny' declares no LoRA targets; set "
+                                          "method.options.lora_targets"):
+        build_method(name, bare, small, 1)
+    method = build_method(name, bare, {**small, "lora_targets": ["blocks.1.attn.qkv"]}, 1)
+    assert method.lora_layers == ["blocks.1.attn.qkv"]

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from samadapt.backbones.base import Features
+from samadapt.backbones.litemedsam import LiteMedSAM
+from samadapt.backbones.sam import SamViT
+from samadapt.backbones.tiny import TinySAM
 from samadapt.errors import ConfigError, InputError
 from samadapt.layers.lora import LoRALinear, LoRAQKV, lora_modules
 from samadapt.layers.mask_enhanced_adapter import MaskEnhancedAdapter, RelPosSelfAttention
 from samadapt.methods import build_method
-from samadapt.methods.msam import LORA_TARGETS, MSAM
+from samadapt.methods.msam import MSAM
 from samadapt.evaluation.protocols.refinement import case_curves, plot_refinement_curves, pooled_dice, slice_curve
 
 SMALL = {"mea_pool_size": 8, "mea_mlp_ratio": 0.5, "train_iterations": 2, "infer_iterations": 2}
@@ -261,7 +264,7 @@ def test_lora_table_matches_tinyvit_attention_layers():
     full = build_method("msam", lite, {"mea_mlp_ratio": 0.5, "lora_layout": "full"})
     assert all(isinstance(w, LoRALinear) for w in lora_modules(full.image_encoder).values())
     assert not lora_modules(lite.image_encoder)
-    assert set(LORA_TARGETS) >= {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "tiny"}
+    assert all(cls.lora_targets for cls in (LiteMedSAM, SamViT, TinySAM))  # sam_vit_b/l/h are SamViT
 
 
 def test_lora_rank_zero_uses_the_frozen_encoder_and_cache(tiny_backbone):
@@ -303,7 +306,7 @@ def test_bad_options_are_refused(tiny_backbone, bad):
 
 def test_unknown_backbone_needs_explicit_lora_targets(tiny_backbone):
     other = copy.copy(tiny_backbone)
-    other.name = "unknown-backbone"
+    other.name, other.lora_targets = "unknown-backbone", ()  # a backbone that declares no LoRA targets
     with pytest.raises(ConfigError, match="lora_targets"):
         build_method("msam", other, {})
     method = build_method("msam", other, {"lora_targets": ["blocks.0.attn.qkv"], "mea_pool_size": 8})
