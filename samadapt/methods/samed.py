@@ -39,7 +39,7 @@ class SAMedConfig(MethodConfig):
     lora_rank: int = 4
     """LoRA rank on q and v of every encoder attention block (SAMed: 4; H-SAM: 5)."""
     lora_targets: list[str] | None = None
-    """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's default (hsam.LORA_TARGETS)."""
+    """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's ``lora_targets``."""
     block_order: str = "sam"
     """sam (SAMed's decoder) | hsam (H-SAM's reordered stage-1 blocks: H-SAM with stage 2 disabled)."""
     lambda_ce: float = 0.2
