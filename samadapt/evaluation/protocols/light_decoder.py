@@ -1,33 +1,36 @@
 """HeterSAM's light decoder against the full path (frozen SAM mask decoder): speed and 3D test accuracy.
 
-Usage::
+:func:`evaluate_light_decoder` is the protocol (``samadapt evaluate light-decoder``)::
 
-    python benchmarks/hetersam_light_decoder.py --run NAME=RUN_DIR [--run NAME=RUN_DIR ...] --out OUT_DIR \
+    samadapt evaluate light-decoder --run NAME=RUN_DIR [--run NAME=RUN_DIR ...] --out OUT_DIR \\
         [--threads 2] [--timing-slices 16]
 
 Each run (``samadapt train`` of method ``hetersam``; on K-class data its K one-vs-rest heads, combined as
-``OneVsRest.predict`` does) is rebuilt from its best checkpoint (chosen on the validation split). On every test case of the dataset's split, each slice goes once through the prompt branch and the fusion
-(E', D), then through the frozen SAM mask decoder (``full``) and, when the run trained one
-(``light_decoder: true``), through the light head (``light``); both volumes are reassembled and scored in 3D
-(``samadapt.evaluation.metrics.compute_metrics``: Dice, IoU, HD95/NSD/ASSD in mm). Encoder outputs come from the run's
-embedding cache; the encoder itself is timed separately on ``--timing-slices`` test slices, so the per-slice times
-are: encoder, prompt branch + fusion, decoder (SAM's or the light head), and end to end. Speed is reported as
-ratios against the full path measured in the same run and process (absolute seconds depend on the machine's load).
-Writes ``OUT_DIR/results.json`` and ``OUT_DIR/results.md``.
+``OneVsRest.predict`` does) is rebuilt from its best checkpoint (chosen on the validation split). On every test case
+of the dataset's split, each slice goes once through the prompt branch and the fusion (E', D), then through the
+frozen SAM mask decoder (``full``) and, when the run trained one (``light_decoder: true``), through the light head
+(``light``); both volumes are reassembled and scored in 3D (``samadapt.evaluation.metrics.compute_metrics``: Dice,
+IoU, HD95/NSD/ASSD in mm). Encoder outputs come from the run's embedding cache (computed here when the run has
+none); the encoder itself is timed separately on ``timing_slices`` test slices, so the per-slice times are: encoder,
+prompt branch + fusion, decoder (SAM's or the light head), and end to end. Speed is reported as ratios against the
+full path measured in the same run and process (absolute seconds depend on the machine's load). Writes
+``OUT_DIR/results.json`` and ``OUT_DIR/results.md`` (atomically).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from samadapt.data.slices import collate, reassemble, volume_slices
 from samadapt.engine.predict import Predictor
 from samadapt.engine.run import open_source
+from samadapt.errors import ConfigError
 from samadapt.io_utils import atomic_write_text
 from samadapt.methods.base import upsample_to
 from samadapt.evaluation.metrics import compute_metrics
@@ -44,14 +47,15 @@ def _probs(logits: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> list[dict]:
+    """The rows of one hetersam run: one per test case, class and decoder path (see the module docstring)."""
     predictor = Predictor.from_checkpoint(run / "checkpoints" / "best.safetensors", device="cpu",
                                           batch_size=batch_size, use_cache=True)
     method = predictor.method.eval()
     heads = list(getattr(method, "heads", [method]))  # one-vs-rest on K-class data
     if method.name != "hetersam":
-        raise SystemExit(f"{run}: method {method.name!r}, expected hetersam")
+        raise ConfigError(f"{run}: method {method.name!r}, expected hetersam")
     if heads[0].config.faithful:
-        raise SystemExit(f"{run}: faithful (min-max) runs are not supported by this benchmark")
+        raise ConfigError(f"{run}: faithful (min-max) runs are not supported by this protocol")
     from samadapt.engine.checkpoint import read_manifest
     from samadapt.config.run_config import RunConfig, _update
 
@@ -69,7 +73,8 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
         probs: dict[str, list] = {p: [] for p in paths}
         for start in range(0, len(ds), batch_size):
             batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-            batch["features"] = predictor.feature_source(batch)  # cached encoder outputs
+            if predictor.feature_source is not None:
+                batch["features"] = predictor.feature_source(batch)  # cached encoder outputs
             if n_encoded < timing_slices:
                 t = time.perf_counter()
                 method.backbone.encode(method.backbone.preprocess(batch["image"]))
@@ -109,32 +114,36 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR (repeatable)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--timing-slices", type=int, default=16, help="test slices on which the encoder is timed")
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = []
-    for item in args.run:
-        name, _, path = item.partition("=")
-        rows += evaluate_run(name, Path(path), args.timing_slices, args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
-    cols = ["model", "fusion", "path", "case", "class", *METRICS, "encoder_s", "prompt_fusion_s", "decoder_s", "end_to_end_s",
-            "decoder_vs_full", "post_encoder_vs_full", "end_to_end_vs_full"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    text = (f"# HeterSAM: light decoder vs full path (torch threads {torch.get_num_threads()})\n\n"
+COLUMNS = ("model", "fusion", "path", "case", "class", *METRICS, "encoder_s", "prompt_fusion_s", "decoder_s",
+           "end_to_end_s", "decoder_vs_full", "post_encoder_vs_full", "end_to_end_vs_full")
+
+
+def light_decoder_markdown(rows: list[dict]) -> str:
+    """The report of :func:`evaluate_light_decoder`'s rows: one Markdown table row each."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return (f"# HeterSAM: light decoder vs full path (torch threads {torch.get_num_threads()})\n\n"
             "Times are seconds per slice on this machine; *_vs_full are ratios against the full path of the same run, "
             "measured in the same process.\n\n" + "\n".join(lines) + "\n")
-    atomic_write_text(args.out / "results.md", text)
-    print(text)
 
 
-if __name__ == "__main__":
-    main()
+def evaluate_light_decoder(runs: Mapping[str, str | os.PathLike], out: str | os.PathLike, *, timing_slices: int = 16,
+                           batch_size: int = 8) -> list[dict]:
+    """Light vs full decoder of every hetersam run in ``runs`` ({name: run folder}) on its dataset's test split.
+
+    Rows (``COLUMNS``): per run, test case, foreground class and path (``full``, and ``light`` when trained): the 3D
+    metrics, seconds per slice of each stage and the ratios against the full path. Writes ``out/results.json`` (the
+    rows) and ``out/results.md`` (:func:`light_decoder_markdown`).
+    """
+    if not runs:
+        raise ConfigError("the light-decoder protocol needs at least one hetersam run")
+    if timing_slices < 0 or batch_size < 1:
+        raise ConfigError(f"timing_slices must be >= 0 and batch_size >= 1, got {timing_slices} and {batch_size}")
+    rows = []
+    for name, run in runs.items():
+        rows += evaluate_run(name, Path(run), timing_slices, batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "results.md", light_decoder_markdown(rows))
+    return rows
