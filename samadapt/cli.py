@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .errors import SamadaptError
 
@@ -138,9 +139,47 @@ def predict(
     console.print(f"wrote {len(written)} mask(s) to {out}")
 
 
-@app.command()
+class EvaluateGroup(TyperGroup):
+    """``samadapt evaluate``: one subcommand per evaluation protocol. A first word that names none of them means
+    ``folders``, so the old form ``samadapt evaluate PRED GT --out X`` keeps working (an alias for one release)."""
+
+    def parse_args(self, ctx, args: List[str]) -> List[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["folders", *args]
+        return super().parse_args(ctx, args)
+
+
+evaluate_app = typer.Typer(cls=EvaluateGroup, no_args_is_help=True, rich_markup_mode="rich",
+                           help="Evaluation protocols: folders (score predicted masks), dg (domain generalisation), "
+                                "refinement (M-SAM curves), prompting (ProMISe), light-decoder (HeterSAM). "
+                                "`samadapt evaluate PRED GT --out X` is `samadapt evaluate folders ...` (old form, "
+                                "kept for one release).")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _named(items: List[str], option: str, what: str) -> dict[str, str]:
+    """``NAME=VALUE`` items of a repeatable option -> {NAME: VALUE} (a one-line error naming the bad item)."""
+    from .errors import ConfigError
+
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{option} {item!r}: expected NAME={what}")
+        pairs[name] = value
+    return pairs
+
+
+def _threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@evaluate_app.command("folders")
 @friendly
-def evaluate(
+def evaluate_folders_cmd(
     pred: str = typer.Argument(..., help="Folder of predicted masks."),
     gt: str = typer.Argument(..., help="Folder of ground-truth masks (same file names)."),
     out: str = typer.Option(..., "--out", help="Folder for per_case.csv and summary.json."),
@@ -160,7 +199,6 @@ def evaluate(
     print_summary(summary)
 
 
-@app.command("evaluate-dg")
 @friendly
 def evaluate_dg(
     run: str = typer.Argument(..., help="A `samadapt train` run folder (uses checkpoints/best) or a checkpoint."),
@@ -197,6 +235,79 @@ def evaluate_dg(
     for r in rows:
         table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in TABLE_COLUMNS])
     Console().print(table)
+
+
+evaluate_app.command("dg")(evaluate_dg)
+app.command("evaluate-dg", help="Alias of `samadapt evaluate dg` (the old name, kept for one release): single-source "
+                                "domain generalisation of one trained run.")(evaluate_dg)
+
+
+@evaluate_app.command("refinement")
+@friendly
+def evaluate_refinement_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A trained msam checkpoint (.safetensors)."),
+    data: str = typer.Option(..., "--data", help="Dataset folder (its test split is scored unless --case)."),
+    out: str = typer.Option(..., "--out", help="Folder for refinement.{json,md} and refinement_curve.png."),
+    cases: List[str] = typer.Option([], "--case", help="Case id to score (repeatable; default the test split)."),
+    iterations: int = typer.Option(5, "--iterations", help="Refinement iterations (= clicks when simulated)."),
+    modes: List[str] = typer.Option([], "--mode", help="auto | simulate (repeatable; default both)."),
+    baselines: List[str] = typer.Option([], "--baseline", help="NAME=DICE drawn as a horizontal line (repeatable)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Slices per forward pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """M-SAM refinement curves: 3D Dice of each case after every iteration, automatic and with simulated clicks."""
+    from .errors import ConfigError
+    from .evaluation.protocols.refinement import MODES, evaluate_refinement, refinement_markdown
+
+    lines = {}
+    for name, value in _named(baselines, "--baseline", "DICE").items():
+        try:
+            lines[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--baseline {name}={value}: the Dice must be a number") from None
+    _threads(threads)
+    result = evaluate_refinement(checkpoint, data, out, cases=cases or None, iterations=iterations,
+                                 modes=modes or MODES, batch_size=batch_size, baselines=lines)
+    Console().print(refinement_markdown(result), highlight=False)
+
+
+@evaluate_app.command("prompting")
+@friendly
+def evaluate_prompting_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset folder (its test cases are scored)."),
+    runs: List[str] = typer.Option(..., "--run", help="NAME=RUN_DIR of a trained promise run (repeatable)."),
+    out: str = typer.Option(..., "--out", help="Folder for promise_prompting.{json,md} and points_*.png."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Embedding cache folder (default: each run's own)."),
+    bad: float = typer.Option(0.8, "--bad", help="2D Dice below which a slice counts as bad (gets user clicks)."),
+    clicks: int = typer.Option(3, "--clicks", help="Simulated user clicks per bad slice."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
+    threads: Optional[int] = typer.Option(2, "--threads", help="torch CPU threads."),
+):
+    """ProMISe prompting study: automatic (APM) points, ground-truth points, and simulated user corrections."""
+    from .evaluation.protocols.prompting import evaluate_prompting, prompting_markdown
+
+    _threads(threads)
+    rows = evaluate_prompting(data, _named(runs, "--run", "RUN_DIR"), out, cache=cache, bad=bad, clicks=clicks,
+                              batch_size=batch_size, progress=lambda msg: console.print(msg, highlight=False))
+    Console().print(prompting_markdown(rows, bad=bad, clicks=clicks), highlight=False)
+
+
+@evaluate_app.command("light-decoder")
+@friendly
+def evaluate_light_decoder_cmd(
+    runs: List[str] = typer.Option(..., "--run", help="NAME=RUN_DIR of a trained hetersam run (repeatable)."),
+    out: str = typer.Option(..., "--out", help="Folder for results.{json,md}."),
+    timing_slices: int = typer.Option(16, "--timing-slices", help="Test slices on which the encoder is timed."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Slices per forward pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """HeterSAM's light decoder against the full path: 3D test accuracy of both and speed ratios."""
+    from .evaluation.protocols.light_decoder import evaluate_light_decoder, light_decoder_markdown
+
+    _threads(threads)
+    rows = evaluate_light_decoder(_named(runs, "--run", "RUN_DIR"), out, timing_slices=timing_slices,
+                                  batch_size=batch_size)
+    Console().print(light_decoder_markdown(rows), highlight=False)
 
 
 @app.command()
