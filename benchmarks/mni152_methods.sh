@@ -42,15 +42,15 @@ brain report "All methods on MNI152 brain extraction" "${BASE[@]}" \
 
 X="$OUT/extras"
 S=${SEEDS%%,*}
-"$PY" -m samadapt.evaluation.protocols.refinement --checkpoint "$B/runs/msam/seed$S/checkpoints/best.safetensors" \
+"$SA" evaluate refinement --checkpoint "$B/runs/msam/seed$S/checkpoints/best.safetensors" \
   --data "$B/data/mni152-brain" --iterations 5 --out "$X/msam_refinement"
-"$PY" benchmarks/promise_prompting.py --data "$B/data/mni152-brain" --cache "$B/cache" --out "$X/promise_prompting" \
+"$SA" evaluate prompting --data "$B/data/mni152-brain" --cache "$B/cache" --out "$X/promise_prompting" \
   --run "apm_ips=$B/runs/promise-apm-ips/seed$S" --run "apm=$B/runs/promise-apm/seed$S" \
   --run "ips_gt=$B/runs/promise-ips-gt/seed$S"
-"$PY" benchmarks/hetersam_light_decoder.py --out "$X/hetersam_light" \
+"$SA" evaluate light-decoder --out "$X/hetersam_light" \
   --run "deformable_se=$B/runs/hetersam-deformable-se/seed$S"
 for mode in grid box; do
-  "$SA" evaluate-dg "$B/runs/desam-$mode/seed$S" mni152-brain-2mm mni152-brain-3mm nuclei \
+  "$SA" evaluate dg "$B/runs/desam-$mode/seed$S" mni152-brain-2mm mni152-brain-3mm nuclei \
     --out "$X/desam_dg_$mode" --device cpu
 done
 

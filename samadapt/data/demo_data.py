@@ -13,7 +13,7 @@ unchanged (``overwrite=True`` rebuilds). ``DEMO_DATASETS`` maps names to builder
   1 = CSF/other brain, 2 = grey matter, 3 = white matter (ties go to the lower class).
 - ``mni152-{brain,tissue}-{shift}``: the same slabs with the T1 volume under a simulated scanner shift of
   ``samadapt.data.shifts`` (bias field, gamma, Gibbs ringing, blur, lower resolution, Rician noise; fixed seed),
-  labels unchanged: domain-generalisation targets (``samadapt evaluate-dg``) whose test slab is the source's.
+  labels unchanged: domain-generalisation targets (``samadapt evaluate dg``) whose test slab is the source's.
 - ``nuclei`` (stardist's ``img2d.tif``/``mask2d.tif``, 512 x 512 fluorescence, 125 nuclei): cut into 128 x 128
   tiles ``nuclei_r{row}_c{col}``; 1 = nucleus (any instance id). The 16-bit image is scaled to 8 bits by its
   99.9th percentile. ``splits.json``: rows 0-1 and row 2 columns 0-1 train, row 2 columns 2-3 val, row 3 test.
