@@ -1,37 +1,61 @@
-"""Plugins found by name: backbones, methods and readers register here.
+"""Plugins found by name: backbones, methods and readers register here, all in one style.
 
-Third-party packages add their own through the entry-point groups ``samadapt.backbones``,
-``samadapt.methods`` and ``samadapt.readers`` (each entry point names a module or object that registers itself
-on import).
+A registered thing is a class that declares its own name as a class attribute, and registers with the registry's
+``register`` used as a plain decorator:
+
+    @BACKBONES.register                 # a ``Backbone`` subclass; built with ``cls.build(checkpoint=..., ...)``
+    class MyBackbone(Backbone):
+        name = "my_backbone"
+
+    @METHODS.register                   # a ``Method`` subclass; built with ``cls(backbone, config, num_classes)``
+    class MyMethod(Method):
+        name = "my_method"
+
+    @READERS.register                   # a ``DatasetSource`` subclass; built with ``cls(path, modality=None)``
+    class MySource(DatasetSource):
+        format = "my_format"            # readers are named by ``format``, the value of ``data.format``
+
+Third-party packages add their own through the entry-point groups ``samadapt.backbones``, ``samadapt.methods`` and
+``samadapt.readers``: each entry point names a module or object whose import registers its classes as above. The
+groups are loaded the first time a name is not found among the built-ins, or when the names are listed.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 
-T = TypeVar("T")
+T = TypeVar("T", bound=type)
 
 
 class Registry(Generic[T]):
-    """A name -> object table with helpful errors for unknown names."""
+    """A name -> class table with helpful errors for unknown names.
 
-    def __init__(self, kind: str, entry_point_group: str):
+    ``base``: the class every registered class must subclass; ``name_attr``: the class attribute holding its name.
+    """
+
+    def __init__(self, kind: str, entry_point_group: str, base: type, name_attr: str = "name"):
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.base = base
+        self.name_attr = name_attr
         self._items: dict[str, T] = {}
         self._plugins_loaded = False
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def add(obj: T) -> T:
-            if name in self._items and self._items[name] is not obj:
-                raise ConfigError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
-            return obj
-
-        return add
+    def register(self, cls: T) -> T:
+        """Class decorator: add ``cls`` under its declared name (``cls.<name_attr>``); returns ``cls``."""
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise ConfigError(f"{self.kind} registration takes a {self.base.__name__} subclass that declares its "
+                              f"{self.name_attr!r} (use @register on the class), got {cls!r}")
+        name = getattr(cls, self.name_attr)
+        if not isinstance(name, str) or name == getattr(self.base, self.name_attr, None):
+            raise ConfigError(f"{self.kind} class {cls.__name__} declares no {self.name_attr!r} of its own")
+        if name in self._items and self._items[name] is not cls:
+            raise ConfigError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = cls
+        return cls
 
     def _load_plugins(self) -> None:
         if self._plugins_loaded:

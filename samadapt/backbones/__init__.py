@@ -1,9 +1,12 @@
-"""SAM-family backbones found by name: ``build_backbone("litemedsam")``."""
+"""SAM-family backbones found by name: ``build_backbone("litemedsam")``.
+
+Each backbone is a ``Backbone`` subclass declaring its ``name`` and registered with ``@BACKBONES.register``; its
+``build(checkpoint=None, ...)`` classmethod makes an instance (weights from ``checkpoint`` or the backbone's own).
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
 import torch
 
@@ -11,7 +14,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .base import Backbone, Features
 
-BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone", "samadapt.backbones")
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "samadapt.backbones", Backbone)
 
 NORMALIZATIONS = ("native", "unit")
 """``build_backbone(normalization=...)``: the backbone's own pixel scale/mean/std, or the [0, 1] images unchanged."""
@@ -19,8 +22,8 @@ NORMALIZATIONS = ("native", "unit")
 UNIT_NORM_SUFFIX = "+unit-norm"
 
 
-def _accepts_input_size(factory: Callable[..., Backbone]) -> bool:
-    params = inspect.signature(factory).parameters.values()
+def _accepts_input_size(cls: type[Backbone]) -> bool:
+    params = inspect.signature(cls.build).parameters.values()
     return any(p.name == "input_size" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
@@ -28,7 +31,7 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, *, i
                    normalization: str = "native", **kwargs) -> Backbone:
     """Build a registered backbone; ``checkpoint`` overrides where its weights come from.
 
-    ``input_size``: None keeps the backbone's native size. A backbone whose factory takes ``input_size`` (SAM
+    ``input_size``: None keeps the backbone's native size. A backbone whose ``build`` takes ``input_size`` (SAM
     ViT-B/L/H: multiples of 16, position embeddings resampled) is built at that size; any other (``litemedsam`` at
     256, ``tiny`` at 64) accepts only its own fixed size and raises ConfigError otherwise.
 
@@ -40,10 +43,10 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, *, i
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"backbone normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
-    factory = BACKBONES.get(name)
-    if input_size is not None and _accepts_input_size(factory):
+    cls = BACKBONES.get(name)
+    if input_size is not None and _accepts_input_size(cls):
         kwargs["input_size"] = int(input_size)
-    backbone = factory(checkpoint=checkpoint, **kwargs)
+    backbone = cls.build(checkpoint=checkpoint, **kwargs)
     if input_size is not None and backbone.input_size != int(input_size):
         raise ConfigError(f"backbone {name} runs at {backbone.input_size} px only; backbone.input_size={input_size} "
                           f"is not supported (remove it or set {backbone.input_size})")

@@ -71,8 +71,9 @@ name or layer indices (see the module docstring)."""
 class Backbone(nn.Module):
     """A SAM-family model split into ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``.
 
-    Subclasses set the modules and the class attributes below and implement ``layer_modules`` and
-    ``_hook_output_to_nchw``. ``weights_id`` identifies the weights (a SHA-256 of the checkpoint file, or
+    Subclasses set the modules and the class attributes below, implement ``layer_modules`` and
+    ``_hook_output_to_nchw``, and the classmethod ``build`` that makes one (``build_backbone`` calls it).
+    ``weights_id`` identifies the weights (a SHA-256 of the checkpoint file, or
     ``random-<seed>``) so that checkpoints and cached embeddings can refuse to mix backbones.
     ``intermediate_layers`` (default selection) and ``stage_end_layers`` index ``layer_modules()``;
     ``intermediate_widths`` are the widths of the default selection.
@@ -115,6 +116,11 @@ class Backbone(nn.Module):
     def low_res_size(self) -> int:
         """Side of the mask decoder's low-resolution logits (4 x the embedding grid)."""
         return 4 * self.embed_grid[0]
+
+    @classmethod
+    def build(cls, checkpoint: str | None = None, **kwargs) -> "Backbone":
+        """A ready backbone, with the weights of ``checkpoint`` (a path) or the backbone's own."""
+        raise NotImplementedError
 
     def layer_modules(self) -> list[nn.Module]:
         """Every encoder layer whose output can be an intermediate map, in encoder order (``layer_widths``)."""

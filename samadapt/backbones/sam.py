@@ -83,11 +83,10 @@ class SamViT(Backbone):
     lora_targets = ("blocks.*.attn.qkv",)
     """Every ViT block's fused qkv projection (``ImageEncoderViT``), output laid out q | k | v."""
 
-    def __init__(self, name: str, sam: nn.Module, weights_id: str):
+    def __init__(self, sam: nn.Module, weights_id: str):
         super().__init__(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, weights_id=weights_id,
                          pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD, pixel_scale=255.0)
         encoder = sam.image_encoder
-        self.name = name
         global_blocks = [i for i, blk in enumerate(encoder.blocks) if blk.window_size == 0]
         self.intermediate_blocks: tuple[int, ...] = tuple(global_blocks[:3])
         self.intermediate_layers = self.intermediate_blocks
@@ -111,6 +110,32 @@ class SamViT(Backbone):
         info = super().describe()
         info["intermediate_blocks"] = list(self.intermediate_blocks)
         return info
+
+    @classmethod
+    def build(cls, checkpoint: str | None = None, **kwargs) -> "SamViT":
+        """This size of SAM; keyword arguments as ``build_sam_backbone``."""
+        return build_sam_backbone(cls.name, checkpoint, **kwargs)
+
+
+@BACKBONES.register
+class SamViTB(SamViT):
+    """SAM ViT-B (91M parameters)."""
+
+    name = "sam_vit_b"
+
+
+@BACKBONES.register
+class SamViTL(SamViT):
+    """SAM ViT-L (308M parameters)."""
+
+    name = "sam_vit_l"
+
+
+@BACKBONES.register
+class SamViTH(SamViT):
+    """SAM ViT-H (636M parameters)."""
+
+    name = "sam_vit_h"
 
 
 def resolve_sam_checkpoint(name: str, checkpoint: str | os.PathLike | None = None, download: bool = True,
@@ -224,22 +249,5 @@ def build_sam_backbone(
     else:
         weights_id = f"random-{seed}"
     resize_sam_input(sam, input_size)
-    return SamViT(name, sam, weights_id=weights_id)
+    return BACKBONES.get(name)(sam, weights_id=weights_id)
 
-
-@BACKBONES.register("sam_vit_b")
-def build_sam_vit_b(checkpoint: str | None = None, **kwargs) -> SamViT:
-    """SAM ViT-B (91M parameters); keyword arguments as ``build_sam_backbone``."""
-    return build_sam_backbone("sam_vit_b", checkpoint, **kwargs)
-
-
-@BACKBONES.register("sam_vit_l")
-def build_sam_vit_l(checkpoint: str | None = None, **kwargs) -> SamViT:
-    """SAM ViT-L (308M parameters); keyword arguments as ``build_sam_backbone``."""
-    return build_sam_backbone("sam_vit_l", checkpoint, **kwargs)
-
-
-@BACKBONES.register("sam_vit_h")
-def build_sam_vit_h(checkpoint: str | None = None, **kwargs) -> SamViT:
-    """SAM ViT-H (636M parameters); keyword arguments as ``build_sam_backbone``."""
-    return build_sam_backbone("sam_vit_h", checkpoint, **kwargs)

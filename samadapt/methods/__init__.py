@@ -5,17 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..backbones.base import Backbone
-from ..errors import ConfigError
 from ..registry import Registry
 from .base import Method, MethodConfig, config_from_dict
 
-METHODS: Registry[type[Method]] = Registry("method", "samadapt.methods")
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(f"{cls!r} is not a samadapt Method subclass")
-    return METHODS.register(cls.name)(cls)
+METHODS: Registry[type[Method]] = Registry("method", "samadapt.methods", Method)
+"""Every method class by its ``name``; a module registers its class with ``@METHODS.register``."""
 
 
 def build_method(name: str, backbone: Backbone | None, options: dict[str, Any] | None = None,
@@ -41,4 +35,4 @@ def _import_builtins() -> None:
 
 _import_builtins()
 
-__all__ = ["METHODS", "Method", "MethodConfig", "build_method", "register_method"]
+__all__ = ["METHODS", "Method", "MethodConfig", "build_method"]

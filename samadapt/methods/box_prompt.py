@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..layers.sam_decoder import decode_masks
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
 from .prompting import encode_prompts, label_boxes, whole_image_boxes
 
@@ -26,7 +26,7 @@ class BoxPromptConfig(MethodConfig):
     """``gt`` (oracle box from the ground truth) or ``whole`` (whole-image box)."""
 
 
-@register_method
+@METHODS.register
 class BoxPrompt(Method):
     name = "box-prompt"
     config_class = BoxPromptConfig

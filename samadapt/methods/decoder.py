@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from . import register_method
+from . import METHODS
 from ..layers.sam_decoder import decode_masks
 from .base import Method, MethodConfig
 from .losses import dice_ce_loss, with_background
@@ -35,7 +35,7 @@ class DecoderConfig(MethodConfig):
     lambda_ce: float = 1.0
 
 
-@register_method
+@METHODS.register
 class DecoderBaseline(Method):
     name = "decoder"
     config_class = DecoderConfig

@@ -77,7 +77,7 @@ from ..errors import ConfigError, InputError
 from ..layers.amg import select_masks
 from ..layers.res_se import UnetResSEBlock, UpResSEBlock, UpsampleResSE
 from ..layers.shared_image_decoder import decode_tokens, image_side
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
 from .prompting import encode_prompts
 
@@ -223,7 +223,7 @@ def grid_points(n: int, height: float, width: float) -> Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=1)
 
 
-@register_method
+@METHODS.register
 class DeSAM(Method):
     name = "desam"
     config_class = DeSAMConfig

@@ -42,7 +42,7 @@ from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..layers.deformable_attention import DeformableSEFusion
 from ..layers.sam_decoder import decode_masks, empty_sparse
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
 
 FUSIONS = ("none", "se", "deformable_se")
@@ -238,7 +238,7 @@ def soft_dice_loss(probs: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor
     return 1 - ((tp + smooth) / (tp + 0.5 * fn + 0.5 * fp + smooth)).mean()
 
 
-@register_method
+@METHODS.register
 class HeterSAM(Method):
     """HeterSAM: see the module docstring. ``forward`` returns ``logits`` (B x 1 x 4h x 4w), ``dense`` (D) and,
     with ``light_decoder``, ``light_logits`` (B x 1 x 4h x 4w)."""

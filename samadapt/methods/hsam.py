@@ -69,7 +69,7 @@ from ..backbones.base import Backbone, Features
 from ..errors import ConfigError
 from ..layers.lora_heads import apply_qv_lora
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
 from .lora_targets import lora_targets
 
@@ -304,7 +304,7 @@ class HSAMStage2(nn.Module):
         return (hyper @ feat.flatten(2)).reshape(b, t, *feat.shape[-2:])
 
 
-@register_method
+@METHODS.register
 class HSAM(Method):
     """H-SAM: ``forward`` returns ``logits`` (per ``inference_stage``, B x T x S x S), ``stage1`` (B x T x 4h x 4w)
     and ``stage2`` (B x T x S x S); ``loss`` the weighted two-stage DiceCE."""

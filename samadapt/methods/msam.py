@@ -7,8 +7,8 @@ h = w = 64); low-res logits are ``4h x 4w``.
 Parts and what trains (``param_groups``):
 
 - image encoder: a deep copy of the backbone's encoder owned by the method, frozen, with LoRA (``lora_rank``, 4) on
-  q and v of the attention ``qkv`` projections (full lr). Target patterns: the backbone's declared ``lora_targets``; the q/v
-  update follows each projection's real layout (SAM's ViT: contiguous q|k|v; TinyViT: per head [q|k|v]), see
+  q and v of the attention ``qkv`` projections (full lr). Target patterns: the backbone's declared
+  ``lora_targets``; the q/v update follows each projection's real layout (SAM's ViT: contiguous q|k|v; TinyViT: per head [q|k|v]), see
   ``samadapt.layers.lora_heads``. The shared ``backbone`` is never modified (only frozen). ``lora_rank=0`` keeps the encoder frozen without LoRA; the method then uses the backbone's encoder
   and the embedding cache (``needs_encoder_grad`` False), which is much cheaper on a CPU;
 - prompt encoder and mask decoder: trainable copies at ``sam_lr_scale`` (0.1) x the learning rate;
@@ -50,7 +50,7 @@ from ..layers.lora import apply_lora, lora_parameters
 from ..layers.lora_heads import apply_qv_lora
 from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
 from .lora_targets import lora_targets
 from .prompting import whole_image_boxes
@@ -104,7 +104,7 @@ class MSAMConfig(MethodConfig):
     """Reproduce the release's click-region bug: threshold the previous *logits* at 0.5 instead of probability 0.5."""
 
 
-@register_method
+@METHODS.register
 class MSAM(Method):
     name = "msam"
     config_class = MSAMConfig

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone, Features
 from ..errors import ConfigError, InputError
 from ..layers.sam_decoder import decode_masks
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, upsample_to
 from .prompting import encode_prompts
 
@@ -407,7 +407,7 @@ def bce_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0, lambda_bc
 
 
 # --- the method -------------------------------------------------------------------------------------------------
-@register_method
+@METHODS.register
 class ProMISe(Method):
     """ProMISe on any SAM-family backbone, all SAM weights frozen.
 

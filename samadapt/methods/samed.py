@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone, Features
 from ..errors import ConfigError
 from ..layers.two_way import ORDERS
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig, resize_labels
 from .hsam import HSAMStage1, lora_encoder
 
@@ -46,7 +46,7 @@ class SAMedConfig(MethodConfig):
     lambda_dice: float = 0.8
 
 
-@register_method
+@METHODS.register
 class SAMed(Method):
     """SAMed: ``forward`` returns ``logits`` B x T x 4h x 4w (low resolution); ``loss`` the DiceCE at that size."""
 

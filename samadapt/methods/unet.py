@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from monai.networks.nets import BasicUNet
 from torch import Tensor
 
-from . import register_method
+from . import METHODS
 from .base import Method, MethodConfig
 from .losses import dice_ce_loss
 
@@ -21,7 +21,7 @@ class UNetConfig(MethodConfig):
     """Slice side; 0 = the backbone's input size, so the U-Net sees exactly the slices the SAM methods see."""
 
 
-@register_method
+@METHODS.register
 class UNetBaseline(Method):
     name = "unet"
     config_class = UNetConfig

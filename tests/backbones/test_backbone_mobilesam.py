@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samadapt.backbones import build_backbone
-from samadapt.backbones.mobilesam import MOBILESAM_FILENAME, MOBILESAM_SHA256, UNUSED_KEYS, build_mobilesam, \
+from samadapt.backbones.mobilesam import MOBILESAM_FILENAME, MOBILESAM_SHA256, UNUSED_KEYS, MobileSAM, \
     resolve_mobilesam_checkpoint
 from samadapt.data.preprocessing import IntensityConfig
 from samadapt.engine.predict import Predictor
@@ -119,7 +119,7 @@ def test_wrong_checkpoint_lists_its_keys(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"lite_medsam.*shape mismatches: image_encoder\.patch_embed\.seq\.0"):
         build_backbone("mobilesam", checkpoint=mlt.get_asset_path())  # LiteMedSAM: same TinyViT but another stem
-    state = build_mobilesam(pretrained=False).state_dict()
+    state = MobileSAM.build(pretrained=False).state_dict()
     del state["mask_decoder.iou_token.weight"]
     state["image_encoder.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "edited.pt")

@@ -71,11 +71,11 @@ def test_box_prompt_takes_user_points_and_boxes(tiny_backbone):
 
 
 def test_one_vs_rest_wraps_binary_methods(tiny_backbone):
-    from samadapt.methods import METHODS, register_method
+    from samadapt.methods import METHODS
     from samadapt.methods.decoder import DecoderBaseline
 
     if "binary-decoder" not in METHODS:
-        @register_method
+        @METHODS.register
         class BinaryDecoder(DecoderBaseline):
             name = "binary-decoder"
             max_classes = 1

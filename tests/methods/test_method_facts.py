@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import samadapt
 from samadapt.backbones import build_backbone
@@ -113,7 +114,7 @@ def test_the_scan_finds_a_table_like_the_old_export_list(tmp_path):
     assert [h.split(": ", 1)[1] for h in hits] == ["'desam'", "'msam'", "'promise'"]
 
 
-# --- what a method needs from the backbone: LoRA targets ---------------------------------------------------------------
+# --- what a method needs from the backbone: LoRA targets --------------------------------------------------------------
 def test_backbones_declare_lora_targets_that_match_their_qkv_layers(tiny_backbone):
     from fnmatch import fnmatch
 
@@ -141,3 +142,80 @@ def test_lora_methods_read_the_backbones_targets_and_the_option_overrides(name, 
         build_method(name, bare, small, 1)
     method = build_method(name, bare, {**small, "lora_targets": ["blocks.1.attn.qkv"]}, 1)
     assert method.lora_layers == ["blocks.1.attn.qkv"]
+
+
+# --- one registration style; third-party plugins through entry points ------------------------------------------------
+PLUGIN = '''
+from samadapt.backbones import BACKBONES
+from samadapt.backbones.tiny import TinySAM
+from samadapt.data.readers import READERS
+from samadapt.data.readers.folder2d import Folder2DSource
+from samadapt.methods import METHODS
+from samadapt.methods.decoder import DecoderBaseline
+
+
+@BACKBONES.register
+class PluginBackbone(TinySAM):
+    name = "plugin-tiny"
+
+
+@METHODS.register
+class PluginMethod(DecoderBaseline):
+    name = "plugin-decoder"
+
+
+@READERS.register
+class PluginSource(Folder2DSource):
+    format = "plugin-folder"
+'''
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """The three registries, restored afterwards (plugins registered by a test do not leak into others)."""
+    from samadapt.backbones import BACKBONES
+    from samadapt.data.readers import READERS
+
+    for registry in (BACKBONES, METHODS, READERS):
+        monkeypatch.setattr(registry, "_items", dict(registry._items))
+        monkeypatch.setattr(registry, "_plugins_loaded", False)
+    return BACKBONES, METHODS, READERS
+
+
+def test_a_plugin_of_each_kind_registers_through_its_entry_points(registries, tmp_path, monkeypatch):
+    import sys
+
+    backbones, methods, readers = registries
+    (tmp_path / "samadapt_test_plugin.py").write_text(PLUGIN, encoding="utf-8")
+    info = tmp_path / "samadapt_test_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: samadapt-test-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[samadapt.backbones]\nb = samadapt_test_plugin\n[samadapt.methods]\n"
+                                           "m = samadapt_test_plugin\n[samadapt.readers]\nr = samadapt_test_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "samadapt_test_plugin", raising=False)
+    assert "plugin-tiny" not in backbones and "plugin-decoder" not in methods
+    backbone = build_backbone("plugin-tiny")  # unknown among the built-ins: the entry points are loaded
+    assert type(backbone).__name__ == "PluginBackbone" and backbone.name == "plugin-tiny"
+    assert "plugin-decoder" in methods.names() and "plugin-folder" in readers.names()
+    method = build_method("plugin-decoder", backbone, {}, 1)
+    assert method.predict({"image": torch.rand(1, 3, 64, 64)}).shape == (1, 2, 64, 64)
+    assert readers.get("plugin-folder").__name__ == "PluginSource"
+
+
+def test_registration_takes_the_class_and_its_declared_name(registries):
+    from samadapt.backbones.base import Backbone
+    from samadapt.data.readers.base import DatasetSource
+    from samadapt.methods.base import Method
+
+    backbones, methods, readers = registries
+    with pytest.raises(ConfigError, match="takes a Method subclass"):
+        methods.register("my-method")  # the old call style with a name
+    with pytest.raises(ConfigError, match="declares no 'name'"):
+        methods.register(type("Nameless", (Method,), {}))
+    with pytest.raises(ConfigError, match="declares no 'format'"):
+        readers.register(type("Nameless", (DatasetSource,), {}))
+    with pytest.raises(ConfigError, match="backbone 'tiny' is registered twice"):
+        backbones.register(type("OtherTiny", (Backbone,), {"name": "tiny"}))
+    cls = readers.register(type("Mine", (DatasetSource,), {"format": "mine"}))
+    assert readers.get("mine") is cls

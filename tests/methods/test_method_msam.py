@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from samadapt.backbones import BACKBONES
 from samadapt.backbones.base import Features
-from samadapt.backbones.litemedsam import LiteMedSAM
-from samadapt.backbones.sam import SamViT
-from samadapt.backbones.tiny import TinySAM
 from samadapt.errors import ConfigError, InputError
 from samadapt.layers.lora import LoRALinear, LoRAQKV, lora_modules
 from samadapt.layers.mask_enhanced_adapter import MaskEnhancedAdapter, RelPosSelfAttention
@@ -264,7 +262,7 @@ def test_lora_table_matches_tinyvit_attention_layers():
     full = build_method("msam", lite, {"mea_mlp_ratio": 0.5, "lora_layout": "full"})
     assert all(isinstance(w, LoRALinear) for w in lora_modules(full.image_encoder).values())
     assert not lora_modules(lite.image_encoder)
-    assert all(cls.lora_targets for cls in (LiteMedSAM, SamViT, TinySAM))  # sam_vit_b/l/h are SamViT
+    assert all(BACKBONES.get(n).lora_targets for n in ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "tiny"))
 
 
 def test_lora_rank_zero_uses_the_frozen_encoder_and_cache(tiny_backbone):

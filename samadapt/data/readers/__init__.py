@@ -5,9 +5,9 @@ TrainDataset/ + TestDataset/<set>/), ``isic2018`` (the ISIC-2018 Task 1 folders)
 train_npz/ + test_vol_h5/ + lists_Synapse/, as SAMed and H-SAM use it), ``prostate-site`` / ``prostate-sites``
 (the six-site prostate MRI folders of SAML/MaxStyle/DeSAM), ``npz`` (MedSAM-style), ``dicom`` (a folder
 holding one series), ``volumes`` (a folder of unlabelled NIfTI/NRRD/MHA files, e.g. nnU-Net's ``imagesTs``) and
-``file`` (one NIfTI/NRRD/MHA/PNG file). Third-party readers register a :class:`DatasetSource` subclass with
-``@READERS.register("name")`` (entry-point group ``samadapt.readers``); the class is built as
-``cls(path, modality=None)``.
+``file`` (one NIfTI/NRRD/MHA/PNG file). Each reader is a :class:`DatasetSource` subclass that declares its name in
+``format`` and registers with ``@READERS.register``, third-party ones too (entry-point group ``samadapt.readers``);
+the class is built as ``cls(path, modality=None)``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...registry import Registry
+from .base import DatasetSource
 
-READERS: Registry[type] = Registry("reader", "samadapt.readers")
+READERS: Registry[type[DatasetSource]] = Registry("reader", "samadapt.readers", DatasetSource, name_attr="format")
+"""Every reader class by its ``format``."""
 
-from .base import DatasetSource  # noqa: E402
 from . import folder2d, nnunet, npz, single  # noqa: E402,F401  (register the built-ins)
 from . import isic, pranet, prostate, synapse  # noqa: E402,F401
 from .isic import is_isic2018_root  # noqa: E402

@@ -51,7 +51,7 @@ def _pictures(folder: Path) -> dict[str, Path]:
     return found
 
 
-@READERS.register("folder2d")
+@READERS.register
 class Folder2DSource(DatasetSource):
     """Reader of a 2D picture folder (see module docstring)."""
 

@@ -40,7 +40,7 @@ def is_isic2018_root(path: Path) -> bool:
     return input_dir(path, "Training").is_dir()
 
 
-@READERS.register("isic2018")
+@READERS.register
 class ISIC2018Source(NamedSetsSource):
     """Reader of the ISIC-2018 Task 1 layout (see module docstring)."""
 

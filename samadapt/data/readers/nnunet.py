@@ -20,7 +20,7 @@ from . import READERS
 from .base import DatasetSource, _preview, modality_from_channel_name, parse_labels, read_json, validate_label
 
 
-@READERS.register("nnunet")
+@READERS.register
 class NnUNetSource(DatasetSource):
     """Reader of an nnU-Net v2 raw dataset folder (see module docstring)."""
 

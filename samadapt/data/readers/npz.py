@@ -43,7 +43,7 @@ def _get(npz, path: Path, keys: tuple[str, ...], required: bool) -> np.ndarray |
     return None
 
 
-@READERS.register("npz")
+@READERS.register
 class NpzSource(DatasetSource):
     """Reader of MedSAM-style ``.npz`` files (see module docstring)."""
 

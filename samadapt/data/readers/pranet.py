@@ -29,7 +29,7 @@ def is_pranet_root(path: Path) -> bool:
     return (path / TRAIN_DIR).is_dir() and (path / TEST_DIR).is_dir()
 
 
-@READERS.register("pranet")
+@READERS.register
 class PraNetSource(NamedSetsSource):
     """Reader of the PraNet polyp layout (see module docstring); ``test_sets`` holds one entry per test folder."""
 

@@ -116,7 +116,7 @@ def _load(case_id: str, image_path: Path, mask_path: Path, nonfinite: str) -> Ca
                       "geometry_source": str(image_path)})
 
 
-@READERS.register("prostate-site")
+@READERS.register
 class ProstateSiteSource(DatasetSource):
     """One site folder of the multi-site prostate layout (case ids ``Case00`` ...)."""
 
@@ -143,7 +143,7 @@ class ProstateSiteSource(DatasetSource):
         return _load(case_id, *self.files[case_id], self.nonfinite)
 
 
-@READERS.register("prostate-sites")
+@READERS.register
 class ProstateSitesSource(DatasetSource):
     """The root of the multi-site layout (all sites pooled): case ids ``<letter>/<case>``; ``sites`` letter -> site."""
 

@@ -32,7 +32,7 @@ def dicom_series(folder: Path) -> list[str]:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-@READERS.register("dicom")
+@READERS.register
 class DicomSource(DatasetSource):
     """A folder holding exactly one DICOM series; several series raise ``InputError`` listing them."""
 
@@ -86,7 +86,7 @@ class DicomSource(DatasetSource):
                     nonfinite=self.nonfinite, meta={"dicom_modality": tag, "files": len(files)})
 
 
-@READERS.register("file")
+@READERS.register
 class FileSource(DatasetSource):
     """One image file (NIfTI, NRRD, MHA, or a 2D picture) as a single test case."""
 
@@ -127,7 +127,7 @@ class FileSource(DatasetSource):
                     meta={"dtype": str(stored), "geometry_source": str(self.root)})
 
 
-@READERS.register("volumes")
+@READERS.register
 class VolumeFolderSource(DatasetSource):
     """A folder of unlabelled volumes to predict (NIfTI/NRRD/MHA), e.g. an nnU-Net ``imagesTs`` folder.
 

@@ -100,7 +100,7 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return image, label
 
 
-@READERS.register("synapse")
+@READERS.register
 class SynapseSource(DatasetSource):
     """Reader of the Synapse ``train_npz`` / ``test_vol_h5`` / ``lists_Synapse`` layout (see module docstring)."""
 
