@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ..evaluation.compare import ModelSpec, compare
 from ..data.demo_data import DEMO_DATASETS
+from .selection import preset
 
 console = Console(stderr=True)
 
@@ -29,11 +30,12 @@ def run_demo(out: Path, method: str = "decoder", minutes: float = 4.0, threads: 
 
     ``baselines=False`` trains and evaluates ``method`` alone (no unet, no box-prompt).
     """
-    models = [ModelSpec(method, f"{method}_cpu")]
+    models = [ModelSpec(method, preset(method))]
     if baselines:
         if method != "unet":
-            models.append(ModelSpec("unet", "unet_cpu"))
-        models += [ModelSpec("box-prompt-gt", "box_prompt_gt"), ModelSpec("box-prompt-whole", "box_prompt_whole")]
+            models.append(ModelSpec("unet", preset("unet")))
+        models += [ModelSpec("box-prompt-gt", preset("box-prompt", "oracle")),
+                   ModelSpec("box-prompt-whole", preset("box-prompt"))]
     data_path = _dataset(out)
     console.print(f"[bold]dataset[/] {data_path}")
     return compare(data_path, models, out, minutes=minutes, threads=threads,
