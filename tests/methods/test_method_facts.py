@@ -56,6 +56,22 @@ def test_benchmark_defaults_are_the_methods_measured_before():
     assert measured_methods("cost") == ["decoder", "desam", "hetersam", "hsam", "msam", "promise", "unet"]
 
 
+def test_demo_and_accuracy_models_use_the_declared_presets(tmp_path, monkeypatch):
+    from samadapt.bench import accuracy, demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "_dataset", lambda out: out / "data")
+    monkeypatch.setattr(demo, "compare", lambda data, models, out, **kw: seen.setdefault("models", models))
+    demo.run_demo(tmp_path, "hetersam")
+    assert [(m.label, m.config) for m in seen["models"]] == [
+        ("hetersam", "hetersam_cpu"), ("unet", "unet_cpu"), ("box-prompt-gt", "box_prompt_gt"),
+        ("box-prompt-whole", "box_prompt_whole")]
+    assert accuracy.BINARY_MODELS[:5] == ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt",
+                                          "box-prompt-whole=box_prompt_whole",
+                                          "desam-box=desam_cpu method.options.mode=box")
+    assert accuracy.MULTICLASS_MODELS[-1] == "samed=samed_cpu" and accuracy.DESAM_GRID == "desam-grid=desam_cpu"
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_export_refusal_is_what_the_export_check_says(name, tiny_backbone):
     cls = METHODS.get(name)
