@@ -64,7 +64,7 @@ class DataConfig:
     """JSON {"train": [...], "val": [...], "test": [...]} case lists; overrides the fractions."""
     fold: int | None = None
     folds: int | None = None
-    fewshot: float | None = None
+    fewshot: int | float | None = None
     """Keep this fraction (< 1) or count (>= 1) of labelled training slices (H-SAM's 10% setting: 0.1)."""
     intensity_mode: str = "auto"
     """auto | ct | mr | percentile | none."""

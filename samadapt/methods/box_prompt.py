@@ -17,12 +17,13 @@ from ..errors import ConfigError, InputError
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .options import option
 from .prompting import encode_prompts, label_boxes, whole_image_boxes
 
 
 @dataclass
 class BoxPromptConfig(MethodConfig):
-    mode: str = "whole"
+    mode: str = option("whole", choices=("gt", "whole"))
     """``gt`` (oracle box from the ground truth) or ``whole`` (whole-image box)."""
 
 
@@ -39,8 +40,6 @@ class BoxPrompt(Method):
 
     def __init__(self, backbone, config: BoxPromptConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        if config.mode not in ("gt", "whole"):
-            raise ConfigError(f"box-prompt mode must be 'gt' or 'whole', got {config.mode!r}")
         if config.mode == "whole" and num_classes > 1:
             raise ConfigError("box-prompt mode 'whole' gives one mask; use mode 'gt' for several classes")
         backbone.freeze()

@@ -19,20 +19,21 @@ from . import METHODS
 from ..layers.sam_decoder import decode_masks
 from .base import Method, MethodConfig
 from .losses import dice_ce_loss, with_background
+from .options import option
 from .prompting import encode_prompts, whole_image_boxes
 
 
 @dataclass
 class DecoderConfig(MethodConfig):
-    num_tokens: int = 2
+    num_tokens: int = option(2, ge=0)
     """Learned sparse prompt tokens per class."""
     learn_dense: bool = True
     """Learn a dense prompt map (h x w x 256) per class, added to ``no_mask_embed``."""
     init_from_box: bool = True
     """Start the first two sparse tokens at the prompt encoder's whole-image box embedding (the zero-shot
     ``box-prompt`` whole-box baseline), instead of small random tokens; training then starts from that baseline."""
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
+    lambda_dice: float = option(1.0, ge=0)
+    lambda_ce: float = option(1.0, ge=0)
 
 
 @METHODS.register

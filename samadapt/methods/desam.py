@@ -79,6 +79,7 @@ from ..layers.res_se import UnetResSEBlock, UpResSEBlock, UpsampleResSE
 from ..layers.shared_image_decoder import decode_tokens, image_side
 from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
+from .options import option
 from .prompting import encode_prompts
 
 MODES = ("grid", "box")
@@ -86,30 +87,30 @@ MODES = ("grid", "box")
 
 @dataclass
 class DeSAMConfig(MethodConfig):
-    mode: str = "grid"
+    mode: str = option("grid", choices=MODES)
     """``grid`` (DeSAM-P: random point in training, N x N point grid at inference) or ``box`` (DeSAM-B: the
     whole-image box in training and inference)."""
     channels: list[int] = field(default_factory=lambda: [256, 128, 64])
     """PDMM widths [c0, c1, c2] at h x w, 2h x 2w, 4h x 4w (paper: 256, 128, 64)."""
-    se_reduction: int = 16
+    se_reduction: int = option(16, ge=1)
     """Squeeze-and-excitation reduction of the ResSE blocks (paper: 16)."""
     intermediate_sizes: list[int] | None = None
     """Side of each intermediate map (shallow to deep); default: the backbone's ``intermediate_sizes`` if it has
     one, else its embedding grid (true for every SAM ViT and for LiteMedSAM)."""
-    bg_point_prob: float = 0.5
+    bg_point_prob: float = option(0.5, ge=0, le=1)
     """Grid training: probability that the slice's point comes from the background (IoU target 0)."""
-    iou_loss: str = "l1"
+    iou_loss: str = option("l1", choices=("l1", "mse"))
     """``l1`` (paper) or ``mse`` between PRIM's IoU and the 0/1 target."""
-    lambda_iou: float = 1.0
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
+    lambda_iou: float = option(1.0, ge=0)
+    lambda_dice: float = option(1.0, ge=0)
+    lambda_ce: float = option(1.0, ge=0)
     squared_pred: bool = True
     """MONAI DiceCE ``squared_pred`` (the release: True)."""
-    points_per_side: int = 9
+    points_per_side: int = option(9, ge=1)
     """Grid inference: N of the N x N point grid (paper: 9, 81 points)."""
-    points_per_batch: int = 9
+    points_per_batch: int = option(9, ge=1)
     """Grid inference: most candidates per PDMM forward (paper: 9 prompts per forward)."""
-    prim_batch: int = 64
+    prim_batch: int = option(64, ge=1)
     """Grid inference: most point prompts per PRIM call; the points of whole slices are grouped (at least one
     slice per call), so a 9 x 9 grid is one call per slice and a 4 x 4 grid four slices per call. Memory grows with
     it (about 4 MB per prompt and intermediate at a 64 x 64 grid). The result does not depend on it."""
@@ -122,10 +123,10 @@ class DeSAMConfig(MethodConfig):
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     """Box NMS IoU threshold between candidate masks (paper: 0.7)."""
-    min_mask_region_area: int = 1000
+    min_mask_region_area: int = option(1000, ge=0)
     """Holes and islands smaller than this many pixels of the 4h x 4w low-res mask are removed (paper: 1000 at
     256 x 256)."""
-    keep_masks: int = 1
+    keep_masks: int = option(1, ge=1)
     """Grid inference: the best masks kept after post-processing, merged into the prediction (paper: 1)."""
 
 
@@ -240,14 +241,6 @@ class DeSAM(Method):
 
     def __init__(self, backbone: Backbone, config: DeSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        if config.mode not in MODES:
-            raise ConfigError(f"desam mode must be one of {MODES}, got {config.mode!r}")
-        if config.iou_loss not in ("l1", "mse"):
-            raise ConfigError(f"desam iou_loss must be 'l1' or 'mse', got {config.iou_loss!r}")
-        if not 0.0 <= config.bg_point_prob <= 1.0:
-            raise ConfigError(f"desam bg_point_prob must be in [0, 1], got {config.bg_point_prob}")
-        if min(config.points_per_side, config.points_per_batch, config.keep_masks, config.prim_batch) < 1:
-            raise ConfigError("desam points_per_side, points_per_batch, prim_batch and keep_masks must be >= 1")
         widths = tuple(backbone.intermediate_widths)
         if len(widths) < 3:
             raise ConfigError(f"desam needs three intermediate maps; backbone {backbone.name!r} has {len(widths)}")

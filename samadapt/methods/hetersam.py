@@ -40,10 +40,11 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone
 from ..errors import ConfigError
-from ..layers.deformable_attention import DeformableSEFusion
+from ..layers.deformable_attention import OFFSET_INITS, DeformableSEFusion
 from ..layers.sam_decoder import decode_masks, empty_sparse
 from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
+from .options import option
 
 FUSIONS = ("none", "se", "deformable_se")
 DECODER_ACTS = ("none", "relu", "gelu")
@@ -59,7 +60,7 @@ SWIN_PRESETS = {
 
 @dataclass
 class HeterSAMConfig(MethodConfig):
-    fusion: str = "deformable_se"
+    fusion: str = option("deformable_se", choices=FUSIONS)
     """Fusion of E with the dense prompt D before the frozen decoder: none | se | deformable_se."""
     prompt_size: int | None = None
     """Side of the prompt branch's input; None: min(8 x embedding grid, input size) (SAM 1024 -> 512)."""
@@ -71,9 +72,9 @@ class HeterSAMConfig(MethodConfig):
     """Swin attention heads per stage (Swin-T 3,6,12,24; Swin-B 4,8,16,32)."""
     window_size: int = 7
     patch_size: int = 4
-    drop_path: float = 0.1
+    drop_path: float = option(0.1, ge=0, le=1)
     """Stochastic depth, rising linearly over the Swin blocks to this value (release: 0.3 with Swin-B)."""
-    decoder_act: str = "none"
+    decoder_act: str = option("none", choices=DECODER_ACTS)
     """Activation after each U-decoder conv + BN: none (as released: no nonlinearity before the final tanh) |
     relu | gelu."""
     fusion_depth: int = 1
@@ -86,9 +87,9 @@ class HeterSAMConfig(MethodConfig):
     """Cross-attention internal width = 256 / this (SAM: 2)."""
     se_reduction: int = 4
     """SE gate on the values: hidden width C / this."""
-    kv_grid: int = 16
+    kv_grid: int = option(16, ge=0)
     """fusion=se only: keys/values average-pooled to at most kv_grid x kv_grid (0: full grid)."""
-    offset_init: str = "ring"
+    offset_init: str = option("ring", choices=OFFSET_INITS)
     """ring (head h looks along direction 2 pi h / H, its K points 1..K pixels out: the points start apart and learn
     apart) | zero (every point at the reference; the K points of a head then stay identical: ablation only)."""
     fusion_zero_init: bool = True
@@ -96,28 +97,34 @@ class HeterSAMConfig(MethodConfig):
     light_decoder: bool = False
     """Train a small head on E' + D that can replace SAM's mask decoder at inference."""
     light_channels: int = 32
-    light_weight: float = 1.0
+    light_weight: float = option(1.0, ge=0)
     """Weight of the light head's loss (its BCE + Dice against the labels + light_distil x distillation) beside the
     full path's."""
     light_detach: bool = True
     """Stop the light head's gradient at its input, so that the full path trains exactly as without it."""
-    light_distil: float = 1.0
+    light_distil: float = option(1.0, ge=0)
     """Weight of the light head's distillation term: BCE of its output against the full path's detached
     probabilities (0: labels only)."""
-    light_epochs: int = 0
+    light_epochs: int = option(0, ge=0)
     """The light head's own phase: the last light_epochs epochs of the run (counted in train.epochs, so give a
     budget in epochs) train the light head alone, prompt encoder and fusion frozen, the full path its teacher."""
-    inference_decoder: str = "full"
+    inference_decoder: str = option("full", choices=INFERENCE_DECODERS)
     """full (frozen SAM decoder) | light (the light head; needs light_decoder). Also what validation scores, so
     light chooses the checkpoint on the light head."""
-    lambda_bce: float = 1.0
-    lambda_dice: float = 1.0
+    lambda_bce: float = option(1.0, ge=0)
+    lambda_dice: float = option(1.0, ge=0)
     faithful: bool = False
     """Release behaviour: loss and prediction on per-sample min-max normalised logits."""
     double_normalise: bool = False
     """Release behaviour: SAM's encoder sees the image normalised twice (needs data.cache=off)."""
-    swin_preset: str | None = None
+    swin_preset: str | None = option(None, choices=tuple(SWIN_PRESETS))
     """tiny | base: overrides embed_dim, depths and num_heads with that preset."""
+
+    def check(self) -> None:
+        if self.inference_decoder == "light" and not self.light_decoder:
+            raise ConfigError("hetersam: inference_decoder='light' needs light_decoder=true")
+        if self.light_epochs and not self.light_decoder:
+            raise ConfigError("hetersam: light_epochs needs light_decoder=true")
 
 
 class _ConvBN(nn.Sequential):
@@ -252,19 +259,8 @@ class HeterSAM(Method):
     def __init__(self, backbone: Backbone, config: HeterSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
         if config.swin_preset is not None:
-            if config.swin_preset not in SWIN_PRESETS:
-                raise ConfigError(f"swin_preset must be one of {sorted(SWIN_PRESETS)}, got {config.swin_preset!r}")
             for key, value in SWIN_PRESETS[config.swin_preset].items():
                 setattr(config, key, value)
-        config.depths, config.num_heads = tuple(config.depths), tuple(config.num_heads)
-        for value, valid, what in ((config.fusion, FUSIONS, "fusion"),
-                                   (config.inference_decoder, INFERENCE_DECODERS, "inference_decoder")):
-            if value not in valid:
-                raise ConfigError(f"hetersam: {what} must be one of {valid}, got {value!r}")
-        if config.inference_decoder == "light" and not config.light_decoder:
-            raise ConfigError("hetersam: inference_decoder='light' needs light_decoder=true")
-        if config.light_epochs and not config.light_decoder:
-            raise ConfigError("hetersam: light_epochs needs light_decoder=true")
         backbone.freeze()
         grid = tuple(backbone.embed_grid)
         self.prompt_size = config.prompt_size or min(8 * grid[0], backbone.input_size)

@@ -71,6 +71,7 @@ from ..layers.lora_heads import apply_qv_lora
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
+from .options import option
 from .lora_targets import lora_targets
 
 PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
@@ -79,24 +80,24 @@ PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
 
 @dataclass
 class HSAMConfig(MethodConfig):
-    lora_rank: int = 5
+    lora_rank: int = option(5, ge=1)
     """LoRA rank on q and v of every encoder attention block."""
     lora_targets: list[str] | None = None
     """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's ``lora_targets``."""
-    inference_stage: int = 3
+    inference_stage: int = option(3, choices=(1, 2, 3))
     """1: stage-1 logits (upsampled), 2: stage-2 logits, 3: their average (the paper's inference)."""
-    feature_noise: float = 0.2
+    feature_noise: float = option(0.2, ge=0)
     """Std of the training noise on stage 2's image embedding, as a fraction of the embedding's range; 0 disables."""
-    feature_noise_range: str = "image"
+    feature_noise_range: str = option("image", choices=("image", "batch"))
     """Where that range is taken: image (each image's own) | batch (the whole batch's, as the release does)."""
     cmattn: bool = True
     """Class-balanced mask-guided self-attention (CMAttn) enhancement of the stage-2 embedding."""
-    cmattn_norm: str = "sigmoid"
+    cmattn_norm: str = option("sigmoid", choices=("sigmoid", "faithful"))
     """sigmoid (intended, default) | faithful (the release's softmax over a size-1 axis: constant 1, no gradient)."""
-    cmattn_grid: int = 32
+    cmattn_grid: int = option(32, ge=1)
     """CMAttn works on the token-pixel map average-pooled to at most this many cells per side."""
-    cmattn_heads: int = 8
-    cmattn_dropout: float = 0.1
+    cmattn_heads: int = option(8, ge=1)
+    cmattn_dropout: float = option(0.1, ge=0, le=1)
     """Training dropout on the token-pixel map before CMAttn."""
     class_noise: bool = True
     """Class-balanced noise on the token-pixel map during training (needs ``batch["label"]``); the release's 512 px
@@ -105,26 +106,13 @@ class HSAMConfig(MethodConfig):
     """Noise std by class rank (rarest first), resampled to K + 1 ranks; None: the release's 9-class profile."""
     mask_attention: bool = True
     """Multiply stage 2's cross-attention by the stage-1 class probabilities (learnable mask cross-attention)."""
-    attn_dropout: float = 0.2
+    attn_dropout: float = option(0.2, ge=0, le=1)
     """Dropout on stage 2's token-to-image attention output."""
-    lambda_ce: float = 0.1
-    lambda_dice: float = 0.9
+    lambda_ce: float = option(0.1, ge=0)
+    lambda_dice: float = option(0.9, ge=0)
     stage_weight_base: float = 0.6
     """Stage-2 loss weight w = base ** (decay ** epoch); 0.6 at epoch 0."""
     stage_weight_decay: float = 0.99
-
-
-def _check(config: HSAMConfig) -> None:
-    if config.inference_stage not in (1, 2, 3):
-        raise ConfigError(f"hsam inference_stage must be 1, 2 or 3, got {config.inference_stage}")
-    if config.cmattn_norm not in ("sigmoid", "faithful"):
-        raise ConfigError(f"hsam cmattn_norm must be 'sigmoid' or 'faithful', got {config.cmattn_norm!r}")
-    if config.feature_noise_range not in ("image", "batch"):
-        raise ConfigError(f"hsam feature_noise_range must be 'image' or 'batch', got {config.feature_noise_range!r}")
-    if config.cmattn_grid < 1:
-        raise ConfigError(f"hsam cmattn_grid must be >= 1, got {config.cmattn_grid}")
-    if config.lora_rank < 1:
-        raise ConfigError(f"hsam lora_rank must be >= 1, got {config.lora_rank}")
 
 
 def resample_profile(profile: tuple[float, ...] | list[float], n: int) -> list[float]:
@@ -318,7 +306,6 @@ class HSAM(Method):
 
     def __init__(self, backbone: Backbone, config: HSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        _check(config)
         backbone.freeze()
         self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
         pe = backbone.prompt_encoder

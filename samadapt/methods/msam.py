@@ -52,6 +52,7 @@ from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .options import option
 from .lora_targets import lora_targets
 from .prompting import whole_image_boxes
 
@@ -63,43 +64,43 @@ CLICK_MODES = ("random", "center")
 
 @dataclass
 class MSAMConfig(MethodConfig):
-    lora_rank: int = 4
+    lora_rank: int = option(4, ge=0)
     """LoRA rank on the image encoder's attention projections; 0 = frozen encoder, no LoRA (embedding cache usable)."""
     lora_targets: list[str] | None = None
     """fnmatch patterns of ``nn.Linear`` layers inside the image encoder; default: the backbone's ``lora_targets``."""
-    lora_layout: str = "qv"
+    lora_layout: str = option("qv", choices=LORA_LAYOUTS)
     """``qv``: SAMed's update of q and v only, placed by the projection's real layout (released); ``full``: one
     rank-r update of the whole projection (q, k and v)."""
-    mea_tokens: str = "pooled"
+    mea_tokens: str = option("pooled", choices=TOKEN_MODES)
     """MEA attention tokens: ``full`` (every embedding position, faithful, GPU) or ``pooled`` (average-pooled grid)."""
-    mea_pool_size: int = 32
+    mea_pool_size: int = option(32, ge=1)
     """Side of the pooled attention grid (``mea_tokens=pooled``)."""
-    mea_heads: int = 8
-    mea_mlp_ratio: float = 4.0
+    mea_heads: int = option(8, ge=1)
+    mea_mlp_ratio: float = option(4.0, gt=0)
     """Hidden width of the MEA's MLPs as a multiple of C (4 as released)."""
-    mea_blocks: int = 1
-    sam_lr_scale: float = 0.1
+    mea_blocks: int = option(1, ge=1)
+    sam_lr_scale: float = option(0.1, ge=0)
     """Learning-rate factor of the prompt encoder and mask decoder copies (0.1 as released)."""
-    train_iterations: int = 11
+    train_iterations: int = option(11, ge=1)
     """K refinement iterations per training batch (11 in the release)."""
-    infer_iterations: int = 3
+    infer_iterations: int = option(3, ge=1)
     """Mask-only refinement iterations in the automatic mode (``predict`` without clicks)."""
-    auto_start: str = "empty"
+    auto_start: str = option("empty", choices=AUTO_STARTS)
     """First automatic iteration: ``empty`` (zero mask, no prompt) or ``box`` (zero mask + whole-image box)."""
-    auto_train_fraction: float = 0.5
+    auto_train_fraction: float = option(0.5, ge=0, le=1)
     """Probability that a training batch runs the automatic (click-free) chain; 0 = the release (always clicks)."""
     multi_click: bool = False
     """Give every click so far at each iteration (the release's --multi_click); default only the newest."""
-    click_mode: str = "random"
+    click_mode: str = option("random", choices=CLICK_MODES)
     """Training clicks: ``random`` pixel of the error region (release) or ``center`` (deepest error pixel)."""
-    eval_click_mode: str = "center"
+    eval_click_mode: str = option("center", choices=CLICK_MODES)
     """Simulated clicks in ``refine(mode="simulate")`` (evaluation): deterministic ``center`` by default."""
     detach_between_iterations: bool = False
     """Stop gradients between iterations (the release keeps the whole chain differentiable)."""
     squared_pred: bool = True
     """DiceCE with squared denominators, as released."""
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
+    lambda_dice: float = option(1.0, ge=0)
+    lambda_ce: float = option(1.0, ge=0)
     faithful: bool = False
     """Reproduce the release's click-region bug: threshold the previous *logits* at 0.5 instead of probability 0.5."""
 
@@ -119,7 +120,6 @@ class MSAM(Method):
 
     def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        self._check(config)
         backbone.freeze()
         self.image_encoder: nn.Module | None = None
         self.lora_layers: list[str] = []
@@ -139,28 +139,6 @@ class MSAM(Method):
                                        config.mea_mlp_ratio, config.mea_tokens, config.mea_pool_size,
                                        config.mea_blocks)
         self.train(self.training)
-
-    @staticmethod
-    def _check(config: MSAMConfig) -> None:
-        problems = []
-        if config.lora_rank < 0:
-            problems.append(f"lora_rank must be >= 0, got {config.lora_rank}")
-        if config.lora_layout not in LORA_LAYOUTS:
-            problems.append(f"lora_layout must be one of {LORA_LAYOUTS}, got {config.lora_layout!r}")
-        if config.mea_tokens not in TOKEN_MODES:
-            problems.append(f"mea_tokens must be one of {TOKEN_MODES}, got {config.mea_tokens!r}")
-        if config.auto_start not in AUTO_STARTS:
-            problems.append(f"auto_start must be one of {AUTO_STARTS}, got {config.auto_start!r}")
-        for key in ("click_mode", "eval_click_mode"):
-            if getattr(config, key) not in CLICK_MODES:
-                problems.append(f"{key} must be one of {CLICK_MODES}, got {getattr(config, key)!r}")
-        for key in ("train_iterations", "infer_iterations", "mea_pool_size", "mea_heads", "mea_blocks"):
-            if int(getattr(config, key)) < 1:
-                problems.append(f"{key} must be >= 1, got {getattr(config, key)}")
-        if not 0.0 <= config.auto_train_fraction <= 1.0:
-            problems.append(f"auto_train_fraction must be in [0, 1], got {config.auto_train_fraction}")
-        if problems:
-            raise ConfigError("msam: " + "; ".join(problems))
 
     # --- modes and parameters -------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MSAM":

@@ -40,6 +40,7 @@ from ..errors import ConfigError, InputError
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, MethodConfig, upsample_to
+from .options import option
 from .prompting import encode_prompts
 
 MODES = ("apm", "apm_ips", "ips_gt")
@@ -48,11 +49,11 @@ POINT_PARAMS = ("anchor", "sigmoid")
 
 @dataclass
 class ProMISeConfig(MethodConfig):
-    mode: str = "apm_ips"
+    mode: str = option("apm_ips", choices=MODES)
     """``apm`` | ``apm_ips`` | ``ips_gt`` (IPS with ground-truth points; no APM is built)."""
-    apm: str = "resnet"
+    apm: str = option("resnet", choices=("resnet", "cross"))
     """APM variant: ``resnet`` (FeatureMap + ResNet34) or ``cross`` (learned queries, cross-attention)."""
-    num_points: int = 16
+    num_points: int = option(16, ge=1)
     """N_p, points per image made by APM (and sampled from the ground truth in ``ips_gt``)."""
     point_labels: list[int] | str | None = None
     """Label pattern of the APM points (1 positive, 0 negative); a list or the release's ``"1-1-...-0"``
@@ -61,9 +62,9 @@ class ProMISeConfig(MethodConfig):
     """Encoder layers the APM reads (``Backbone.resolve_layers``: a role or layer indices). ``late_stages`` = the
     release's blocks 6/9/12 on SAM ViT (indices 5, 8, 11: the last three global-attention blocks); on TinyViT
     (LiteMedSAM) stages 1, 2, 3. ``default`` gives the backbone's own choice (ViT-B 2, 5, 8)."""
-    feature_channels: int = 256
+    feature_channels: int = option(256, ge=1)
     """Width of the FeatureMap convs that reduce the concatenated intermediates (paper: 256)."""
-    feature_grid: int | None = None
+    feature_grid: int | None = option(None, ge=1)
     """ResNet APM CPU cap: average-pool the concatenated intermediates to at most this grid side before the
     FeatureMap (None: the backbone's grid, as the paper). The points come from globally pooled ResNet features."""
     resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
@@ -72,42 +73,45 @@ class ProMISeConfig(MethodConfig):
     """Channels per ResNet stage (ResNet34: 64, 128, 256, 512)."""
     cross_dim: int = 256
     """Cross-attention APM width (paper with ViT-B: 768; intermediates are projected to it by 1x1 convs)."""
-    cross_heads: int = 8
+    cross_heads: int = option(8, ge=1)
     """Attention heads of the cross-attention APM (paper: 12)."""
-    cross_layers: int = 1
+    cross_layers: int = option(1, ge=1)
     """Rounds over the memory levels (paper: 1 round = 3 layers cycling deepest -> shallowest)."""
     cross_upsample: bool = False
     """Upsample level l by ConvT2x2/s2 + Conv3x3 (no pad) + BN + ReLU, l times (paper: True, 64 -> 126 -> 250)."""
-    cross_max_tokens: int | None = 4096
+    cross_max_tokens: int | None = option(4096, ge=1)
     """CPU memory cap: average-pool each memory level to at most this many tokens (None: no cap)."""
-    point_param: str = "anchor"
+    point_param: str = option("anchor", choices=POINT_PARAMS)
     """How APM's raw outputs become points (``PointHead``): ``anchor`` (a bounded offset from a fixed anchor grid,
     the head zero-initialised) or ``sigmoid`` (the release's ``S * sigmoid``, which collapses to the border)."""
-    anchor_radius: float = 0.4
+    anchor_radius: float = option(0.4, gt=0, le=0.5)
     """``anchor``: how far a point may move from its anchor (each axis), as a fraction of the grid cell; 0.4 keeps
     the outer points 0.1 cell off the image border (0.5: the whole cell, up to the border)."""
-    apm_lr_scale: float = 1.0
+    apm_lr_scale: float = option(1.0, ge=0)
     """APM learning rate = ``apm_lr_scale`` x the run's lr (paper: 1, one lr for APM and IPS). A high lr drives
     the coordinate sigmoid into saturation (all points stuck on the image border, the same for every image)."""
-    ips_hidden: int = 1024
+    ips_hidden: int = option(1024, ge=1)
     """Hidden width of the IPS feed-forward (paper: 1024)."""
     ips_zero_init: bool = False
     """Zero-init IPS's last layer so training starts from the frozen SAM tokens (paper: default init)."""
-    eval_points: str = "apm"
+    eval_points: str = option("apm", choices=("apm", "gt"))
     """Points used outside training: ``apm`` or ``gt`` (sampled from ``batch["label"]``: the APM_IPS_GT test)."""
-    user_points: str = "replace"
+    user_points: str = option("replace", choices=("replace", "extend"))
     """User points (``batch["points"]``) ``replace`` the automatic points or ``extend`` them."""
     gt_point_seed: int = 0
     """Seed of the ground-truth point sampler outside training (reproducible evaluation)."""
-    output_token: int = 1
+    output_token: int = option(1, ge=0)
     """Mask token used as output (1 = SAM's first multimask output, as the release)."""
-    lambda_bce: float = 1.0
-    lambda_dice: float = 1.0
-    dice_smooth: float = 1.0
+    lambda_bce: float = option(1.0, ge=0)
+    lambda_dice: float = option(1.0, ge=0)
+    dice_smooth: float = option(1.0, ge=0)
     faithful: bool = False
     """Reproduce the release's double sigmoid in the loss (the loss sees sigmoid(logits) as logits)."""
-    opening_kernel: int = 0
+    opening_kernel: int = option(0, ge=0)
     """Morphological opening (k x k square) of the thresholded mask at prediction; 0 = off (paper: 5)."""
+
+    def check(self) -> None:
+        parse_point_labels(self.point_labels, self.num_points)
 
 
 def parse_point_labels(spec: Sequence[int] | str | None, num_points: int) -> list[int]:
@@ -158,10 +162,6 @@ class PointHead(nn.Module):
     def __init__(self, in_features: int, out_features: int, labels: Sequence[int], size: int, kind: str = "anchor",
                  radius: float = 0.4):
         super().__init__()
-        if kind not in POINT_PARAMS:
-            raise ConfigError(f"promise point_param must be one of {POINT_PARAMS}, got {kind!r}")
-        if not 0 < radius <= 0.5:
-            raise ConfigError(f"promise anchor_radius must be in (0, 0.5] (a fraction of a grid cell), got {radius}")
         self.kind, self.size, self.num_points = kind, size, len(labels)
         self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if kind == "anchor" else nn.Identity()
         self.linear = nn.Linear(in_features, out_features)
@@ -431,19 +431,10 @@ class ProMISe(Method):
 
     def __init__(self, backbone: Backbone, config: ProMISeConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        if config.mode not in MODES:
-            raise ConfigError(f"promise mode must be one of {MODES}, got {config.mode!r}")
-        if config.apm not in ("resnet", "cross"):
-            raise ConfigError(f"promise apm must be 'resnet' or 'cross', got {config.apm!r}")
-        if config.eval_points not in ("apm", "gt"):
-            raise ConfigError(f"promise eval_points must be 'apm' or 'gt', got {config.eval_points!r}")
-        if config.user_points not in ("replace", "extend"):
-            raise ConfigError(f"promise user_points must be 'replace' or 'extend', got {config.user_points!r}")
-        if config.num_points < 1:
-            raise ConfigError(f"promise num_points must be >= 1, got {config.num_points}")
         m = backbone.mask_decoder.num_mask_tokens
-        if not 0 <= config.output_token < m:
-            raise ConfigError(f"promise output_token must be in [0, {m}), got {config.output_token}")
+        if config.output_token >= m:
+            raise ConfigError(f"method.options.output_token={config.output_token} is out of range: expected < {m} "
+                              f"(the mask decoder's {m} mask tokens)")
         backbone.freeze()  # every SAM weight frozen; gradients still flow through the modules to APM/IPS
         self.backbone.eval()
         self.register_buffer("apm_labels", torch.tensor(parse_point_labels(config.point_labels, config.num_points)),

@@ -27,23 +27,23 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features
-from ..errors import ConfigError
 from ..layers.two_way import ORDERS
 from . import METHODS
 from .base import Method, MethodConfig, resize_labels
 from .hsam import HSAMStage1, lora_encoder
+from .options import option
 
 
 @dataclass
 class SAMedConfig(MethodConfig):
-    lora_rank: int = 4
+    lora_rank: int = option(4, ge=1)
     """LoRA rank on q and v of every encoder attention block (SAMed: 4; H-SAM: 5)."""
     lora_targets: list[str] | None = None
     """fnmatch patterns of the encoder's fused qkv Linear layers; None: the backbone's ``lora_targets``."""
-    block_order: str = "sam"
+    block_order: str = option("sam", choices=ORDERS)
     """sam (SAMed's decoder) | hsam (H-SAM's reordered stage-1 blocks: H-SAM with stage 2 disabled)."""
-    lambda_ce: float = 0.2
-    lambda_dice: float = 0.8
+    lambda_ce: float = option(0.2, ge=0)
+    lambda_dice: float = option(0.8, ge=0)
 
 
 @METHODS.register
@@ -58,10 +58,6 @@ class SAMed(Method):
 
     def __init__(self, backbone: Backbone, config: SAMedConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        if config.block_order not in ORDERS:
-            raise ConfigError(f"samed block_order must be one of {', '.join(ORDERS)}, got {config.block_order!r}")
-        if config.lora_rank < 1:
-            raise ConfigError(f"samed lora_rank must be >= 1, got {config.lora_rank}")
         backbone.freeze()
         self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
         self.no_mask_embed = nn.Parameter(backbone.prompt_encoder.no_mask_embed.weight.detach().clone())  # 1 x C

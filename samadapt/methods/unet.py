@@ -10,14 +10,15 @@ from torch import Tensor
 from . import METHODS
 from .base import Method, MethodConfig
 from .losses import dice_ce_loss
+from .options import option
 
 
 @dataclass
 class UNetConfig(MethodConfig):
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)
     """BasicUNet channel widths (5 levels + the final upsampling width)."""
-    dropout: float = 0.0
-    input_size: int = 0
+    dropout: float = option(0.0, ge=0, le=1)
+    input_size: int = option(0, ge=0)
     """Slice side; 0 = the backbone's input size, so the U-Net sees exactly the slices the SAM methods see."""
 
 
