@@ -124,7 +124,9 @@ def predict(
 
         predictor = OnnxPredictor(onnx, batch_size=batch_size)
     if run:
-        checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
+        from .engine.rundir import resolve_checkpoint
+
+        checkpoint = str(resolve_checkpoint(run))
     if checkpoint:  # load the model first: a bad checkpoint fails before any data is read
         predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, fast=options)
     source = open_dataset(inputs, modality=predictor.modality if predictor else None)
@@ -504,7 +506,9 @@ def export(
     from .engine.predict import Predictor
 
     if run:
-        checkpoint = str(Path(run) / "checkpoints" / "best.safetensors")
+        from .engine.rundir import resolve_checkpoint
+
+        checkpoint = str(resolve_checkpoint(run))
     if bool(checkpoint) == bool(config):
         raise typer.BadParameter("give exactly one of --run, --checkpoint or --config")
     if checkpoint:

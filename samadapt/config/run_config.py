@@ -129,6 +129,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """The config of a nested mapping in ``to_dict``'s form (a run's manifest ``config``): each value coerced
+        to its setting's type, method options typed and checked (``method_options``); ``ConfigError`` names an
+        unknown key or a bad value."""
+        config = cls()
+        _update(config, values, "")
+        config.method.options = method_options(config.method)
+        return config
+
 
 def check_config(config: RunConfig) -> RunConfig:
     """Raise ``ConfigError`` naming the first setting outside its range (checked before a run starts)."""

@@ -19,10 +19,11 @@ from ..data.preprocessing import IntensityConfig
 from ..data.slices import collate, reassemble, volume_slices
 from ..errors import CheckpointError
 from ..methods import Method
-from .checkpoint import load_checkpoint, read_manifest
-from ..config.run_config import RunConfig, _update, apply_overrides
+from .checkpoint import load_checkpoint
+from ..config.run_config import RunConfig, apply_overrides
 from .device import autocast, resolve_device, to_device
 from .fast import FastOptions, apply_fast_options, bf16_native
+from .rundir import checkpoint_config, resolve_checkpoint
 
 
 class Predictor:
@@ -72,16 +73,18 @@ class Predictor:
         """Rebuild the run's backbone and method from the checkpoint's manifest and load its weights.
 
         ``overrides`` (``key.sub=value``) change the run's config first, e.g. an inference-only method option."""
-        manifest = read_manifest(checkpoint)
-        if "config" not in manifest:
-            raise CheckpointError(f"{checkpoint}: manifest has no run config; was it written by samadapt train?")
-        config = RunConfig()
-        _update(config, manifest["config"], "")
+        config, manifest = checkpoint_config(checkpoint)
         apply_overrides(config, overrides or [])
         predictor = cls.from_config(config, manifest["method"]["num_classes"], checkpoint, device, batch_size,
                                     use_cache, fast)
         predictor.modality = ((manifest.get("data") or {}).get("source") or {}).get("modality")
         return predictor
+
+    @classmethod
+    def from_run(cls, run_or_checkpoint: str | Path, **kwargs: Any) -> "Predictor":
+        """``from_checkpoint`` on the best checkpoint of a run folder, or on a checkpoint file
+        (``samadapt.engine.rundir.resolve_checkpoint``); ``kwargs`` as for ``from_checkpoint``."""
+        return cls.from_checkpoint(resolve_checkpoint(run_or_checkpoint), **kwargs)
 
     def describe(self) -> dict[str, Any]:
         """How this predictor computes: device, autocast mode, the fast options and what they changed.

@@ -1,13 +1,7 @@
 """From a ``RunConfig`` to a trained, evaluated run folder: the Python API behind ``samadapt train``.
 
-Run folder layout (``config.output``)::
-
-    config.yaml            the full resolved configuration
-    manifest.json          versions, commit, backbone id + weights hash, split, seed, device, metrics
-    checkpoints/best.*     adapter-only weights chosen on the validation split (never the test split)
-    checkpoints/last.*     the last epoch's weights; state.pt: what --resume needs (the epoch's commit)
-    log.csv, tensorboard/  training curves
-    .lock                  held by the process writing the folder (a second writer is refused)
+The run folder (``config.output``) is laid out as :mod:`samadapt.engine.rundir` says; ``.lock`` in it is held by
+the process writing the folder (a second writer is refused).
 
 Nothing is written before every check passed: option ranges, the output folder, the dataset, the model, and for a
 folder that already holds a trained run, ``resume`` (same configuration and data, or ``allow_changes``) or
@@ -35,9 +29,10 @@ from ..errors import ConfigError, InputError
 from ..io_utils import FolderLock, atomic_write_json, check_output_dir, clean_stale_parts
 from ..methods import Method, build_method
 from . import distributed as dist_utils
-from ..config.run_config import DataConfig, RunConfig, check_config, load_config, save_config
+from ..config.run_config import DataConfig, RunConfig, check_config, save_config
 from .device import resolve_device
 from .manifest import base_manifest
+from .rundir import RunDir
 from .trainer import Trainer, TrainResult
 
 
@@ -164,7 +159,6 @@ def run_manifest(config: RunConfig, backbone: Backbone, method: Method, data: Pr
 
 #: Settings that may differ on ``--resume`` without changing what is computed.
 RESUME_FREE_KEYS = ("output", "train.device", "train.threads", "train.num_workers", "data.cache_dir")
-_OUTPUTS = ("checkpoints", "tensorboard", "state.pt", "log.csv", "manifest.json", "config.yaml")
 
 
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,36 +185,24 @@ def data_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
     return out
 
 
-def trained_epochs(out: Path) -> int | None:
-    """Epochs committed in the run folder ``out`` (None when it holds no trained run)."""
-    state = out / "state.pt"
-    if not state.is_file():
-        return None
-    from .checkpoint import load_training_state
-
-    return int(load_training_state(state)["epoch"]) + 1
-
-
-def _check_target(config: RunConfig, out: Path, resume: bool, overwrite: bool, allow_changes: bool) -> None:
-    """Refuse to train into ``out`` unless it is new, or ``resume``/``overwrite`` says what to do with its run."""
+def _check_target(config: RunConfig, run: RunDir, resume: bool, overwrite: bool, allow_changes: bool) -> None:
+    """Refuse to train into ``run`` unless it is new, or ``resume``/``overwrite`` says what to do with its run."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if resume:
-        if not out.is_dir():
-            raise InputError(out, "no such run folder to resume")
-        if trained_epochs(out) is None:
-            raise InputError(out / "state.pt", "no trained epoch to resume from (train without --resume)")
-        if not (out / "config.yaml").is_file():
-            raise InputError(out / "config.yaml", "missing: cannot tell which configuration the run used")
-        changed = config_differences(load_config(out / "config.yaml"), config)
+        if not run.path.is_dir():
+            raise InputError(run.path, "no such run folder to resume")
+        if run.trained_epochs() is None:
+            raise InputError(run.state, "no trained epoch to resume from (train without --resume)")
+        changed = config_differences(run.config(), config)
         if changed and not allow_changes:
-            raise ConfigError(f"{out}: --resume with a configuration that differs from the run's: "
+            raise ConfigError(f"{run.path}: --resume with a configuration that differs from the run's: "
                               f"{'; '.join(changed)}. Pass --allow-changes to resume anyway, or --overwrite")
     elif not overwrite:
-        epochs = trained_epochs(out)
+        epochs = run.trained_epochs()
         if epochs is not None:
-            raise InputError(out, f"already holds a trained run ({epochs} epoch(s)); pass --resume to continue it "
-                                  "or --overwrite to replace it")
+            raise InputError(run.path, f"already holds a trained run ({epochs} epoch(s)); pass --resume to continue "
+                                       "it or --overwrite to replace it")
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -232,7 +214,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     them. The folder is locked while training."""
     check_config(config)
     out = check_output_dir(config.output)
-    _check_target(config, out, resume, overwrite, allow_changes)
+    run = RunDir(out)
+    _check_target(config, run, resume, overwrite, allow_changes)
     device = dist_utils.local_device(resolve_device(config.train.device))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -246,26 +229,25 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                                            "data.val_fraction=0 to train without validation (last epoch kept)")
     manifest = run_manifest(config, backbone, method, data, device)
     if resume:
-        previous = _read_json(out / "manifest.json")
+        previous = run.manifest
         changed = data_differences(previous.get("data"), manifest["data"])
         if changed and not allow_changes:
             raise InputError(config.data.path, f"--resume on data that differs from the run's in {out}: "
                                                f"{'; '.join(changed)}. Pass --allow-changes to resume anyway")
-        changed += config_differences(load_config(out / "config.yaml"), config)
+        changed += config_differences(run.config(), config)
         if changed:
             manifest["resumed_with_changes"] = changed
     lock = FolderLock(out) if dist_utils.is_main() else None
     try:
         if lock is not None:
             lock.acquire()
-            _check_target(config, out, resume, overwrite, allow_changes)  # again, now that no one else writes
+            _check_target(config, run, resume, overwrite, allow_changes)  # again, now that no one else writes
             clean_stale_parts(out)
             if overwrite:
-                for name in _OUTPUTS:
-                    path = out / name
+                for path in run.outputs:
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            save_config(config, out / "config.yaml")
-            atomic_write_json(out / "manifest.json", manifest)
+            save_config(config, run.config_yaml)
+            atomic_write_json(run.manifest_json, manifest)
         if not method.trainable:
             return None
         if data.val is None and dist_utils.is_main():
@@ -283,18 +265,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             best = None if math.isnan(result.best_metric) else result.best_metric
             manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": best,
                                     "seconds": result.seconds, "stopped_early": result.stopped_early}
-            atomic_write_json(out / "manifest.json", manifest)
+            atomic_write_json(run.manifest_json, manifest)
     finally:
         if lock is not None:
             lock.release()
     dist_utils.cleanup()
     return result
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -31,6 +31,7 @@ from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, lo
                          save_checkpoint, save_training_state, set_rng_state)
 from ..config.run_config import TrainConfig
 from .device import autocast, to_device
+from .rundir import RunDir
 from .schedulers import build_optimizer, build_scheduler
 from .validation import validate
 
@@ -65,7 +66,7 @@ class Trainer:
                  feature_source: Callable[[dict], Any] | None = None):
         self.method = method
         self.cfg = cfg
-        self.out = Path(out_dir)
+        self.run = RunDir(out_dir)
         self.manifest = manifest
         self.device = device
         self.collate = collate
@@ -93,8 +94,7 @@ class Trainer:
     # --- main loop -------------------------------------------------------------------------------------------
     def fit(self, train_ds: Dataset, val_ds: Dataset | None, resume: bool = False) -> TrainResult:
         cfg, method = self.cfg, self.method
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt_dir = self.out / "checkpoints"
+        self.run.path.mkdir(parents=True, exist_ok=True)
         main = dist_utils.is_main()
         model: torch.nn.Module = method
         if dist_utils.world_size() > 1:
@@ -109,12 +109,12 @@ class Trainer:
         start_epoch, best, best_epoch, bad_validations, history = 0, -math.inf, 0, 0, []
         state: dict[str, Any] | None = None
         if resume:
-            state_path = self.out / "state.pt"
+            state_path = self.run.state
             state = load_training_state(state_path)
             if "weights" in state:
                 apply_adapter_state(method, state["weights"], state_path)
             else:  # a state.pt written before the weights were part of the commit
-                load_checkpoint(method, ckpt_dir / "last.safetensors")
+                load_checkpoint(method, self.run.last_checkpoint)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -132,9 +132,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             if resume:  # the scalars are rewritten from the committed history: none twice, none missing
-                for old in (self.out / "tensorboard").glob("events.out.tfevents.*"):
+                for old in self.run.tensorboard.glob("events.out.tfevents.*"):
                     old.unlink()
-            writer = SummaryWriter(str(self.out / "tensorboard"))
+            writer = SummaryWriter(str(self.run.tensorboard))
             if state is not None:
                 self._publish(state, writer, resumed=True)
         t_start = time.time() - (history[-1]["seconds"] if history else 0.0)
@@ -209,7 +209,7 @@ class Trainer:
                         "history": history, "weights": adapter_state(method), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                     }
-                    save_training_state(self.out / "state.pt", state)  # the commit
+                    save_training_state(self.run.state, state)  # the commit
                     self._publish(state, writer)
                 dist_utils.barrier()
                 if cfg.patience is not None and bad_validations >= cfg.patience:
@@ -225,7 +225,7 @@ class Trainer:
                     break
         if writer is not None:
             writer.close()
-        return TrainResult(ckpt_dir / "best.safetensors", ckpt_dir / "last.safetensors", history,
+        return TrainResult(self.run.best_checkpoint, self.run.last_checkpoint, history,
                            best if best > -math.inf else math.nan, stopped_early, history[-1]["seconds"] if history else 0.0)
 
     def _over_budget(self, t_start: float) -> bool:
@@ -235,15 +235,14 @@ class Trainer:
     def _publish(self, state: dict[str, Any], writer, resumed: bool = False) -> None:
         """Write what derives from a committed ``state``: last (and, for a new best, best) checkpoints, log.csv and
         the TensorBoard scalars (all of the history after a resume, the new epoch otherwise)."""
-        ckpt_dir = self.out / "checkpoints"
         history, epoch = state["history"], state["epoch"] + 1
-        save_checkpoint(self.method, ckpt_dir / "last.safetensors",
+        save_checkpoint(self.method, self.run.last_checkpoint,
                         self._checkpoint_manifest(epoch, history[-1]), tensors=state["weights"])
         if state["best_epoch"] == epoch:
-            save_checkpoint(self.method, ckpt_dir / "best.safetensors",
+            save_checkpoint(self.method, self.run.best_checkpoint,
                             self._checkpoint_manifest(epoch, history[-1]), tensors=state["weights"])
         fields = ["epoch", "steps", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
-        with atomic_path(self.out / "log.csv") as tmp, tmp.open("w", newline="") as handle:
+        with atomic_path(self.run.log_csv) as tmp, tmp.open("w", newline="") as handle:
             w = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)

@@ -12,7 +12,6 @@ HD95/NSD/ASSD in mm); the summary gives mean and standard deviation over cases a
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from ..config.run_config import RunConfig, load_config
 from ..engine.predict import Predictor
 from ..engine.run import open_source
 from ..engine.run import train as run_train
+from ..engine.rundir import RunDir
 from ..data.slices import collate, volume_slices
 from ..errors import ConfigError
 from ..io_utils import atomic_write_text
@@ -85,34 +85,17 @@ CONSOLE_KEYS = ("dice", "hd95", "nsd", "epochs", "s_to_best", "train_s")
 """Per-model training facts in every comparison row and summary (mean ± std over seeds)."""
 
 
-def _read_history(run: Path) -> list[dict]:
-    path = run / "log.csv"
-    if not path.exists():
-        return []
-    with path.open() as handle:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-                for row in csv.DictReader(handle)]
-
-
-def _finished(run: Path) -> bool:
-    import json
-
-    manifest = run / "manifest.json"
-    return (run / "checkpoints" / "best.safetensors").exists() and manifest.exists() and \
-        "training" in json.loads(manifest.read_text())
-
-
 def _train_or_reuse(cfg: RunConfig, num_classes: int) -> Trained:
-    run = Path(cfg.output)
-    if _finished(run):
-        console.print(f"reusing the finished run {run}")
-        history = _read_history(run)
+    run = RunDir(cfg.output)
+    if run.is_trained():
+        console.print(f"reusing the finished run {run.path}")
+        history = run.history()
     else:
-        result = run_train(cfg, resume=(run / "state.pt").exists())  # an interrupted run continues
+        result = run_train(cfg, resume=run.state.exists())  # an interrupted run continues
         if result is None:  # zero-shot: nothing to train
             return Trained(Predictor.from_config(cfg, num_classes, device="cpu", use_cache=True), [], 0.0)
         history = result.history
-    predictor = Predictor.from_checkpoint(run / "checkpoints" / "best.safetensors", device="cpu", use_cache=True)
+    predictor = Predictor.from_checkpoint(run.best_checkpoint, device="cpu", use_cache=True)
     return Trained(predictor, history, history[-1]["seconds"] if history else 0.0)
 
 
@@ -206,7 +189,7 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
                 histories[f"{m.label} s{seed}"] = trained[m.label].history
         for m in models:
             if m.reuses is not None:
-                ckpt = out / "runs" / m.reuses / f"seed{seed}" / "checkpoints" / "best.safetensors"
+                ckpt = RunDir(out / "runs" / m.reuses / f"seed{seed}").best_checkpoint
                 predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True, overrides=m.overrides)
                 trained[m.label] = Trained(predictor, [], trained[m.reuses].train_seconds)
         for case in test_cases:

@@ -9,6 +9,7 @@ from typing import Callable
 from ..engine.checkpoint import read_manifest
 from ..config.run_config import RunConfig
 from ..engine.predict import Predictor
+from ..engine.rundir import resolve_checkpoint
 from ..errors import ConfigError, InputError
 from .model import ServedModel
 
@@ -20,11 +21,7 @@ def load_model(run: str | Path | None = None, config: RunConfig | None = None, n
     if (run is None) == (config is None):
         raise ConfigError("give exactly one of --run or --config")
     if run is not None:
-        checkpoint = Path(run) / "checkpoints" / "best.safetensors"
-        if Path(run).is_file():
-            checkpoint = Path(run)
-        if not checkpoint.is_file():
-            raise InputError(run, "no checkpoints/best.safetensors in this run folder")
+        checkpoint = resolve_checkpoint(run)
         predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=8)
         labels = ((read_manifest(checkpoint).get("data") or {}).get("source") or {}).get("labels") or {}
         names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0]

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ...errors import CheckpointError, ConfigError, InputError
+from ...errors import ConfigError, InputError
 
 TABLE_COLUMNS = ("target", "domain", "mode", "cases", "labels", "dice", "dice_std", "iou", "hd95", "nsd", "assd",
                  "predict_s")
@@ -71,19 +71,6 @@ def site_targets(sites_root: str | os.PathLike, source: str | os.PathLike | None
 
 
 # --- the protocol --------------------------------------------------------------------------------------------------
-def _checkpoint_path(run_dir_or_checkpoint: str | os.PathLike) -> Path:
-    p = Path(run_dir_or_checkpoint)
-    if p.is_dir():
-        for candidate in (p / "checkpoints" / "best.safetensors", p / "checkpoints" / "last.safetensors"):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"{p}: no checkpoints/best.safetensors (is it a run folder of `samadapt train`?)")
-    p = p.with_suffix(".safetensors")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    return p
-
-
 def _case_ids(source: Any, which: str) -> list[str]:
     if which == "all":
         return list(source.case_ids)
@@ -167,7 +154,8 @@ def evaluate_domain_generalisation(
     """Score one trained run on its source test split and on each target dataset; one row per (target, mode).
 
     Args:
-        run_dir_or_checkpoint: a ``samadapt train`` run folder (uses ``checkpoints/best``) or a ``.safetensors``.
+        run_dir_or_checkpoint: a ``samadapt train`` run folder (its best checkpoint, else its last) or a
+            ``.safetensors``.
         target_datasets: dataset folders, ``name=folder`` or :func:`target_builders` names.
         out_dir: if given, ``dg_table.{csv,json,md}`` and ``dg_per_case.csv`` are written there.
         include_source: first row(s) = the run's own test split (``domain = source``).
@@ -190,8 +178,7 @@ def evaluate_domain_generalisation(
         The table rows (dicts with :data:`TABLE_COLUMNS`; metric values are means over cases, NaN when undefined).
     """
     from ...data.readers import open_dataset
-    from ...engine.checkpoint import read_manifest
-    from ...config.run_config import RunConfig, _update
+    from ...engine.rundir import checkpoint_config, resolve_checkpoint
     from ...engine.predict import Predictor
     from ..metrics import compute_metrics
 
@@ -200,12 +187,8 @@ def evaluate_domain_generalisation(
         raise ConfigError("release_gt_range applies to the GT slices; set gt_slices_only too")
     if border_px < 0:
         raise ConfigError(f"border_px must be >= 0, got {border_px}")
-    checkpoint = _checkpoint_path(run_dir_or_checkpoint)
-    manifest = read_manifest(checkpoint)
-    if "config" not in manifest:
-        raise CheckpointError(f"{checkpoint}: manifest has no run config; was it written by samadapt train?")
-    config = RunConfig()
-    _update(config, manifest["config"], "")
+    checkpoint = resolve_checkpoint(run_dir_or_checkpoint, or_last=True)
+    config, manifest = checkpoint_config(checkpoint)
     if cache_dir is not None:
         config.data.cache_dir = str(cache_dir)
     num_classes = int(manifest["method"]["num_classes"])

@@ -29,6 +29,7 @@ import torch
 
 from samadapt.data.slices import collate, reassemble, volume_slices
 from samadapt.engine.predict import Predictor
+from samadapt.engine.rundir import checkpoint_config, resolve_checkpoint
 from samadapt.engine.run import open_source
 from samadapt.errors import ConfigError
 from samadapt.io_utils import atomic_write_text
@@ -48,19 +49,15 @@ def _probs(logits: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 @torch.inference_mode()
 def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> list[dict]:
     """The rows of one hetersam run: one per test case, class and decoder path (see the module docstring)."""
-    predictor = Predictor.from_checkpoint(run / "checkpoints" / "best.safetensors", device="cpu",
-                                          batch_size=batch_size, use_cache=True)
+    checkpoint = resolve_checkpoint(run)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=batch_size, use_cache=True)
     method = predictor.method.eval()
     heads = list(getattr(method, "heads", [method]))  # one-vs-rest on K-class data
     if method.name != "hetersam":
         raise ConfigError(f"{run}: method {method.name!r}, expected hetersam")
     if heads[0].config.faithful:
         raise ConfigError(f"{run}: faithful (min-max) runs are not supported by this protocol")
-    from samadapt.engine.checkpoint import read_manifest
-    from samadapt.config.run_config import RunConfig, _update
-
-    config = RunConfig()
-    _update(config, read_manifest(run / "checkpoints" / "best.safetensors")["config"], "")
+    config, _ = checkpoint_config(checkpoint)
     source = open_source(config.data)
     paths = ["full"] + (["light"] if heads[0].light_head is not None else [])
     classes = list(range(1, len(heads) + 1))

@@ -1,8 +1,7 @@
 """ProMISe on the MNI152 test slab: automatic (APM) points, ground-truth points, and simulated user corrections.
 
-For each trained ProMISe run given to :func:`evaluate_prompting` as ``NAME -> RUN_DIR`` (its
-``checkpoints/best.safetensors`` is used; the checkpoint was chosen on the validation slab), on every slice of the
-dataset's test case(s):
+For each trained ProMISe run given to :func:`evaluate_prompting` as ``NAME -> RUN_DIR`` (its best checkpoint is
+used, chosen on the validation slab), on every slice of the dataset's test case(s):
 
 1. the run as trained (APM points; ground-truth points for an ``ips_gt`` run) -> 3D Dice;
 2. for APM runs, the same model given ground-truth points instead (``eval_points=gt``: the paper's APM_IPS_GT);
@@ -35,6 +34,7 @@ from samadapt.data.readers import open_dataset
 from samadapt.data.slices import collate, reassemble, volume_slices
 from samadapt.engine.device import to_device
 from samadapt.engine.predict import Predictor
+from samadapt.engine.rundir import checkpoint_config, resolve_checkpoint
 from samadapt.errors import ConfigError
 from samadapt.evaluation.metrics import compute_metrics
 from samadapt.evaluation.point_plots import plot_points
@@ -90,15 +90,12 @@ class Runner:
 def evaluate_run(name: str, run: Path, case, out: Path, *, cache: str | os.PathLike | None = None, bad: float = 0.8,
                  clicks: int = 3, batch_size: int = 8) -> list[dict]:
     """The rows of one promise run on one case (see the module docstring); plots into ``out``."""
-    ckpt = run / "checkpoints" / "best.safetensors"
+    ckpt = resolve_checkpoint(run)
     predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True)
     if cache:  # the run's config names its own cache folder; use the shared one given here
-        from samadapt.config.run_config import RunConfig, _update
-        from samadapt.engine.checkpoint import read_manifest
         from samadapt.engine.run import feature_source
 
-        config = RunConfig()
-        _update(config, read_manifest(ckpt)["config"], "")
+        config, _ = checkpoint_config(ckpt)
         config.data.cache_dir = str(cache)
         predictor.feature_source = feature_source(predictor.method.backbone, predictor.method, config.data,
                                                   predictor.device)

@@ -13,7 +13,7 @@ corrective click per iteration from the error region of the previous prediction 
 the dataset's test split (or the given cases) and writes ``OUT/refinement.json``, ``OUT/refinement.md`` and
 ``OUT/refinement_curve.png``::
 
-    samadapt evaluate refinement --checkpoint RUN/checkpoints/best.safetensors --data DATASET \\
+    samadapt evaluate refinement --checkpoint RUN --data DATASET \\
         --iterations 5 --out DIR [--baseline "decoder=0.91" ...]
 """
 
@@ -162,7 +162,8 @@ def evaluate_refinement(checkpoint: str | os.PathLike, data: str | os.PathLike, 
                         cases: Sequence[str] | None = None, iterations: int = 5, modes: Sequence[str] = MODES,
                         batch_size: int = 4, baselines: Mapping[str, float] | None = None,
                         device: str = "cpu") -> dict[str, Any]:
-    """Refinement curves of a trained msam ``checkpoint`` on ``data``'s test split (or ``cases``).
+    """Refinement curves of a trained msam ``checkpoint`` (a run folder or a checkpoint file) on ``data``'s test
+    split (or ``cases``).
 
     Returns ``{"checkpoint", "data", "cases", "iterations", "per_case": {case: {mode: [dice_1, ...]}},
     "mean": {mode: [dice_1, ...]} (over cases), "baselines", "seconds"}`` (one value per iteration) and writes it to
@@ -180,7 +181,7 @@ def evaluate_refinement(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     if iterations < 1:
         raise ConfigError(f"refinement iterations must be >= 1, got {iterations}")
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    predictor = Predictor.from_run(checkpoint, device=device)
     method = predictor.method
     if not hasattr(method, "refine"):
         raise ConfigError(f"{checkpoint}: method {method.name!r} has no refinement iterations (train msam)")
