@@ -71,8 +71,8 @@ from ..layers.lora_heads import apply_qv_lora
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import METHODS
 from .base import Method, MethodConfig, resize_labels, upsample_to
-from .options import option
 from .lora_targets import lora_targets
+from .options import option
 
 PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
 """The release's class-balancing noise scales for its 9 classes, rarest class first (utils.noise_list)."""

@@ -52,8 +52,8 @@ from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
-from .options import option
 from .lora_targets import lora_targets
+from .options import option
 from .prompting import whole_image_boxes
 
 LORA_LAYOUTS = ("qv", "full")
