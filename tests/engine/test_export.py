@@ -1,4 +1,6 @@
-"""ONNX export: ONNX Runtime agrees with PyTorch within ONNX_TOLERANCE; untraceable methods fail clearly; CLI."""
+"""ONNX export: the exportable set, option-dependent refusal, bad files, int8, the CLI, LiteMedSAM end to end.
+
+Every registered method exports within ONNX_TOLERANCE or is refused as it declares: tests/methods/test_contract.py."""
 
 from __future__ import annotations
 
@@ -19,68 +21,17 @@ from samadapt.engine.export import (INT8_AGREEMENT, INT8_TOLERANCE, ONNX_TOLERAN
 from samadapt.engine.predict import Predictor
 from samadapt.errors import ConfigError, InputError
 from samadapt.methods import METHODS, build_method
-from synthetic import Discs, write_disc_pictures
-from support import SMALL
+from support import make_method, onnx_difference
+from synthetic import write_disc_pictures
 
 EXPORTABLE = [n for n in METHODS.names() if METHODS.get(n).export_refusal is None]
-REFUSED = [n for n in METHODS.names() if METHODS.get(n).export_refusal is not None]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _method(name: str, num_classes: int = 1):
-    torch.manual_seed(0)
-    method = build_method(name, build_backbone("tiny"), SMALL.get(name, {}), num_classes).eval()
-    with torch.no_grad():  # non-zero LoRA updates (B starts at zero): the export merges them into the weights
-        for key, param in method.named_parameters():
-            if "lora_B" in key:
-                param.normal_(0.0, 0.05)
-    return method
-
-
-def _compare(method, path: Path, items: list[dict]) -> float:
-    """Max |ONNX Runtime - PyTorch| over the probabilities of ``items``, via the two predictors."""
-    predictor = Predictor(method, IntensityConfig(mode="percentile", percentiles=(1.0, 99.0)), axis=0, batch_size=3)
-    export_predictor(predictor, path)
-    ours = torch.stack(predictor.predict_probabilities(items))
-    onnx = OnnxPredictor(path, batch_size=3)
-    theirs = torch.stack(onnx.predict_probabilities(items))
-    assert onnx.intensity == predictor.intensity and onnx.input_size == predictor.input_size
-    assert ours.shape == theirs.shape
-    return (ours - theirs).abs().max().item()
-
-
 def test_exportable_set_is_what_the_docs_say():
     assert EXPORTABLE == ["box-prompt", "decoder", "hetersam", "hsam", "samed", "unet"]
-
-
-@pytest.mark.parametrize("name", EXPORTABLE)
-def test_onnx_runtime_matches_pytorch(name, tmp_path):
-    items = [{"image": d["image"]} for d in Discs(4, size=64, seed=5)]  # batches of 3 and 1 (export used 1, 2)
-    num_classes = 2 if name in ("decoder", "hsam") else 1  # K > 1 softmax path for the multi-class heads
-    err = _compare(_method(name, num_classes), tmp_path / f"{name}.onnx", items)
-    assert err <= ONNX_TOLERANCE
-
-
-def test_one_vs_rest_exports(tmp_path):
-    method = _method("hetersam", 2)
-    assert type(method).__name__ == "OneVsRest"
-    items = [{"image": d["image"]} for d in Discs(2, size=64, seed=6)]
-    assert _compare(method, tmp_path / "ovr.onnx", items) <= ONNX_TOLERANCE
-
-
-@pytest.mark.parametrize("name", REFUSED)
-def test_untraceable_methods_really_fail(name, tmp_path, monkeypatch):
-    """Methods declaring an export refusal are refused up front, and without it the export check itself refuses
-    them."""
-    method = _method(name)
-    with pytest.raises(ConfigError, match=f"method '{name}' cannot be exported to ONNX"):
-        export_onnx(method, tmp_path / "m.onnx")
-    monkeypatch.setattr(type(method), "export_refusal", None)
-    with pytest.raises(ConfigError, match=f"method '{name}'"):
-        export_onnx(method, tmp_path / "m.onnx")
-    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_box_prompt_gt_mode_refused(tmp_path):
@@ -153,7 +104,7 @@ def test_cli_export_and_predict_onnx(picture_folder, tmp_path):
 
 def test_int8_refused_below_its_agreement(tmp_path):
     model = tmp_path / "m.onnx"
-    export_predictor(Predictor(_method("decoder"), IntensityConfig(), axis=0), model)
+    export_predictor(Predictor(make_method("decoder", build_backbone("tiny")), IntensityConfig(), axis=0), model)
     with pytest.raises(ConfigError, match="int8 model's probabilities differ"):
         quantize_int8(model, tmp_path / "m8.onnx", tolerance=0.0)
     assert not (tmp_path / "m8.onnx").exists()
@@ -175,7 +126,7 @@ def test_onnx_litemedsam_decoder(real_brain_batch, tmp_path):
     torch.manual_seed(0)
     method = build_method("decoder", build_backbone("litemedsam"), {}, 1).eval()
     items = [{"image": im.float()} for im in real_brain_batch["image"][:3]]
-    assert _compare(method, tmp_path / "lite.onnx", items) <= ONNX_TOLERANCE
+    assert onnx_difference(method, tmp_path / "lite.onnx", items) <= ONNX_TOLERANCE
     quantize_int8(tmp_path / "lite.onnx", tmp_path / "lite8.onnx")  # int8: classes on real slices, not probabilities
     fp32, int8 = (torch.stack(OnnxPredictor(tmp_path / f, batch_size=3).predict_probabilities(items)).argmax(1)
                   for f in ("lite.onnx", "lite8.onnx"))

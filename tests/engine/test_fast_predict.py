@@ -1,4 +1,6 @@
-"""Fast inference options: outputs within the stated tolerances of the exact path, encoder run once per batch."""
+"""Fast inference options: conv+BN fusion, bf16 within its tolerance of the exact path, auto by CPU, batching.
+
+The fp32 options of every registered method, and one encoder pass per batch: tests/methods/test_contract.py."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from samadapt.engine.fast import (BF16_TOLERANCE, EXACT, FP32_TOLERANCE, FastOpt
 from samadapt.engine.predict import Predictor
 from samadapt.errors import ConfigError
 from samadapt.methods import METHODS, build_method
+from support import image_items, make_method, predictor_probabilities
 from synthetic import Discs
-from support import SMALL
 
 
 
@@ -24,50 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _items(n: int = 3) -> list[dict]:
-    return [{"image": d["image"]} for d in Discs(n, size=64, seed=3)]
+    return image_items(n, seed=3)
 
 
 def _method(name: str):
-    torch.manual_seed(0)
-    return build_method(name, build_backbone("tiny"), SMALL.get(name, {}), 1).eval()
-
-
-def _predict(method, fast, items, batch_size=2):
-    predictor = Predictor(method, IntensityConfig(), batch_size=batch_size, fast=fast)
-    return torch.stack(predictor.predict_probabilities(items)), predictor
-
-
-@pytest.mark.parametrize("name", METHODS.names())
-def test_fast_fp32_options_match_exact_path(name):
-    method = _method(name)
-    with torch.no_grad():  # trained-looking LoRA updates (B starts at zero), so merging them changes weights
-        for key, param in method.named_parameters():
-            if "lora_B" in key:
-                param.normal_(0.0, 0.05)
-    fast_method = copy.deepcopy(method)
-    items = _items()
-    exact, _ = _predict(method, EXACT, items)
-    fast, predictor = _predict(fast_method, FastOptions(bf16="off"), items)
-    assert predictor.amp == "none"
-    assert exact.shape == fast.shape == (3, 2, 64, 64)
-    assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
-    assert predictor.fast_report["channels_last_convs"] > 0  # every method here has at least one Conv2d
-    has_lora = any("lora_B" in key for key, _ in method.named_parameters())
-    assert (predictor.fast_report["merged_lora"] > 0) == has_lora
-    assert not any("lora_B" in key for key, _ in fast_method.named_parameters())
-
-
-@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).uses_backbone])
-def test_encoder_runs_once_per_batch(name):
-    """The image embedding is computed once per image and reused (M-SAM iterations, DeSAM grid points, heads)."""
-    method = _method(name)
-    calls = []
-    encoders = [m for m in method.modules() if type(m).__name__ == "ImageEncoderViT"]
-    assert encoders
-    for enc in encoders:
-        enc.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
-    _predict(method, EXACT, _items(5), batch_size=2)
-    assert calls == [2, 2, 1]  # one encoder pass per batch of slices, whichever encoder copy the method uses
+    return make_method(name, build_backbone("tiny")).eval()
 
 
 def test_fuse_conv_bn_is_exact_and_counts():
@@ -100,8 +63,8 @@ def test_bf16_option():
         FastOptions(bf16="yes")
     method = _method("decoder")
     items = _items()
-    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
-    low, predictor = _predict(method, FastOptions(bf16="on"), items)
+    exact, _ = predictor_probabilities(copy.deepcopy(method), EXACT, items)
+    low, predictor = predictor_probabilities(method, FastOptions(bf16="on"), items)
     assert predictor.amp == "bf16"
     err = (exact - low).abs().max().item()
     assert 0 < err <= BF16_TOLERANCE  # bf16 really ran (not bit-identical) and stayed within tolerance
@@ -119,8 +82,8 @@ def test_bf16_path_within_its_tolerance(name):
     within BF16_TOLERANCE of fp32, hence the same label wherever fp32's top class leads by more than twice that."""
     method = _method(name)
     items = _items()
-    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
-    low, predictor = _predict(method, FastOptions(bf16="on"), items)
+    exact, _ = predictor_probabilities(copy.deepcopy(method), EXACT, items)
+    low, predictor = predictor_probabilities(method, FastOptions(bf16="on"), items)
     assert predictor.amp == "bf16" and predictor.describe()["amp"] == "bf16" and "bf16 autocast" in predictor.summary()
     assert (exact - low).abs().max().item() <= BF16_TOLERANCE
     labels, confident = _confident_labels(exact, 2 * BF16_TOLERANCE)
@@ -149,8 +112,8 @@ def test_fast_litemedsam_decoder(real_brain_batch):
     torch.manual_seed(0)
     method = build_method("decoder", build_backbone("litemedsam"), {}, 1).eval()
     items = [{"image": im} for im in real_brain_batch["image"][:2]]
-    exact, _ = _predict(copy.deepcopy(method), EXACT, items)
-    fast, predictor = _predict(method, FastOptions(bf16="off"), items)
+    exact, _ = predictor_probabilities(copy.deepcopy(method), EXACT, items)
+    fast, predictor = predictor_probabilities(method, FastOptions(bf16="off"), items)
     assert predictor.fast_report["fused_conv_bn"] == 27
     assert (exact - fast).abs().max().item() <= FP32_TOLERANCE
     assert apply_fast_options(method, FastOptions(bf16="off"))["fused_conv_bn"] == 0  # nothing left to fuse

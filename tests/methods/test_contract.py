@@ -57,6 +57,8 @@ def needs_training(name: str) -> None:
 @pytest.mark.parametrize("name, k", CASES)
 def test_forward_loss_and_predict_shapes(name, k):
     method = built(name, k).train()
+    native = METHODS.get(name).max_classes is None or k <= METHODS.get(name).max_classes
+    assert (type(method).__name__ == "OneVsRest") is not native  # one head per class beyond what it handles
     batch = discs_batch(2, k)
     out = method(batch)
     logits = {key: v for key, v in out.items() if key.split("/")[-1] == "logits"}  # one per head (one-vs-rest)
