@@ -15,29 +15,20 @@ from samadapt.layers.two_way import PriorWeightedAttention, run_two_way
 from samadapt.methods import build_method
 from samadapt.methods.base import upsample_to
 from samadapt.methods.hsam import HSAM, HSAMStage2, resample_profile, stage2_weight
+from support import make_method, square_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared, oversubscribed CPU two threads spin on each other (tiny ops, no gain)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(k: int, b: int = 2, size: int = 64, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    label = torch.zeros(b, size, size, dtype=torch.long)
-    for c in range(1, k + 1):  # one square per class, so every class is present
-        y = (c * 7) % (size - 12)
-        label[:, y:y + 10, 4 + c * 3:16 + c * 3] = c
-    return {"image": torch.rand(b, 3, size, size, generator=g), "label": label}
+    """One square per class, so every class is present."""
+    return square_batch([(c, (c * 7) % (size - 12), (c * 7) % (size - 12) + 10, 4 + c * 3, 16 + c * 3)
+                         for c in range(1, k + 1)], b, size, seed)
 
 
 def _hsam(backbone, k: int = 3, **options) -> HSAM:
-    torch.manual_seed(0)
-    return build_method("hsam", backbone, options, num_classes=k)
+    return make_method("hsam", backbone, k, **options)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -272,22 +263,6 @@ def test_bad_options(tiny_backbone):
         _hsam(tiny_backbone, 3, not_an_option=1)
     with pytest.raises(ConfigError, match="feature_noise_range"):
         _hsam(tiny_backbone, 3, feature_noise_range="dataset")
-
-
-def test_checkpoint_round_trip(tiny_backbone, tmp_path):
-    from samadapt.engine.checkpoint import load_checkpoint, save_checkpoint
-
-    method = _hsam(tiny_backbone, 3)
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-    path = save_checkpoint(method, tmp_path / "best", {"method": {"name": "hsam"}})
-    fresh = _hsam(tiny_backbone, 3)
-    load_checkpoint(fresh, path)
-    batch = _batch(3)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval().predict(batch), method.eval().predict(batch))
 
 
 # --- building blocks -------------------------------------------------------------------------------------------
