@@ -17,25 +17,12 @@ from samadapt.layers.mask_enhanced_adapter import MaskEnhancedAdapter, RelPosSel
 from samadapt.methods import build_method
 from samadapt.methods.msam import MSAM
 from samadapt.evaluation.protocols.refinement import case_curves, plot_refinement_curves, pooled_dice, slice_curve
-
-SMALL = {"mea_pool_size": 8, "mea_mlp_ratio": 0.5, "train_iterations": 2, "infer_iterations": 2}
+from support import discs_batch, make_method
 
 
 def make(backbone, **options) -> MSAM:
-    torch.manual_seed(0)
-    return build_method("msam", backbone, {**SMALL, **options})
-
-
-def disc_batch(b=2, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    labels = []
-    for _ in range(b):
-        cx, cy = torch.randint(20, 44, (2,), generator=g).tolist()
-        labels.append(((xx - cx) ** 2 + (yy - cy) ** 2 < 100).long())
-    label = torch.stack(labels)
-    image = (0.2 + 0.6 * label.float() + 0.02 * torch.randn(b, size, size, generator=g)).clamp(0, 1)
-    return {"image": image[:, None].expand(-1, 3, -1, -1).contiguous(), "label": label}
+    """M-SAM with the SMALL settings and 2 inference iterations."""
+    return make_method("msam", backbone, **{"infer_iterations": 2, **options})
 
 
 # --- Mask-Enhanced Adapter ------------------------------------------------------------------------------------------
@@ -112,7 +99,7 @@ def test_faithful_switch_thresholds_logits_at_half(tiny_backbone):
 @pytest.mark.parametrize("tokens", ["full", "pooled"])
 def test_forward_and_predict_shapes(tiny_backbone, tokens):
     method = make(tiny_backbone, mea_tokens=tokens, train_iterations=3)
-    batch = disc_batch()
+    batch = discs_batch()
     method.train()
     out = method(batch)
     low = tiny_backbone.low_res_size
@@ -129,7 +116,7 @@ def test_forward_and_predict_shapes(tiny_backbone, tokens):
 
 
 def test_gradients_flow_through_all_iterations(tiny_backbone):
-    batch = disc_batch()
+    batch = discs_batch()
     for detach in (False, True):
         method = make(tiny_backbone, train_iterations=3, detach_between_iterations=detach, click_mode="center")
         method.train()
@@ -147,7 +134,7 @@ def test_gradients_flow_through_all_iterations(tiny_backbone):
 
 def test_each_iteration_uses_the_previous_mask_and_the_clicks(tiny_backbone):
     method = make(tiny_backbone).eval()
-    batch = disc_batch()
+    batch = discs_batch()
     with torch.no_grad():
         emb = method.embed(batch)
         zero = emb.new_zeros(2, 1, 64, 64)
@@ -165,7 +152,7 @@ def test_each_iteration_uses_the_previous_mask_and_the_clicks(tiny_backbone):
 
 def test_interactive_predict_returns_a_mask_after_each_click(tiny_backbone):
     method = make(tiny_backbone, multi_click=True).eval()
-    batch = disc_batch()
+    batch = discs_batch()
     batch["points"] = torch.tensor([[[30.0, 30.0], [5.0, 5.0], [40.0, 20.0]]] * 2)
     batch["point_labels"] = torch.tensor([[1, 0, -1]] * 2)
     with torch.no_grad():
@@ -181,7 +168,7 @@ def test_interactive_predict_returns_a_mask_after_each_click(tiny_backbone):
 
 
 def test_training_mixes_automatic_and_click_chains(tiny_backbone, monkeypatch):
-    batch = disc_batch()
+    batch = discs_batch()
     for fraction, expected in ((0.0, "simulate"), (1.0, "auto")):
         method = make(tiny_backbone, auto_train_fraction=fraction).train()
         seen = []
@@ -210,7 +197,7 @@ def test_only_intended_parameters_train(tiny_backbone):
     backbone_before = {n: p.detach().clone() for n, p in tiny_backbone.state_dict().items()}
     opt = torch.optim.AdamW(groups, weight_decay=0.1)
     method.train()
-    batch = disc_batch()
+    batch = discs_batch()
     terms = method.loss(method(batch), batch)
     terms["loss"].backward()
     opt.step()
@@ -231,7 +218,7 @@ def test_shared_backbone_encoder_stays_without_lora(tiny_backbone):
     method = make(tiny_backbone).eval()
     assert not lora_modules(tiny_backbone)
     assert all(isinstance(m, LoRAQKV) for m in lora_modules(method.image_encoder).values())
-    batch = disc_batch()
+    batch = discs_batch()
     with torch.no_grad():
         shared = tiny_backbone.image_encoder(tiny_backbone.preprocess(batch["image"]))
         assert torch.allclose(method.embed(batch), shared, atol=1e-6)  # LoRA B starts at zero
@@ -269,28 +256,11 @@ def test_lora_rank_zero_uses_the_frozen_encoder_and_cache(tiny_backbone):
     method = make(tiny_backbone, lora_rank=0)
     assert method.image_encoder is None and method.needs_encoder_grad is False
     assert MSAM.needs_encoder_grad is True
-    batch = disc_batch()
+    batch = discs_batch()
     fake = Features(torch.randn(2, 256, 16, 16))
     assert torch.equal(method.embed(dict(batch, features=fake)), fake.embedding)
     lora = make(tiny_backbone)
     assert not torch.equal(lora.embed(dict(batch, features=fake)), fake.embedding)  # recomputed with LoRA
-
-
-def test_checkpoint_round_trip(tiny_backbone, tmp_path):
-    from samadapt.engine.checkpoint import load_checkpoint, save_checkpoint
-
-    method = make(tiny_backbone)
-    with torch.no_grad():
-        for _, p in method.trainable_parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    path = save_checkpoint(method, tmp_path / "msam.safetensors", {"method": {"name": "msam"}})
-    fresh = make(tiny_backbone)
-    load_checkpoint(fresh, path)
-    batch = disc_batch()
-    method.eval()
-    fresh.eval()
-    with torch.no_grad():
-        assert torch.allclose(method.predict(batch), fresh.predict(batch), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [{"mea_tokens": "window"}, {"auto_start": "points"}, {"click_mode": "edge"},
@@ -323,7 +293,7 @@ def test_slice_and_case_curves_and_plot(tiny_backbone, tmp_path):
     from samadapt.data.cases import Case
 
     method = make(tiny_backbone).eval()
-    batch = disc_batch(3)
+    batch = discs_batch(3)
     items = [{"image": batch["image"][i], "label": batch["label"][i]} for i in range(3)]
     for mode in ("auto", "simulate"):
         curve = slice_curve(method, items, 3, mode, batch_size=2)
