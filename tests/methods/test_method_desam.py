@@ -17,25 +17,17 @@ from samadapt.layers.sam_decoder import decode_masks
 from samadapt.layers.shared_image_decoder import decode_tokens, image_side
 from samadapt.methods.desam import PDMM, DeSAM, grid_points
 from samadapt.methods.prompting import encode_prompts
-
-SMALL = {"channels": [32, 16, 8], "se_reduction": 4, "min_mask_region_area": 4, "points_per_side": 3}
-
+from support import SMALL, make_method, square_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(backbone, **options) -> DeSAM:
-    torch.manual_seed(0)
-    return build_method("desam", backbone, {**SMALL, **options})
+    return make_method("desam", backbone, **options)
 
 
 def batch_for(backbone, b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = backbone.input_size
-    image = torch.rand(b, 3, s, s, generator=g)
-    label = torch.zeros(b, s, s, dtype=torch.long)
-    label[:, 16:44, 12:40] = 1
-    return {"image": image, "label": label}
+    return square_batch([(1, 16, 44, 12, 40)], b, backbone.input_size, seed)
 
 
 # --- structure and shapes ---------------------------------------------------------------------------------------
@@ -397,7 +389,7 @@ def test_cached_features_without_intermediates_fail_clearly(tiny_backbone):
 
 
 def test_multi_class_runs_one_vs_rest(tiny_backbone):
-    m = build_method("desam", tiny_backbone, SMALL, num_classes=2)
+    m = make_method("desam", tiny_backbone, 2)
     batch = batch_for(tiny_backbone)
     batch["label"][:, 40:50, 40:50] = 2
     terms = m.loss(m(batch), batch)
@@ -454,7 +446,7 @@ def test_domain_generalisation_table(tmp_path):
     source = _discs(tmp_path / "source")
     inverted = _discs(tmp_path / "inverted", n=3, invert=True, seed=1)
     two_class = _discs(tmp_path / "twoclass", n=3, classes=2, seed=2)
-    options = [f"method.options.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    options = [f"method.options.{k}={json.dumps(v)}" for k, v in SMALL["desam"].items()]
     cfg = load_config(None, ["backbone.name=tiny", "method.name=desam", *options,
                              f"data.path={source}", "data.cache=off", "data.empty_ratio=null", "train.epochs=1",
                              "train.batch_size=4", "train.device=cpu", f"output={tmp_path / 'run'}"])
