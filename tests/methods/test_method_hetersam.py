@@ -12,22 +12,16 @@ from samadapt.layers.deformable_attention import (DeformableAttention, Deformabl
                                                   ValueSEGate, deformable_sample, grid_reference)
 from samadapt.methods import build_method
 from samadapt.methods.hetersam import HeterSAM, SwinUPromptEncoder, minmax_normalise, soft_dice_loss
-
-SMALL = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "fusion_mlp_dim": 64, "drop_path": 0.0}
+from support import make_method, square_batch
 
 
 def make(backbone, **options) -> HeterSAM:
-    torch.manual_seed(0)
-    return build_method("hetersam", backbone, {**SMALL, **options})
+    return make_method("hetersam", backbone, **options)
 
 
 def tiny_batch(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(n, 3, 64, 64, generator=g)
-    label = torch.zeros(n, 64, 64, dtype=torch.long)
-    label[:, 16:44, 20:52] = 1  # a box, brighter in the image so that it is learnable
-    image[:, :, 16:44, 20:52] += 0.5
-    return {"image": image.clamp(0, 1), "label": label}
+    """A box, brighter in the image so that it is learnable."""
+    return square_batch([(1, 16, 44, 20, 52)], n, 64, seed, brighten=0.5)
 
 
 # --- the sampling core and the deformable attention ----------------------------------------------------------------
@@ -428,8 +422,7 @@ def test_checkpoint_round_trip_keeps_batchnorm_stats(tiny_backbone, tmp_path):
     m.eval()
     expected = m.predict(batch), m.predict(batch, decoder="light")
     save_checkpoint(m, tmp_path / "c.safetensors", {"method": {"name": "hetersam"}})
-    torch.manual_seed(1)
-    fresh = build_method("hetersam", tiny_backbone, {**SMALL, "light_decoder": True}).eval()
+    fresh = make_method("hetersam", tiny_backbone, seed=1, light_decoder=True).eval()
     assert not torch.allclose(fresh.predict(batch), expected[0])
     load_checkpoint(fresh, tmp_path / "c.safetensors")
     assert torch.allclose(fresh.predict(batch), expected[0], atol=1e-6)
@@ -470,7 +463,7 @@ def test_litemedsam_real_brain_slices_loss_falls(litemedsam_backbone, real_brain
 
 
 def test_multi_class_runs_one_vs_rest(tiny_backbone):
-    m = build_method("hetersam", tiny_backbone, {**SMALL, "fusion": "none"}, num_classes=2)
+    m = make_method("hetersam", tiny_backbone, 2, fusion="none")
     batch = tiny_batch()
     batch["label"][:, 30:40, 30:40] = 2
     m.loss(m(batch), batch)["loss"].backward()
