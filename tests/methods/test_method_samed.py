@@ -13,23 +13,19 @@ from samadapt.errors import ConfigError
 from samadapt.layers.lora import lora_modules
 from samadapt.methods import build_method
 from samadapt.methods.samed import SAMed
+from support import make_method, square_batch
 from synthetic import Discs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(k: int, b: int = 2, size: int = 64) -> dict:
-    g = torch.Generator().manual_seed(0)
-    label = torch.zeros(b, size, size, dtype=torch.long)
-    for c in range(1, k + 1):
-        label[:, 4 + 6 * c:12 + 6 * c, 8:30] = c
-    return {"image": torch.rand(b, 3, size, size, generator=g), "label": label}
+    return square_batch([(c, 4 + 6 * c, 12 + 6 * c, 8, 30) for c in range(1, k + 1)], b, size)
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_shapes_and_probabilities_for_k_classes(tiny_backbone, k):
-    torch.manual_seed(0)
-    method = build_method("samed", tiny_backbone, {}, num_classes=k)
+    method = make_method("samed", tiny_backbone, k)
     assert isinstance(method, SAMed)  # multi-class natively, no one-vs-rest wrapper
     batch = _batch(k)
     out = method(batch)
@@ -44,8 +40,7 @@ def test_shapes_and_probabilities_for_k_classes(tiny_backbone, k):
 
 
 def test_trains_lora_decoder_and_no_mask_embed_only(tiny_backbone):
-    torch.manual_seed(0)
-    method = build_method("samed", tiny_backbone, {"lora_rank": 3}, num_classes=2)
+    method = make_method("samed", tiny_backbone, 2, lora_rank=3)
     names = {n for n, _ in method.trainable_parameters()}
     assert names and all(n.startswith(("image_encoder.", "decoder.", "no_mask_embed")) for n in names)
     encoder_names = {n for n in names if n.startswith("image_encoder.")}
@@ -71,10 +66,8 @@ def test_trains_lora_decoder_and_no_mask_embed_only(tiny_backbone):
 
 
 def test_block_order_sam_is_samed_and_hsam_is_hsam_stage1(tiny_backbone):
-    torch.manual_seed(0)
-    samed = build_method("samed", tiny_backbone, {}, num_classes=2).eval()
-    torch.manual_seed(0)
-    stage1 = build_method("samed", tiny_backbone, {"block_order": "hsam"}, num_classes=2).eval()
+    samed = make_method("samed", tiny_backbone, 2).eval()
+    stage1 = make_method("samed", tiny_backbone, 2, block_order="hsam").eval()
     assert samed.decoder.order == "sam" and stage1.decoder.order == "hsam"
     stage1.load_state_dict(samed.state_dict())  # same weights: only the block order differs
     batch = _batch(2)
@@ -88,8 +81,7 @@ def test_block_order_sam_is_samed_and_hsam_is_hsam_stage1(tiny_backbone):
 
 
 def test_samed_trains_through_the_engine(tmp_path, tiny_backbone):
-    torch.manual_seed(0)
-    method = build_method("samed", tiny_backbone, {}, num_classes=2)
+    method = make_method("samed", tiny_backbone, 2)
     cfg = TrainConfig(epochs=6, batch_size=4, lr=3e-3, seed=3)
     result = Trainer(method, cfg, tmp_path / "samed", {}, torch.device("cpu")).fit(
         Discs(12, num_classes=2), Discs(4, num_classes=2, seed=1))
