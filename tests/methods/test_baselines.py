@@ -68,16 +68,17 @@ def test_box_prompt_takes_user_points_and_boxes(tiny_backbone):
         assert (a - b).abs().max() > 1e-3
 
 
-def test_one_vs_rest_wraps_binary_methods(tiny_backbone):
+def test_one_vs_rest_wraps_binary_methods(tiny_backbone, monkeypatch):
     from samadapt.methods import METHODS
     from samadapt.methods.decoder import DecoderBaseline
 
-    if "binary-decoder" not in METHODS:
-        @METHODS.register
-        class BinaryDecoder(DecoderBaseline):
-            name = "binary-decoder"
-            max_classes = 1
+    class BinaryDecoder(DecoderBaseline):
+        name = "binary-decoder"
+        max_classes = 1
 
+    # registered for this test only: later tests list METHODS.names() (benchmark defaults, method facts)
+    monkeypatch.setitem(METHODS._items, BinaryDecoder.name, BinaryDecoder)
+    assert METHODS.register(BinaryDecoder) is BinaryDecoder and "binary-decoder" in METHODS.names()
     m = build_method("binary-decoder", tiny_backbone, {}, 2)
     assert type(m).__name__ == "OneVsRest" and len(m.heads) == 2
     batch = _batch(2)
