@@ -9,7 +9,8 @@
 - ``bf16``: bfloat16 autocast; ``"auto"`` enables it only where the device computes bf16 natively (CUDA with
   bf16, or a CPU with AVX512-BF16/AMX as oneDNN reports it); elsewhere it would be emulated and slower.
 
-Tolerances (probabilities in [0, 1], checked in tests/engine/test_fast_predict.py): fp32 options ``FP32_TOLERANCE``
+Tolerances (probabilities in [0, 1], checked for every method in tests/methods/test_contract.py
+and tests/engine/test_fast_predict.py): fp32 options ``FP32_TOLERANCE``
 max absolute difference; bf16 ``BF16_TOLERANCE`` max absolute difference of probabilities.
 
 The functions patch modules of an already-built model in place (inference only; never train a fused model).

@@ -69,7 +69,7 @@ class Method(nn.Module):
     (per-image prediction time; the volume part accepts the same methods) and ``"cost"`` (training step time)."""
     export_refusal: ClassVar[str | None] = None
     """Why ``predict`` does not export to one ONNX graph with a dynamic batch (the reason ``samadapt export`` prints);
-    None: it exports, and ONNX Runtime matches PyTorch on another batch size (tests/engine/test_export.py)."""
+    None: it exports, and ONNX Runtime matches PyTorch on another batch size (tests/methods/test_contract.py)."""
 
     def __init__(self, backbone: Backbone | None, config: MethodConfig, num_classes: int = 1):
         super().__init__()

@@ -79,7 +79,7 @@ def test_export_refusal_is_what_the_export_check_says(name, tiny_backbone):
     method = build_method(name, tiny_backbone, options, 1)
     assert method.why_not_exportable() == cls.export_refusal
     if cls.export_refusal is None:
-        check_exportable(method)  # tests/engine/test_export.py exports it and compares with ONNX Runtime
+        check_exportable(method)  # tests/methods/test_contract.py exports it and compares with ONNX Runtime
     else:
         with pytest.raises(ConfigError) as err:
             check_exportable(method)
