@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 # Small settings per method so that each builds, predicts and trains a step in well under a second on the tiny
 # backbone.
@@ -76,8 +77,6 @@ def write_phantom(path: Path, shape=(12, 40, 48)) -> Path:
 def make_method(name: str, backbone, num_classes: int = 1, seed: int = 0, **options):
     """Method ``name`` for ``num_classes`` classes on ``backbone`` with the ``SMALL`` settings (``options`` override
     them), built after ``torch.manual_seed(seed)`` so that its random initialisation is repeatable."""
-    import torch
-
     from samadapt.methods import build_method
 
     torch.manual_seed(seed)
@@ -154,3 +153,18 @@ def onnx_difference(method, path: Path, items: list[dict]) -> float:
     assert onnx.intensity == predictor.intensity and onnx.input_size == predictor.input_size
     assert ours.shape == theirs.shape
     return (ours - theirs).abs().max().item()
+
+
+def train_steps(method, batch: dict, optimizer, steps: int, seed: int | None = None) -> list[float]:
+    """``steps`` optimiser steps of ``method.loss`` on one fixed ``batch``; the loss before each step. ``seed``
+    reseeds torch before every forward (the same noise draws each step: changes come from the weights)."""
+    losses = []
+    for _ in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss = method.loss(method(batch), batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -16,9 +16,11 @@ from samadapt.data.preprocessing import IntensityConfig
 from samadapt.engine.predict import Predictor
 from samadapt.errors import CheckpointError
 from samadapt.methods import METHODS, build_method
+from samadapt.overlap import dice
 from samadapt.backbones.weights import read_torch_checkpoint
 from synthetic import Discs
 from support import SMALL as FAST_SMALL
+from support import train_steps
 
 # test_fast_predict's small head settings (the backbone is the real one), with fewer DeSAM grid points and M-SAM
 # iterations so that each method predicts a 1024 px slice quickly.
@@ -45,12 +47,6 @@ def disc():
     return Discs(1, size=1024, seed=5)[0]
 
 
-def _dice(probs: torch.Tensor, label: torch.Tensor) -> float:
-    pred = probs.argmax(0) == 1
-    gt = label == 1
-    return float(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
-
-
 def test_official_weights_load_every_key(mobilesam, weights_path):
     state = read_torch_checkpoint(weights_path)
     own = mobilesam.state_dict()
@@ -71,18 +67,12 @@ def test_box_prompt_segments_a_disc_and_the_decoder_trains(mobilesam, disc):
     assert batch["features"].embedding.shape == (1, 256, 64, 64)
     box = build_method("box-prompt", mobilesam, {"mode": "gt"}, 1)
     with torch.no_grad():
-        assert _dice(box.predict(batch)[0], disc["label"]) > 0.9
+        assert dice(box.predict(batch)[0].argmax(0), disc["label"]) > 0.9
 
     torch.manual_seed(0)
     decoder = build_method("decoder", mobilesam, {}, 1)
     opt = torch.optim.AdamW([p for _, p in decoder.trainable_parameters()], lr=1e-4)
-    losses = []
-    for _ in range(3):
-        loss = decoder.loss(decoder(batch), batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(decoder, batch, opt, 3)
     with torch.no_grad():
         losses.append(float(decoder.loss(decoder(batch), batch)["loss"]))
     assert losses[-1] < losses[0], losses

@@ -28,7 +28,7 @@ from samadapt.engine.export import ONNX_TOLERANCE, export_onnx
 from samadapt.engine.fast import EXACT, FP32_TOLERANCE, FastOptions
 from samadapt.errors import ConfigError
 from samadapt.methods import METHODS
-from support import discs_batch, image_items, make_method, onnx_difference, perturb_lora, predictor_probabilities
+from support import discs_batch, train_steps, image_items, make_method, onnx_difference, perturb_lora, predictor_probabilities
 
 NAMES = METHODS.names()
 CASES = [pytest.param(name, k, id=f"{name}-{k}class") for name in NAMES for k in (1, 2)]
@@ -88,14 +88,7 @@ def test_loss_falls_on_a_fixed_batch(name):
     if method.uses_backbone and not method.needs_encoder_grad:
         batch["features"] = method.features(batch)  # as the embedding cache hands them over
     optimizer = torch.optim.Adam(method.param_groups(LR))
-    losses = []
-    for _ in range(STEPS):
-        torch.manual_seed(1)
-        loss = method.loss(method(batch), batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(method, batch, optimizer, STEPS, seed=1)
     assert losses[-1] < 0.99 * losses[0] and losses[-1] == min(losses), losses
 
 

@@ -17,7 +17,7 @@ from samadapt.layers.sam_decoder import decode_masks
 from samadapt.layers.shared_image_decoder import decode_tokens, image_side
 from samadapt.methods.desam import PDMM, DeSAM, grid_points
 from samadapt.methods.prompting import encode_prompts
-from support import SMALL, make_method, square_batch
+from support import SMALL, make_method, square_batch, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -401,13 +401,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_backbone):
     batch = batch_for(tiny_backbone)
     batch["features"] = m.features(batch)
     opt = torch.optim.Adam([p for _, p in m.trainable_parameters()], lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = m.loss(m(batch), batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(m, batch, opt, 8)
     assert losses[-1] < 0.7 * losses[0]
 
 

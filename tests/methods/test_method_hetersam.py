@@ -12,7 +12,7 @@ from samadapt.layers.deformable_attention import (DeformableAttention, Deformabl
                                                   ValueSEGate, deformable_sample, grid_reference)
 from samadapt.methods import build_method
 from samadapt.methods.hetersam import HeterSAM, SwinUPromptEncoder, minmax_normalise, soft_dice_loss
-from support import make_method, square_batch
+from support import make_method, square_batch, train_steps
 
 
 def make(backbone, **options) -> HeterSAM:
@@ -271,13 +271,7 @@ def test_each_fusion_switch_trains(tiny_backbone, fusion):
     m = make(tiny_backbone, fusion=fusion).train()
     opt = torch.optim.Adam([p for _, p in m.trainable_parameters()], lr=3e-3)
     batch = tiny_batch()
-    losses = []
-    for _ in range(12):
-        opt.zero_grad()
-        loss = m.loss(m(batch), batch)["loss"]
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(m, batch, opt, 12)
     # the random tiny decoder responds weakly to the dense prompt alone (fusion=none falls ~0.06 in 12 steps,
     # the fusion settings ~0.3); without training the loss on this fixed batch would not move at all
     assert losses[-1] < losses[0] - 0.04 and losses[-1] == pytest.approx(min(losses), abs=0.02), losses

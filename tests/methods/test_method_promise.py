@@ -11,7 +11,7 @@ from samadapt.errors import ConfigError, InputError
 from samadapt.methods import build_method
 from samadapt.methods.promise import (ProMISe, anchor_grid, binary_opening, bce_dice_loss, parse_point_labels,
                                       sample_gt_points)
-from support import make_method, square_batch
+from support import make_method, square_batch, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -157,12 +157,7 @@ def train_apm(backbone, batch, steps: int, lr: float, **options) -> Tensor:
     """APM-only ProMISe trained with Adam on ``batch`` (features computed once); returns its eval-mode points."""
     method = make(backbone, mode="apm", **options)
     batch = dict(batch, features=method.features(batch))
-    opt = torch.optim.Adam(method.param_groups(lr))
-    for _ in range(steps):
-        loss = method.loss(method(batch), batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(method, batch, torch.optim.Adam(method.param_groups(lr)), steps)
     method.eval()
     with torch.no_grad():
         return method(batch)["points"]
@@ -452,13 +447,7 @@ def test_integration_litemedsam_loss_falls(litemedsam_backbone, real_brain_batch
         x = backbone.preprocess(batch["image"])
         batch["features"] = backbone.encode(x, intermediates=method.intermediates)
     opt = torch.optim.Adam(method.param_groups(1e-3))  # as promise_cpu: APM at 0.1x the lr
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = method.loss(method(batch), batch)["loss"]
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(method, batch, opt, 6)
     assert losses[-1] < losses[0] - 0.02, losses
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
