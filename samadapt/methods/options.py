@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import ConfigError
 
+
 def option(default: Any, *, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
            le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with ``default`` (a list default is copied per instance) and its allowed values: one of
