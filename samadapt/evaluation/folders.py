@@ -263,6 +263,11 @@ def evaluate_folders(
 
     rows: list[dict] = []
     warnings_out: list[str] = []
+    if unmatched:
+        listed = ", ".join(preds[s].name for s in unmatched[:5]) + (f" and {len(unmatched) - 5} more"
+                                                                   if len(unmatched) > 5 else "")
+        warnings_out.append(f"{len(unmatched)} prediction file(s) in {pred_dir} have no ground truth and are not "
+                            f"scored: {listed}")
     raster_cases = 0
     for stem, gt_path in gts.items():
         pred_path = preds[stem]

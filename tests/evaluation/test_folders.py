@@ -146,7 +146,9 @@ def test_png_round_trip_infers_classes_and_ignores_print_resolution(tmp_path):
     assert summary["classes"] == [1, 2]
     assert summary["raster_cases_without_spacing"] == 3
     assert summary["unmatched_predictions"] == ["extra"]
-    assert summary["warnings"] == []
+    # issue 24: an extra prediction file was ignored without a word
+    assert summary["warnings"] == [f"1 prediction file(s) in {tmp_path / 'pred'} have no ground truth and are not "
+                                   "scored: extra.png"]
     rows = read_csv(tmp_path / "out" / "per_case.csv")
     assert len(rows) == 6
     y1 = next(r for r in rows if r["case"] == "y" and r["class"] == "1")
