@@ -153,11 +153,12 @@ def restore_nifti_nonfinite(path: str, array: np.ndarray) -> None:
     array[0][bad_zyx] = raw_zyx[bad_zyx]
 
 
-def read_picture(path: str | os.PathLike, mask: bool = False) -> np.ndarray:
+def read_picture(path: str | os.PathLike, mask: bool = False, facts: dict | None = None) -> np.ndarray:
     """Read a 2D picture with PIL: ``Y x X`` (gray, 16-bit) or ``Y x X x 3`` (RGB; alpha dropped).
 
     Palette pictures give their colours (``mask=False``) or their palette indices (``mask=True``: class ids, as in
-    Pascal-VOC-style masks).
+    Pascal-VOC-style masks). ``facts``, when given, gets ``"alpha_dropped"``: whether the picture had an alpha
+    channel that was dropped.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -170,6 +171,8 @@ def read_picture(path: str | os.PathLike, mask: bool = False) -> np.ndarray:
             if getattr(picture, "n_frames", 1) > 1:
                 raise InputError(path, f"multi-page picture ({picture.n_frames} frames); expected one 2D image")
             mode = picture.mode
+            if facts is not None:
+                facts["alpha_dropped"] = mode in ("RGBA", "LA", "PA")
             if mode in ("RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
                 picture = picture.convert("RGB" if mode != "LA" else "L")
             elif mode == "1":

@@ -117,6 +117,25 @@ class Case:
                 "direction": list(self.direction)}
 
 
+def channel_mix(cases: list[tuple[str, int, bool]]) -> tuple[str | None, str | None]:
+    """Whether cases with these channel counts train together: ``cases`` holds ``(file, channels, is_2d)``.
+
+    Returns ``(error, note)``, at most one of them set. Equal counts: ``(None, None)``. 2D pictures mixing gray (1)
+    and RGB (3) channels do train together: a gray picture becomes three equal channels, as every SAM input is
+    made (:func:`samadapt.data.preprocessing.to_three_channels`), so the note says so and names a file of each.
+    Any other mix (volumes with different channel sets, 2-channel pictures) is an error naming a file of each count.
+    """
+    by_count: dict[int, list[str]] = {}
+    for file, channels, _ in cases:
+        by_count.setdefault(channels, []).append(str(file))
+    if len(by_count) < 2:
+        return None, None
+    listed = "; ".join(f"{len(files)} with {c} (e.g. {files[0]})" for c, files in sorted(by_count.items()))
+    if set(by_count) == {1, 3} and all(is_2d for _, _, is_2d in cases):
+        return None, f"pictures mix gray and RGB: {listed}; gray ones are read as three equal channels"
+    return f"cases differ in channel count: {listed}", None
+
+
 # --- SimpleITK conversions -----------------------------------------------------------------------------------------
 def label_to_sitk(label: np.ndarray, case: Case):
     """A SimpleITK image of ``label`` (Z x Y x X) carrying the case's spacing, origin and direction."""

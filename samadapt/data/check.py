@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .cases import channel_mix
 from .readers import open_dataset
 
 
@@ -41,8 +42,9 @@ def check_dataset(path: str | os.PathLike, format: str = "auto", axis: int = 0) 
     names = {v: k for k, v in source.labels.items()}
     voxels = {name: 0 for name in source.labels}
     present = {name: 0 for name in source.labels}
-    spacings, shapes, channels = [], [], set()
+    spacings, shapes, channels = [], [], []
     lo, hi = np.inf, -np.inf
+    alpha: list[str] = []
     for case_id in source.case_ids + source.test_case_ids:
         try:
             case = source.load(case_id)
@@ -51,7 +53,9 @@ def check_dataset(path: str | os.PathLike, format: str = "auto", axis: int = 0) 
             continue
         spacings.append(case.spacing)
         shapes.append(case.shape)
-        channels.add(case.num_channels)
+        channels.append((case.source or case_id, case.num_channels, case.is_2d))
+        if case.meta.get("alpha_dropped"):
+            alpha.append(case.source or case_id)
         if case.image.size:
             lo, hi = min(lo, float(case.image.min())), max(hi, float(case.image.max()))
         if case.label is None:
@@ -73,10 +77,15 @@ def check_dataset(path: str | os.PathLike, format: str = "auto", axis: int = 0) 
         report["spacing"] = {"min": sp.min(0).tolist(), "max": sp.max(0).tolist()}
         report["shape"] = {"min": sh.min(0).astype(int).tolist(), "max": sh.max(0).astype(int).tolist()}
         report["intensity"] = {"min": lo, "max": hi}
-    if len(channels) > 1:
-        report["errors"].append({"case": None, "file": str(path), "problem": f"cases differ in channel count: "
-                                                                             f"{sorted(channels)}"})
-    report["channels"] = sorted(channels)[0] if len(channels) == 1 else sorted(channels)
+    mix_error, mix_note = channel_mix(channels)
+    if mix_error:
+        report["errors"].append({"case": None, "file": str(path), "problem": mix_error})
+    if mix_note:
+        report["warnings"].append(mix_note)
+    if alpha:
+        report["warnings"].append(f"{len(alpha)} picture(s) have an alpha channel, which is dropped (e.g. {alpha[0]})")
+    counts = sorted({c for _, c, _ in channels})
+    report["channels"] = counts[0] if len(counts) == 1 else counts
     for name, info in report["classes"].items():
         if info["id"] != 0 and report["num_cases"] and info["voxels"] == 0 and not report["errors"]:
             report["warnings"].append(f"class {name!r} (id {info['id']}) never occurs in the labelled cases")

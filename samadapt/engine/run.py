@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from ..backbones import Backbone, build_backbone
+from ..data.cases import channel_mix
 from ..data.preprocessing import IntensityConfig
 from ..data.readers import open_dataset
 from ..data.slices import SliceDataset, collate
@@ -82,6 +83,9 @@ def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = 
     intensity = intensity_config(cfg)
     train_cases = source.load_all(split.train)
     val_cases = source.load_all(split.val) if split.val else []
+    mix_error, _ = channel_mix([(c.source or c.id, c.num_channels, c.is_2d) for c in train_cases + val_cases])
+    if mix_error:  # the same rule as `samadapt data check`
+        raise InputError(cfg.path, mix_error)
     train = SliceDataset(train_cases, input_size, axis=cfg.axis, intensity=intensity,
                          augment=None if cfg.augment == "none" else cfg.augment, empty_ratio=cfg.empty_ratio,
                          seed=seed)

@@ -366,3 +366,37 @@ def test_geometry_messages_print_plain_numbers():
     a = Volume(np.zeros((1, 2, 2, 2)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), 3)
     b = Volume(np.zeros((1, 2, 2, 2)), (2.5, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), 3)
     assert same_geometry(a, b) == "spacing (2.5, 1.0, 1.0) differs from image spacing (1.0, 1.0, 1.0)"
+
+
+# Point 9: `data check` rejected a folder mixing gray and RGBA pictures while `train` took it and dropped alpha
+# without a word. Now both take gray + RGB pictures (gray read as three equal channels; data check notes it and the
+# dropped alpha), and both refuse any other mix of channel counts, naming a file of each count.
+def test_channel_mix_is_judged_alike_by_check_and_train(tmp_path):
+    from PIL import Image
+
+    from samadapt.data.check import check_dataset
+    from samadapt.engine.run import prepare_data
+
+    (tmp_path / "mix").mkdir()
+    pictures = write_disc_pictures(tmp_path / "mix", 4, (32, 32), 0, "c{:02d}", (8, 24, 8, 24), (4, 8))
+    gray = np.asarray(Image.open(pictures / "images" / "c03.png"))
+    Image.fromarray(np.stack([gray] * 3 + [np.full_like(gray, 200)], -1), "RGBA").save(pictures / "images" / "c03.png")
+    report = check_dataset(pictures)
+    assert report["ok"] and report["channels"] == [1, 3], report["errors"]
+    assert any("pictures mix gray and RGB: 3 with 1" in w and "c03.png" in w for w in report["warnings"])
+    assert any("1 picture(s) have an alpha channel, which is dropped (e.g. " in w for w in report["warnings"])
+    cfg = _cfg(pictures, tmp_path / "run").data
+    assert prepare_data(cfg, 32).train.cases  # trains
+
+    volumes = tmp_path / "npz"
+    volumes.mkdir()
+    mask = np.zeros((2, 16, 16), np.uint8)
+    mask[:, 4:12, 4:12] = 1
+    for i in range(4):
+        image = np.ones((2, 16, 16, 3) if i == 2 else (2, 16, 16), np.float32)
+        np.savez(volumes / f"v{i}.npz", imgs=image, gts=mask)
+    report = check_dataset(volumes)
+    problem = "cases differ in channel count: 3 with 1 (e.g. "
+    assert not report["ok"] and any(problem in e["problem"] and "v2.npz" in e["problem"] for e in report["errors"])
+    with pytest.raises(InputError, match=r"cases differ in channel count: 3 with 1 .*; 1 with 3 \(e\.g\. .*v2\.npz"):
+        prepare_data(_cfg(volumes, tmp_path / "run2", "data.val_fraction=0.25", "data.test_fraction=0").data, 32)

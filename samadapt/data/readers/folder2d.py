@@ -1,7 +1,8 @@
 """2D picture folders: ``images/`` + ``masks/`` with matching file stems (Kvasir-SEG, CVC, ISIC, MoNuSeg style).
 
-Pictures: PNG, JPG, TIF, BMP; gray, RGB (alpha dropped) or 16-bit. Masks: gray (or RGB with equal channels, or
-palette PNG) holding either {0, 255} (binary; read as {0, 1}) or integer class ids declared in an optional
+Pictures: PNG, JPG, TIF, BMP; gray, RGB (alpha dropped, ``samadapt data check`` warns) or 16-bit; a folder may
+mix gray and RGB pictures (gray ones are read as three equal channels, as SAM's input is made; data check says so).
+Masks: gray (or RGB with equal channels, or palette PNG) holding either {0, 255} (binary; read as {0, 1}) or integer class ids declared in an optional
 ``labels.json`` (``{"labels": {"background": 0, "polyp": 1}, "modality": "natural"}``); without one the dataset
 is binary. JPEG masks (lossy) are thresholded at 128 and must be binary. A mask may carry a suffix after the image
 stem (``ISIC_0000000_segmentation.png`` matches ``ISIC_0000000.jpg``). A folder with ``images/`` only gives test
@@ -115,7 +116,8 @@ class Folder2DSource(DatasetSource):
     def load(self, case_id: str) -> Case:
         files = self.case_files(case_id)
         image_path: Path = files["image"][0]
-        picture = _io.read_picture(image_path)
+        facts: dict = {}
+        picture = _io.read_picture(image_path, facts=facts)
         volume = _io.picture_to_volume(picture)
         label = None
         mask_path = files["label"]
@@ -127,7 +129,7 @@ class Folder2DSource(DatasetSource):
             channel_names=["gray"] if volume.array.shape[0] == 1 else ["R", "G", "B"],
             nonfinite=self.nonfinite,
             meta={"label_source": str(mask_path) if mask_path else None, "dtype": str(picture.dtype),
-                  "mask_scale": 255 if self.binary else 1},
+                  "mask_scale": 255 if self.binary else 1, **facts},
         )
 
     def _modality_of(self, picture: np.ndarray) -> str:
