@@ -336,8 +336,7 @@ def cache(
     ds = SliceDataset(source.load_all(), bb.input_size, axis=cfg.data.axis, intensity=intensity_config(cfg.data))
     store = EmbeddingCache(Path(cache_dir) if cache_dir else default_cache() / "embeddings", bb, intermediates)
     n, size = store.precompute(ds, batch_size=batch_size)
-    console.print(f"{n} slices cached ({store.misses} computed now, {store.recomputed} of them replacing unreadable "
-                  f"entries), {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
+    console.print(f"{store.summary(n)}; {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
 
 
 @data_app.command("check")
@@ -421,10 +420,14 @@ def compare(
     overrides: List[str] = typer.Option([], "--set", help="key.sub=value applied to every model; repeat."),
     title: str = typer.Option("comparison", "--title"),
     report: str = typer.Option("report", "--report", help="Report folder name inside OUT."),
+    targets: List[str] = typer.Option([], "--target", help="Also score on this dataset's test split, models "
+                                                           "unchanged: a folder, NAME=folder or a demo name such as "
+                                                           "mni152-tissue-bias (built into OUT/data); repeat."),
 ):
     """Train several models with the same budget and compare them on the test split in one report."""
     from .evaluation.compare import ModelSpec
     from .evaluation.compare import compare as run_compare
+    from .evaluation.protocols.domain_generalisation import resolve_target
     from .data.demo_data import DEMO_DATASETS, build_demo
 
     path = Path(data)
@@ -432,7 +435,7 @@ def compare(
         path = build_demo(data, Path(out) / "data" / data)
     run_compare(path, [ModelSpec.parse(m) for m in models], out, minutes=minutes, epochs=epochs, patience=patience,
                 seeds=[int(s) for s in seeds.split(",")], threads=threads, common=overrides, title=title,
-                report=report)
+                report=report, targets=[resolve_target(t, Path(out) / "data") for t in targets])
 
 
 @app.command()

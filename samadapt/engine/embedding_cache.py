@@ -236,3 +236,9 @@ class EmbeddingCache:
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "recomputed": self.recomputed}
+
+    def summary(self, entries: int) -> str:
+        """One line after :meth:`precompute` of ``entries`` distinct slices in all (counters since this object was
+        made): how many were read from disk, computed now, and recomputed because their entry could not be read."""
+        return (f"embedding cache {self.dir}: {entries} slice(s), {entries - self.misses} read from disk, "
+                f"{self.misses} computed now ({self.recomputed} of them replacing unreadable entries)")

@@ -260,9 +260,15 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             console.print("no validation split (data.val_fraction=0): the last epoch is kept as best")
         features = feature_source(backbone, method, config.data, device)
         if features is not None:  # encode every slice once up front, so the time budget counts training only
+            entries = 0
             for ds in (data.train, data.val):
                 if ds is not None and len(ds):
-                    features.cache.precompute(ds, batch_size=config.train.batch_size, progress=dist_utils.is_main())
+                    entries += features.cache.precompute(ds, batch_size=config.train.batch_size,
+                                                         progress=dist_utils.is_main())[0]
+            if dist_utils.is_main():
+                from .trainer import console
+
+                console.print(features.cache.summary(entries))
         trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
         result = trainer.fit(data.train, data.val, resume=resume)
         if dist_utils.is_main():

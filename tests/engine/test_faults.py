@@ -28,8 +28,8 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHON
 SETS = ["backbone.name=tiny", "method.name=decoder", "train.device=cpu", "data.cache=off", "data.empty_ratio=null",
         "train.batch_size=4", "train.lr=0.001", "train.threads=1", "train.epochs=3"]
 
-# Runs `samadapt train ...` (argv[4:]) and SIGKILLs itself around the NTH rename onto a file named TARGET ("before"
-# or "after" it), or at the NTH validation ("validate"): a real kill -9 at a chosen instant, no timing involved.
+# Runs `samadapt train ...` (argv[4:]) and SIGKILLs itself around the NTH rename onto a file named TARGET (or, for
+# "*SUFFIX", ending in SUFFIX; "before" or "after" it), or at the NTH validation ("validate"): a real kill -9 at a chosen instant, no timing involved.
 # With "validate" and WHEN "pause" it instead creates the file $FAULT_MARKER there and waits for $FAULT_MARKER.go.
 DRIVER = r"""
 import os, signal, sys, time
@@ -54,7 +54,8 @@ if target == "validate":
 else:
     real_replace = os.replace
     def replace(src, dst, *a, **k):
-        mine = os.path.basename(str(dst)) == target and hit()
+        name = os.path.basename(str(dst))
+        mine = (name == target or target.startswith("*") and name.endswith(target[1:])) and hit()
         if mine and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)
         real_replace(src, dst, *a, **k)
@@ -400,3 +401,40 @@ def test_channel_mix_is_judged_alike_by_check_and_train(tmp_path):
     assert not report["ok"] and any(problem in e["problem"] and "v2.npz" in e["problem"] for e in report["errors"])
     with pytest.raises(InputError, match=r"cases differ in channel count: 3 with 1 .*; 1 with 3 \(e\.g\. .*v2\.npz"):
         prepare_data(_cfg(volumes, tmp_path / "run2", "data.val_fraction=0.25", "data.test_fraction=0").data, 32)
+
+
+# Points 8 and 9: a kill -9 while the embedding cache was filled left temporary entries behind, and the cache never
+# said how many entries it had to recompute. The next run cleans the cache folder, computes only what is missing,
+# says so, and trains exactly as an uninterrupted run did; a damaged entry is named in the count and recomputed.
+def test_killed_cache_fill_is_cleaned_counted_and_gives_identical_results(discs, tmp_path, capsys, one_thread):
+    cached = ["data.cache=on", "train.epochs=2"]  # after SETS, so these win
+
+    def train(out: Path, cache: Path, **kwargs) -> str:
+        capsys.readouterr()
+        _train(discs, out, *cached, f"data.cache_dir={cache}", **kwargs)
+        captured = capsys.readouterr()
+        return " ".join((captured.out + captured.err).split())
+
+    reference = tmp_path / "reference"
+    assert "6 slice(s), 0 read from disk, 6 computed now (0 of them" in train(reference, tmp_path / "cache0")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["train", "--data", str(discs), "--out", str(out)] + [
+        a for s in SETS + cached + [f"data.cache_dir={cache}"] for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "*.safetensors", "3", "before", *args],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert len(list(cache.rglob(".*.part.safetensors"))) == 1  # the killed writer's temporary entry
+
+    def same_as_reference() -> None:
+        assert _rows(out) == _rows(reference)
+        for name in ("last.safetensors", "best.safetensors"):
+            assert (out / "checkpoints" / name).read_bytes() == (reference / "checkpoints" / name).read_bytes()
+        assert not list(cache.rglob(".*")) and _leftovers(out) == []
+
+    assert "6 slice(s), 2 read from disk, 4 computed now (0 of them" in train(out, cache)
+    same_as_reference()
+    entry = sorted(cache.rglob("*.safetensors"))[4]
+    entry.write_bytes(entry.read_bytes()[:-64])  # a damaged entry
+    assert "6 slice(s), 5 read from disk, 1 computed now (1 of them replacing unreadable entries)" in train(
+        out, cache, overwrite=True)
+    same_as_reference()
