@@ -135,9 +135,8 @@ def _cell(row: dict, key: str) -> str:
 
 def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, minutes: float | None = None,
             epochs: int | None = None, patience: int | None = None, seeds: Sequence[int] = (0,),
-            threads: int | None = None,
-            common: Sequence[str] = (), title: str = "comparison", overlays: bool = True,
-            report: str = "report") -> list[dict]:
+            threads: int | None = None, common: Sequence[str] = (), targets: Sequence[tuple[str, Path]] = (),
+            title: str = "comparison", overlays: bool = True, report: str = "report") -> list[dict]:
     """Train (or reuse) each model for each seed, evaluate all on the test split; write ``OUT/<report>``.
 
     Args:
@@ -146,6 +145,8 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
             ``train.patience``); None keeps the presets'. The convergence budget is ``patience`` (stop after that
             many validations without improvement) with ``epochs`` as the most; wall minutes depend on the CPU.
         common: overrides applied to every model before its own.
+        targets: ``(name, dataset folder)`` pairs whose test splits are scored too, unchanged models (e.g. the
+            source under a simulated scanner shift); their rows carry ``test_set = name``.
         report: name of the report folder inside ``out`` (several comparisons can share runs and cache).
 
     Returns:
@@ -166,10 +167,12 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
         ([f"train.patience={patience}"] if patience is not None else [])
     source = open_source(load_config(None, base).data)
     classes = list(range(1, source.num_classes + 1))
-    test_cases = [source.load(case_id) for case_id in source.make_split().test]
+    named = {cid: name for name, ids in source.test_sets.items() for cid in ids}  # PraNet's five sets, ...
+    test_cases = [(named.get(case_id, ""), source.load(case_id)) for case_id in source.make_split().test]
     if not test_cases:
         raise ConfigError(f"{data}: the split has no test cases to compare on")
-    test_set = {cid: name for name, ids in source.test_sets.items() for cid in ids}  # PraNet's five sets, ...
+    test_cases += _target_cases(targets, base, source.num_classes)
+    named_sets = bool(named or targets)
 
     rows: list[dict] = []
     histories: dict[str, list] = {}
@@ -192,23 +195,39 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
                 ckpt = RunDir(out / "runs" / m.reuses / f"seed{seed}").best_checkpoint
                 predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True, overrides=m.overrides)
                 trained[m.label] = Trained(predictor, [], trained[m.reuses].train_seconds)
-        for case in test_cases:
+        for test_set, case in test_cases:
             for m in models:
                 console.print(f"predicting {case.id} with {m.label} (seed {seed})")
                 pred, scores, seconds = _evaluate(trained[m.label].predictor, case, classes)
-                if seed == seeds[0] and case is test_cases[0]:
+                if seed == seeds[0] and case is test_cases[0][1]:
                     shown[m.label] = pred
                     plotters[m.label] = trained[m.label].predictor
                 slices = case.label.shape[trained[m.label].predictor.axis]
                 for s in scores:
                     rows.append({"model": m.label, "seed": seed, "case": case.id,
-                                 **({"test_set": test_set.get(case.id, "")} if test_set else {}), **s,
+                                 **({"test_set": test_set or "source"} if named_sets else {}), **s,
                                  "train_s": round(trained[m.label].train_seconds, 1),
                                  **trained[m.label].convergence(),
                                  "predict_s_per_slice": seconds / slices})
-    _write_report(out / report, rows, histories, shown, plotters, test_cases[0], title, models, budget, seeds,
+    _write_report(out / report, rows, histories, shown, plotters, test_cases[0][1], title, models, budget, seeds,
                   time.time() - t0, overlays)
     return rows
+
+
+def _target_cases(targets: Sequence[tuple[str, Path]], base: Sequence[str], num_classes: int) -> list[tuple]:
+    """``(name, case)`` for every test case of every target dataset; a target with another class count is an error
+    naming it (a comparison scores the same classes everywhere)."""
+    cases = []
+    for name, folder in targets:
+        target = open_source(load_config(None, [*base, f"data.path={folder}"]).data)
+        if target.num_classes != num_classes:
+            raise ConfigError(f"target {name!r} ({folder}) has {target.num_classes} foreground classes, the "
+                              f"comparison's data {num_classes}")
+        ids = target.make_split().test
+        if not ids:
+            raise ConfigError(f"target {name!r} ({folder}): its split has no test cases")
+        cases += [(name, target.load(case_id)) for case_id in ids]
+    return cases
 
 
 def plot_prompts(predictor: Predictor, case, picks: Sequence[int], path: Path) -> Path | None:

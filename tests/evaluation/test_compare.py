@@ -9,7 +9,7 @@ from samadapt.evaluation.compare import ModelSpec, plot_prompts, summarize_rows
 from samadapt.data.cases import Case
 from samadapt.data.preprocessing import IntensityConfig
 from samadapt.engine.predict import Predictor
-from samadapt.errors import ConfigError
+from samadapt.errors import ConfigError, InputError
 from samadapt.methods import build_method
 from support import SMALL
 
@@ -70,3 +70,28 @@ def test_an_interrupted_model_resumes_instead_of_being_refused(tmp_path, monkeyp
                         real_train(cfg, resume=resume))
     rows = compare_mod.compare(disc_folder, models, tmp_path, epochs=2, common=common, overlays=False)
     assert resumed == [True] and rows and all(r["epochs"] == 2 for r in rows)
+
+
+def test_targets_are_scored_with_the_unchanged_models(tmp_path):
+    """Every target's test cases are scored by the models trained on the source, one summary row per target."""
+    from samadapt.evaluation import compare as compare_mod
+    from synthetic import write_disc_pictures
+
+    for name, seed in (("source", 0), ("shifted", 1)):
+        (tmp_path / name).mkdir()
+        write_disc_pictures(tmp_path / name, 10, (64, 64), seed, "case{:02d}", (20, 44, 20, 44), (8, 14))
+    models = [ModelSpec.parse("dec=decoder_tiny")]
+    common = ["data.cache=off", "data.empty_ratio=null"]
+    rows = compare_mod.compare(tmp_path / "source", models, tmp_path / "out", epochs=1, common=common,
+                               overlays=False, targets=[("shift", tmp_path / "shifted")])
+    sets = {r["test_set"] for r in rows}
+    assert sets == {"source", "shift"}
+    assert {r["test_set"] for r in summarize_rows(rows)} == sets
+    assert len([r for r in rows if r["test_set"] == "shift"]) > 0
+    report = (tmp_path / "out" / "report" / "summary.md").read_text()
+    assert "| dec | shift | 1 |" in report
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "images").mkdir()
+    with pytest.raises(InputError, match="two/images: no pictures"):  # a broken target fails before any training
+        compare_mod.compare(tmp_path / "source", models, tmp_path / "out", epochs=1, common=common,
+                            overlays=False, targets=[("bad", tmp_path / "two")])
