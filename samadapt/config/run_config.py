@@ -106,6 +106,10 @@ class TrainConfig:
     """none | bf16 | fp16 (fp16 only on CUDA)."""
     grad_clip: float | None = None
     val_every: int = 1
+    val_every_steps: int | None = None
+    """Validate at most once per this many optimizer steps: an epoch of a few-label run is a few steps, so epochs
+    are grouped and ``patience`` counts comparable training whatever the dataset size. The interval in epochs is
+    ``max(val_every, ceil(val_every_steps / steps per epoch))``."""
     patience: int | None = None
     """Early stopping after this many validations without improvement."""
     max_minutes: float | None = None
@@ -150,6 +154,8 @@ def check_config(config: RunConfig) -> RunConfig:
         ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0, ">= 0"),
         ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
         ("train.val_every", t.val_every, t.val_every >= 1, ">= 1"),
+        ("train.val_every_steps", t.val_every_steps, t.val_every_steps is None or t.val_every_steps >= 1,
+         ">= 1 or null"),
         ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
         ("train.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
         ("train.patience", t.patience, t.patience is None or t.patience >= 1, ">= 1 or null"),

@@ -103,6 +103,7 @@ class Trainer:
                 broadcast_buffers=False, find_unused_parameters=True)
         optimizer = build_optimizer(method.param_groups(cfg.lr), cfg)
         steps_per_epoch = max(math.ceil(len(self._loader(train_ds, 0)) / cfg.grad_accum), 1)
+        val_every = max(cfg.val_every, math.ceil((cfg.val_every_steps or 1) / steps_per_epoch))
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
 
@@ -189,7 +190,7 @@ class Trainer:
                 record: dict[str, Any] = {"epoch": epoch + 1, "steps": steps, "train_loss": running / max(count, 1),
                                           "lr": optimizer.param_groups[0]["lr"]}
                 improved = False
-                if val_ds is not None and len(val_ds) and ((epoch + 1) % cfg.val_every == 0 or out_of_time):
+                if val_ds is not None and len(val_ds) and ((epoch + 1) % val_every == 0 or out_of_time):
                     val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, cfg.amp, self.device)
                     record.update({f"val_{k}": v for k, v in val.items()})
                     improved = val["dice"] > best

@@ -118,3 +118,13 @@ def test_time_budget_stops_inside_an_epoch_and_still_validates(tmp_path):
     res = Trainer(m, cfg, tmp_path / "budget", {}, CPU).fit(Discs(16), Discs(4, seed=1))
     assert len(res.history) == 1 and res.stopped_early and sum(losses) == 1  # 1 of the epoch's 8 steps
     assert "val_dice" in res.history[0] and res.best_checkpoint.is_file()
+
+
+def test_validation_every_n_steps_groups_short_epochs(tmp_path):
+    """8 items at batch 4 = 2 steps per epoch: val_every_steps=5 validates every 3rd epoch (ceil(5 / 2))."""
+    backbone = build_backbone("tiny")
+    m = build_method("decoder", backbone, {}, 1)
+    cfg = TrainConfig(epochs=7, batch_size=4, lr=1e-3, val_every_steps=5)
+    res = Trainer(m, cfg, tmp_path / "steps", {}, CPU).fit(Discs(8), Discs(4, seed=1))
+    validated = [h["epoch"] for h in res.history if "val_dice" in h]
+    assert validated == [3, 6] and [h["steps"] for h in res.history][:3] == [2, 4, 6]
