@@ -459,7 +459,12 @@ def benchmark(
     out: str = typer.Option("bench_out", "--out", help="Folder for the part results (JSON), runs and RESULTS.md."),
     parts: str = typer.Option("accuracy,latency,cost,volume", "--parts",
                               help="Comma-separated parts to run; '' only rewrites the report from OUT's results."),
-    tasks: str = typer.Option("mni152-brain,mni152-tissue,nuclei", "--tasks", help="Accuracy tasks."),
+    tasks: str = typer.Option("mni152-brain,mni152-tissue,mni152-tissue-10,nuclei", "--tasks",
+                              help="Accuracy tasks (mni152-brain, mni152-tissue, mni152-tissue-10, nuclei)."),
+    backbones: str = typer.Option("litemedsam", "--backbones", help="Accuracy part: every task on each of these "
+                                                                    "backbones, e.g. litemedsam,mobilesam."),
+    shifts: bool = typer.Option(True, "--shifts/--no-shifts", help="Accuracy part: also score the tissue models "
+                                                                   "on the simulated scanner shifts."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
     budget: str = typer.Option("converge", "--budget", help="Accuracy part: converge (until validation stops "
                                                             "improving) | minutes (wall clock, CPU-dependent)."),
@@ -486,7 +491,8 @@ def benchmark(
                          budget=budget, minutes=minutes, patience=patience, max_epochs=max_epochs,
                          methods=methods.split(",") if methods else None, images=images,
                          batch=batch, threads=threads, profile=profile, steps=steps,
-                         volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone, results=results)
+                         volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone,
+                         backbones=backbones.split(","), shifts=shifts, results=results)
     console.print(f"report: {path}")
 
 

@@ -53,13 +53,16 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
                   methods: Sequence[str] | None = None,
                   images: int = 4, batch: int = 4, threads: int = 2, profile: bool = True, steps: int = 2,
                   volume_runs: Sequence[str] = volume.DEFAULT_RUNS, backbone: str = "litemedsam",
+                  backbones: Sequence[str] = ("litemedsam",), shifts: bool = True,
                   command: str | None = None, results: str | Path | None = None) -> Path:
     """Run ``parts`` into ``out`` and write the report (``results``, default ``out/RESULTS.md``); returns its path.
 
     ``budget`` of the accuracy part: ``converge`` (each model trains until validation Dice has not improved for
-    ``patience`` epochs, at most ``max_epochs``) or ``minutes`` (``minutes`` of wall-clock training per model:
-    depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every method); ``backbone`` is for the latency,
-    cost and volume parts (``tiny`` for a quick check of the machinery; the accuracy presets use litemedsam).
+    ``patience`` validations, at most once per ``CONVERGE["val_every_steps"]`` optimizer steps, at most
+    ``max_epochs`` times the task's epoch scale) or ``minutes`` (``minutes`` of wall-clock training per model:
+    depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every
+    method); ``backbone`` is for the latency, cost and volume parts (``tiny`` for a quick check of the machinery);
+    the accuracy part runs every task on each of ``backbones``; ``shifts=False`` skips its shifted test sets.
     """
     out = Path(out)
     if budget not in ("converge", "minutes"):
@@ -72,9 +75,13 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
     if "accuracy" in parts:  # tasks accumulate over invocations (each with its command)
         previous = out / "accuracy.json"
         done = json.loads(previous.read_text())["tasks"] if previous.exists() else {}
-        for task in tasks:
-            limits = dict(epochs=max_epochs, patience=patience) if budget == "converge" else dict(minutes=minutes)
-            done[task] = {**accuracy.run_task(out, task, seeds, threads=threads, **limits), "command": command}
+        limits = (dict(epochs=max_epochs, patience=patience, val_every_steps=accuracy.CONVERGE["val_every_steps"])
+                  if budget == "converge" else dict(minutes=minutes))
+        for name in backbones:
+            for task in tasks:
+                key = task if name == "litemedsam" else f"{task}@{name}"
+                done[key] = {**accuracy.run_task(out, task, seeds, threads=threads, backbone=name, targets=shifts,
+                                                 **limits), "command": command}
         _store(out, "accuracy", {"tasks": done}, command)
     if "latency" in parts:
         names = list(methods or measured_methods("latency"))

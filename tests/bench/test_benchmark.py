@@ -72,7 +72,7 @@ def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch)
     assert 0.0 <= rows["decoder"]["dice"] <= 1.0 and rows["decoder"]["dice_std"] >= 0.0
     assert (tmp_path / "accuracy" / "nuclei" / "runs" / "decoder" / "seed1" / "checkpoints").is_dir()
     table = accuracy.markdown(result)
-    assert "| decoder | 1 | 8 |" in table and " ± " in table and "not improved for 1 epochs (convergence), at most 3 epochs" in table
+    assert "| decoder | 1 | 8 |" in table and " ± " in table and "not improved for 1 validations (convergence), at most 3 epochs" in table
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished task with the same settings must not run again")
@@ -82,6 +82,27 @@ def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch)
     assert json.dumps(reused) == json.dumps(result)  # (as text: NaN metrics are not equal to themselves)
     with pytest.raises(AssertionError):  # other settings: runs again
         accuracy.run_task(tmp_path, "nuclei", seeds=[0], epochs=1, models=TINY_MODELS)
+
+
+def test_few_label_task_scores_shifted_targets_on_another_backbone(tmp_path, monkeypatch):
+    """The 10 % tissue task: its models see a tenth of the slices with 10x the epoch cap, are scored unchanged on a
+    shifted test slab (one shift here), and run on the backbone asked for (folder and title say which)."""
+    import dataclasses
+
+    task = dataclasses.replace(accuracy.TASKS["mni152-tissue-10"], targets=("mni152-tissue-gamma",))
+    monkeypatch.setitem(accuracy.TASKS, "mni152-tissue-10", task)
+    result = accuracy.run_task(tmp_path, "mni152-tissue-10", seeds=[0], epochs=1, patience=1, backbone="tiny",
+                               val_every_steps=4, models=("decoder=decoder_tiny train.batch_size=4",))
+    assert result["spec"]["epochs"] == 10 and result["spec"]["backbone"] == "tiny"
+    assert result["title"].endswith("[tiny]")
+    run = tmp_path / "accuracy" / "mni152-tissue-10@tiny" / "runs" / "decoder" / "seed0"
+    config = (run / "config.yaml").read_text()
+    assert "fewshot: 0.1" in config and "val_every_steps: 4" in config
+    assert {r["test_set"] for r in result["summary"]} == {"source", "mni152-tissue-gamma"}
+    assert {r["class"] for r in result["summary"]} == {1, 2, 3}
+    table = accuracy.markdown(result)
+    assert "| model | source | mni152-tissue-gamma |" in table and "validation every epoch, at most once per 4" in table
+    assert re.search(r"\| decoder \| \d\.\d{3} \| \d\.\d{3} \([+-]\d\.\d{3}\) \|", table), table
 
 
 def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
