@@ -60,16 +60,17 @@ def test_demo_and_accuracy_models_use_the_declared_presets(tmp_path, monkeypatch
     from samadapt.bench import accuracy, demo
 
     seen = {}
-    monkeypatch.setattr(demo, "_dataset", lambda out: out / "data")
-    monkeypatch.setattr(demo, "compare", lambda data, models, out, **kw: seen.setdefault("models", models))
+    monkeypatch.setattr(demo, "_dataset", lambda out, name: out / "data" / name)
+    monkeypatch.setattr(demo, "compare", lambda data, models, out, **kw: seen.update(models=models, **kw))
     demo.run_demo(tmp_path, "hetersam")
     assert [(m.label, m.config) for m in seen["models"]] == [
-        ("hetersam", "hetersam_cpu"), ("unet", "unet_cpu"), ("box-prompt-gt", "box_prompt_gt"),
-        ("box-prompt-whole", "box_prompt_whole")]
+        ("hetersam", "hetersam_cpu"), ("unet", "unet_cpu"), ("box-prompt-gt", "box_prompt_gt")]
+    assert seen["patience"] == demo.PATIENCE and "minutes" not in seen  # the convergence budget by default
+    assert "data.fewshot=0.1" in seen["common"] and [name for name, _ in seen["targets"]] == [demo.SHIFT]
     assert accuracy.BINARY_MODELS[:5] == ("decoder=decoder_cpu", "unet=unet_cpu", "box-prompt-gt=box_prompt_gt",
                                           "box-prompt-whole=box_prompt_whole",
                                           "desam-box=desam_cpu method.options.mode=box")
-    assert accuracy.MULTICLASS_MODELS[-1] == "samed=samed_cpu" and accuracy.DESAM_GRID == "desam-grid=desam_cpu"
+    assert "samed=samed_cpu" in accuracy.MULTICLASS_MODELS and accuracy.DESAM_GRID == "desam-grid=desam_cpu"
 
 
 @pytest.mark.parametrize("name", METHODS.names())
