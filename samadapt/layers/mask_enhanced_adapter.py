@@ -1,6 +1,7 @@
-"""M-SAM's Mask-Enhanced Adapter (MEA), 2D port (METHODS.md sections 4.2 and 4.6).
+"""M-SAM's Mask-Enhanced Adapter (MEA), 2D and 3D (METHODS.md sections 4.2 and 4.6).
 
-The MEA fuses the image embedding ``I`` (B x C x h x w) with the embedding ``P`` (B x C x h x w) of the previous
+The MEA fuses the image embedding ``I`` (B x C x h x w, or B x C x d x h x w in 3D) with the embedding ``P`` (same
+shape) of the previous
 iteration's mask (the prompt encoder's ``mask_downscaling`` of the low-res logits) and replaces SAM's
 ``src = I + dense`` in front of the mask decoder's two-way transformer. As released (``mea.py``,
 ``BiDirectionalAttentionNetwork``), with every LN a channel LayerNorm::
@@ -18,29 +19,42 @@ decomposed relative positions (``rel_pos_h`` (2 g_h - 1) x head_dim, ``rel_pos_w
 ViT). The "attention" is self-attention over sums: image and mask meet by addition, not cross-attention.
 
 Attention tokens (``tokens``): ``"full"`` attends over all h x w tokens (faithful; 4096 tokens on a 64 x 64 grid,
-about 0.5 GB of attention weights per image in fp32); ``"pooled"`` average-pools LN(x) to at most ``pool_size`` x
+whose 8 x 4096 x 4096 bias and weights are built in query blocks, never whole: see ``RelPosSelfAttention``);
+``"pooled"`` average-pools LN(x) to at most ``pool_size`` x
 ``pool_size`` tokens, attends there, upsamples the attention output bilinearly to h x w and adds it as the residual
 (a grid no larger than ``pool_size`` is attended in full). MLPs and convolutions always run at h x w.
 
 ``num_blocks`` > 1 chains bidirectional blocks (block k takes block k-1's ``I''``, ``P''`` as its ``I0``, ``P0``); the
-release uses one. Written for 2D; the release's 3D variant has the same structure with 3D convs and rel-pos tables.
+release uses one. A 3-long ``grid`` gives the release's 3D variant: 3x3x3 / 1x1x1 convolutions, LayerNorm over
+channels (LayerNorm3d), trilinear pooling, and decomposed relative positions ``rel_pos_d``, ``rel_pos_h``,
+``rel_pos_w`` (15 x 64 each at the release's 8^3 grid, 384 channels, 6 heads).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 TOKEN_MODES = ("full", "pooled")
 
 
 def _to_nhwc(x: Tensor) -> Tensor:
-    return x.permute(0, 2, 3, 1)
+    """B x C x (grid) -> B x (grid) x C (2D or 3D)."""
+    return x.movedim(1, -1)
 
 
 def _to_nchw(x: Tensor) -> Tensor:
-    return x.permute(0, 3, 1, 2)
+    """B x (grid) x C -> B x C x (grid)."""
+    return x.movedim(-1, 1)
+
+
+def _conv(ndim: int, dim: int, kernel: int) -> nn.Module:
+    conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+    return conv(dim, dim, kernel, padding=kernel // 2, bias=True)
 
 
 class MLP(nn.Module):
@@ -68,47 +82,94 @@ def _rel_table(table: Tensor, size: int) -> Tensor:
     return table[coords[:, None] - coords[None, :] + (size - 1)]
 
 
-class RelPosSelfAttention(nn.Module):
-    """Multi-head self-attention over a g_h x g_w token grid with decomposed relative positions.
+def _axis_names(ndim: int) -> tuple[str, ...]:
+    if ndim not in (2, 3):
+        raise ValueError(f"MEA works on 2D or 3D grids, got a {ndim}-D grid")
+    return ("h", "w") if ndim == 2 else ("d", "h", "w")
 
-    x: B x g_h x g_w x C -> B x g_h x g_w x C. The attention logits of query (i, j) and key (k, l) get
-    ``q_ij . R_h[i - k] + q_ij . R_w[j - l]`` added (unscaled q, as SAM's ``add_decomposed_rel_pos``).
+
+def _chunk_bias(axis_biases: list[Tensor], grid: tuple[int, ...]) -> Tensor:
+    """Decomposed bias of a block of c queries against all N keys: B x nh x c x N.
+
+    ``axis_biases[a]`` is B x nh x c x g_a (the queries' dot products with the axis-a offset embeddings); the bias of
+    key (k_1, ..., k_n) is the sum over axes of entry k_a."""
+    b, nh, c = axis_biases[0].shape[:3]
+    bias = None
+    for a, part in enumerate(axis_biases):
+        shape = [b, nh, c] + [1] * len(grid)
+        shape[3 + a] = grid[a]
+        part = part.reshape(shape)
+        bias = part if bias is None else bias + part
+    return bias.reshape(b, nh, c, -1)
+
+
+def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, ...], *axis_biases: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_bias(list(axis_biases), grid))
+
+
+class RelPosSelfAttention(nn.Module):
+    """Multi-head self-attention over a token grid (g_h x g_w, or g_d x g_h x g_w) with decomposed relative positions.
+
+    x: B x g_1 x .. x g_n x C -> same. The attention logits of query ``i`` and key ``k`` get
+    ``sum_a q_i . R_a[i_a - k_a]`` added (unscaled q, as SAM's ``add_decomposed_rel_pos``); tables ``rel_pos_h``,
+    ``rel_pos_w`` (2D) or ``rel_pos_d``, ``rel_pos_h``, ``rel_pos_w`` (3D), each (2 g_a - 1) x head_dim.
+
+    Memory: the N x N bias is never built whole. Queries go in blocks of ``query_chunk`` (bias B x nh x chunk x N per
+    block); with gradients on and more than one block, each block is recomputed in backward (activation
+    checkpointing), so only q, k, v and the per-axis biases (B x nh x N x g_a) are kept, not the N x N weights.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int]):
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, ...], query_chunk: int = 1024):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"MEA attention: dim {dim} is not divisible by num_heads {num_heads}")
+        if query_chunk < 1:
+            raise ValueError(f"MEA attention: query_chunk must be >= 1, got {query_chunk}")
+        self.axes = _axis_names(len(grid))
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.query_chunk = int(query_chunk)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, self.head_dim))
-        self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, self.head_dim))
+        for axis, size in zip(self.axes, grid):
+            setattr(self, f"rel_pos_{axis}", nn.Parameter(torch.zeros(2 * int(size) - 1, self.head_dim)))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, gh, gw, c = x.shape
-        n, nh, hd = gh * gw, self.num_heads, self.head_dim
+        b, *grid, c = x.shape
+        if len(grid) != len(self.axes):
+            raise ValueError(f"MEA attention built for a {len(self.axes)}-D grid, got input {tuple(x.shape)}")
+        grid = tuple(grid)
+        n, nh, hd = math.prod(grid), self.num_heads, self.head_dim
         q, k, v = self.qkv(x).reshape(b, n, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B x nh x N x hd
-        rh = _rel_table(self.rel_pos_h, gh).to(q.dtype)  # gh x gh x hd
-        rw = _rel_table(self.rel_pos_w, gw).to(q.dtype)  # gw x gw x hd
-        qg = q.reshape(b, nh, gh, gw, hd)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rh)  # B x nh x gh x gw x gh
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rw)  # B x nh x gh x gw x gw
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, nh, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # B x nh x N x hd
-        return self.proj(out.transpose(1, 2).reshape(b, gh, gw, c))
+        qg = q.reshape(b, nh, *grid, hd)
+        axis_biases = []
+        for a, axis in enumerate(self.axes):
+            table = _rel_table(getattr(self, f"rel_pos_{axis}"), grid[a]).to(q.dtype)  # g_a x g_a x hd
+            moved = qg.movedim(2 + a, -2)  # B x nh x (other axes) x g_a x hd
+            part = torch.einsum("...ic,ikc->...ik", moved, table).movedim(-2, 2 + a)  # B x nh x grid x g_a
+            axis_biases.append(part.reshape(b, nh, n, grid[a]))
+        step = self.query_chunk
+        recompute = torch.is_grad_enabled() and n > step
+        outs = []
+        for s in range(0, n, step):
+            args = (q[:, :, s:s + step], k, v, grid, *(p[:, :, s:s + step] for p in axis_biases))
+            if recompute:
+                outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False))
+            else:
+                outs.append(_attend_chunk(*args))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # B x nh x N x hd
+        return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
 
 
 class MEAAttention(nn.Module):
     """The release's ``Attention``: ``y = x + MHSA(LN(x))``; returns ``MLP(LN(y))`` (no residual around the MLP).
 
-    x: B x h x w x C (NHWC) -> B x h x w x C. ``tokens="pooled"``: MHSA on LN(x) average-pooled to at most
-    ``pool_size`` x ``pool_size``, its output bilinearly upsampled to h x w.
+    x: B x (grid) x C (channels last; grid h x w or d x h x w) -> same. ``tokens="pooled"``: MHSA on LN(x)
+    average-pooled to at most ``pool_size`` per axis, its output bi/trilinearly upsampled back to the grid.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], mlp_ratio: float = 4.0,
-                 tokens: str = "pooled", pool_size: int = 32):
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, ...], mlp_ratio: float = 4.0,
+                 tokens: str = "pooled", pool_size: int = 32, query_chunk: int = 1024):
         super().__init__()
         if tokens not in TOKEN_MODES:
             raise ValueError(f"MEA tokens must be one of {TOKEN_MODES}, got {tokens!r}")
@@ -116,23 +177,24 @@ class MEAAttention(nn.Module):
         self.pool_size = int(pool_size)
         self.attn_grid = self._attn_grid(grid)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = RelPosSelfAttention(dim, num_heads, self.attn_grid)
+        self.attn = RelPosSelfAttention(dim, num_heads, self.attn_grid, query_chunk)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio)
 
-    def _attn_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+    def _attn_grid(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         if self.tokens == "full":
-            return (int(grid[0]), int(grid[1]))
-        return (min(int(grid[0]), self.pool_size), min(int(grid[1]), self.pool_size))
+            return tuple(int(g) for g in grid)
+        return tuple(min(int(g), self.pool_size) for g in grid)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[1:3]
+        grid = tuple(x.shape[1:-1])
         z = self.norm1(x)
-        ah, aw = self._attn_grid((h, w))
-        if (ah, aw) != (h, w):
-            pooled = _to_nhwc(F.adaptive_avg_pool2d(_to_nchw(z), (ah, aw)))
-            att = self.attn(pooled)
-            att = _to_nhwc(F.interpolate(_to_nchw(att), size=(h, w), mode="bilinear", align_corners=False))
+        attn_grid = self._attn_grid(grid)
+        if attn_grid != grid:
+            pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
+            att = self.attn(_to_nhwc(pool(_to_nchw(z), attn_grid)))
+            mode = "bilinear" if len(grid) == 2 else "trilinear"
+            att = _to_nhwc(F.interpolate(_to_nchw(att), size=grid, mode=mode, align_corners=False))
         else:
             att = self.attn(z)
         y = x + att
@@ -140,13 +202,14 @@ class MEAAttention(nn.Module):
 
 
 class ConvResidual(nn.Module):
-    """``LN(conv1x1(GELU(LN(conv3x3(X)))) + X)`` on NHWC maps (B x h x w x C -> same)."""
+    """``LN(conv1x1(GELU(LN(conv3x3(X)))) + X)`` on channels-last maps (B x (grid) x C -> same); 3x3x3 and 1x1x1
+    convolutions when ``ndim`` is 3."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ndim: int = 2):
         super().__init__()
-        self.conv3 = nn.Conv2d(dim, dim, 3, padding=1, bias=True)
+        self.conv3 = _conv(ndim, dim, 3)
         self.norm1 = nn.LayerNorm(dim)
-        self.conv1 = nn.Conv2d(dim, dim, 1, bias=True)
+        self.conv1 = _conv(ndim, dim, 1)
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,15 +221,15 @@ class ConvResidual(nn.Module):
 class BidirectionalBlock(nn.Module):
     """One image/mask block: conv residual branches, then rel-pos self-attention over the summed maps.
 
-    (I0, P0) NHWC B x h x w x C each -> (I'', P''), same shapes (see the module docstring)."""
+    (I0, P0) channels-last B x (grid) x C each -> (I'', P''), same shapes (see the module docstring)."""
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], mlp_ratio: float, tokens: str,
-                 pool_size: int):
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, ...], mlp_ratio: float, tokens: str,
+                 pool_size: int, query_chunk: int = 1024):
         super().__init__()
-        self.conv_i = ConvResidual(dim)
-        self.conv_p = ConvResidual(dim)
-        self.attn_i = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size)
-        self.attn_p = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size)
+        self.conv_i = ConvResidual(dim, len(grid))
+        self.conv_p = ConvResidual(dim, len(grid))
+        self.attn_i = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size, query_chunk)
+        self.attn_p = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size, query_chunk)
         self.norm_i1, self.norm_i2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.norm_p1, self.norm_p2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp_i = MLP(dim, mlp_ratio)
@@ -183,15 +246,17 @@ class BidirectionalBlock(nn.Module):
 
 
 class MaskEnhancedAdapter(nn.Module):
-    """Fuse an image embedding with a mask embedding: (B x C x h x w, B x C x h x w) -> B x C x h x w.
+    """Fuse an image embedding with a mask embedding: (B x C x (grid), B x C x (grid)) -> B x C x (grid).
 
-    ``dim`` = C (256 for SAM-family decoders); ``grid`` = (h, w) the embedding grid (sizes the rel-pos tables;
-    other grids work by resampling them); ``num_heads`` 8 (head_dim 32 at C = 256); ``mlp_ratio`` 4 as released;
-    ``tokens`` ``"full"`` | ``"pooled"``; ``pool_size`` the pooled attention grid side.
+    ``dim`` = C (256 for SAM-family decoders, 384 for SAM-Med3D); ``grid`` = the embedding grid, (h, w) or
+    (d, h, w) (its length picks 2D or 3D convolutions, pooling and rel-pos tables; the sizes size the tables, other
+    grids work by resampling them); ``num_heads`` 8 (head_dim 32 at C = 256; the 3D release: 6 heads of 64);
+    ``mlp_ratio`` 4 as released; ``tokens`` ``"full"`` | ``"pooled"``; ``pool_size`` the pooled attention grid side;
+    ``query_chunk`` the attention's query block (memory; see ``RelPosSelfAttention``).
     """
 
-    def __init__(self, dim: int = 256, grid: tuple[int, int] = (64, 64), num_heads: int = 8, mlp_ratio: float = 4.0,
-                 tokens: str = "pooled", pool_size: int = 32, num_blocks: int = 1):
+    def __init__(self, dim: int = 256, grid: tuple[int, ...] = (64, 64), num_heads: int = 8, mlp_ratio: float = 4.0,
+                 tokens: str = "pooled", pool_size: int = 32, num_blocks: int = 1, query_chunk: int = 1024):
         super().__init__()
         if tokens not in TOKEN_MODES:
             raise ValueError(f"MEA tokens must be one of {TOKEN_MODES}, got {tokens!r}")
@@ -201,8 +266,9 @@ class MaskEnhancedAdapter(nn.Module):
         self.norm_i = nn.LayerNorm(dim)
         self.norm_p = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(
-            BidirectionalBlock(dim, num_heads, grid, mlp_ratio, tokens, pool_size) for _ in range(num_blocks))
-        self.attn_f = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size)
+            BidirectionalBlock(dim, num_heads, grid, mlp_ratio, tokens, pool_size, query_chunk)
+            for _ in range(num_blocks))
+        self.attn_f = MEAAttention(dim, num_heads, grid, mlp_ratio, tokens, pool_size, query_chunk)
         self.norm_f = nn.LayerNorm(dim)
         self.mlp_f = MLP(dim, mlp_ratio)
 
