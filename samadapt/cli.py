@@ -95,6 +95,8 @@ def predict(
                                                             "computes it natively) | on | off (fp32). Default auto."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="A model from `samadapt export`, run with ONNX Runtime "
                                                             "(CPU) instead of --run/--checkpoint/--config."),
+    clicks: int = typer.Option(0, "--clicks", help="Interactive methods (msam): predict after N corrective clicks "
+                                                   "per slice simulated from each case's label (cases need labels)."),
 ):
     """Write one mask per input case, aligned with it (NIfTI for volumes, PNG for 2D pictures), and
     OUT/prediction.json: what computed them (model, device, fast options, bf16 or fp32, the CPU's capabilities)."""
@@ -135,6 +137,10 @@ def predict(
         cfg = _config(config, set_, **{"train.device": device})
         predictor = Predictor.from_config(cfg, max(source.num_classes, 1), device=device, batch_size=batch_size,
                                           fast=options)
+    if clicks:
+        if onnx:
+            raise ConfigError("--clicks runs the refinement loop in PyTorch; use --run or --checkpoint, not --onnx")
+        predictor.use_clicks(clicks)
     console.print(predictor.summary(), highlight=False)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
     write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written))
@@ -219,6 +225,8 @@ def evaluate_dg(
     sites: Optional[str] = typer.Option(None, "--sites", help="A multi-site prostate root: every site except the "
                                                               "run's source site is a target (one row per site)."),
     device: str = typer.Option("auto", "--device"),
+    clicks: int = typer.Option(0, "--clicks", help="Interactive methods (msam): score after N corrective clicks per "
+                                                   "slice simulated from the ground truth."),
 ):
     """Single-source domain generalisation: score one trained run on its test split and on each target dataset."""
     from rich.table import Table
@@ -230,7 +238,7 @@ def evaluate_dg(
         raise ConfigError("give target datasets or --sites")
     rows = evaluate_domain_generalisation(run, targets or [], out, modes=modes or None, gt_slices_only=gt_slices_only,
                                           release_gt_range=release_gt_range, border_px=border_px, sites=sites,
-                                          device=device, progress=lambda msg: console.print(msg))
+                                          device=device, clicks=clicks, progress=lambda msg: console.print(msg))
     table = Table(title="domain generalisation")
     for c in TABLE_COLUMNS:
         table.add_column(c)
@@ -467,6 +475,8 @@ def benchmark(
                                                                     "backbones, e.g. litemedsam,mobilesam."),
     shifts: bool = typer.Option(True, "--shifts/--no-shifts", help="Accuracy part: also score the tissue models "
                                                                    "on the simulated scanner shifts."),
+    models: Optional[str] = typer.Option(None, "--models", help="Accuracy part: only these model labels, e.g. "
+                                                                "decoder,unet,box-prompt-gt (default all)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
     budget: str = typer.Option("converge", "--budget", help="Accuracy part: converge (until validation stops "
                                                             "improving) | minutes (wall clock, CPU-dependent)."),
@@ -494,7 +504,8 @@ def benchmark(
                          methods=methods.split(",") if methods else None, images=images,
                          batch=batch, threads=threads, profile=profile, steps=steps,
                          volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone,
-                         backbones=backbones.split(","), shifts=shifts, results=results)
+                         backbones=backbones.split(","), shifts=shifts,
+                         models=models.split(",") if models else (), results=results)
     console.print(f"report: {path}")
 
 

@@ -92,6 +92,10 @@ def _spec(task: str, seeds: Sequence[int], minutes: float | None, epochs: int | 
             "val_every_steps": val_every_steps, "models": list(models), "backbone": backbone}
 
 
+def _label(model_spec: str) -> str:
+    return model_spec.partition("=")[0]
+
+
 def budget_text(spec: dict) -> str:
     """The training budget of a task's spec in words: wall minutes (labelled as such: they depend on the CPU)
     and/or epochs."""
@@ -109,19 +113,28 @@ def budget_text(spec: dict) -> str:
 
 def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float | None = None, threads: int | None = None,
              models: Sequence[str] | None = None, epochs: int | None = None, patience: int | None = None,
-             backbone: str = "litemedsam", val_every_steps: int | None = None, targets: bool = True) -> dict:
+             backbone: str = "litemedsam", val_every_steps: int | None = None, targets: bool = True,
+             only: Sequence[str] = ()) -> dict:
     """Train and score one task (or reuse its finished result); returns the summary written to ``result.json``.
 
     ``minutes`` (wall clock), ``epochs``, ``patience`` and ``val_every_steps`` are the shared training budget (None
     keeps the presets'; ``CONVERGE`` is the convergence budget; ``epochs`` is multiplied by the task's
     ``epoch_scale``). ``backbone`` replaces every model's (``litemedsam``: the presets' own). ``targets=False``
-    skips the shifted test sets. The summary holds the spec and, per model, test set and class, mean and std over
+    skips the shifted test sets; ``only`` keeps the models with these labels (a re-scoring model such as
+    ``hsam-stage1`` goes with its trained ``hsam``). The summary holds the spec and, per model, test set and class, mean and std over
     cases and seeds of each metric.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
     spec_task = TASKS[task]
     models = tuple(models or spec_task.models)
+    if only:
+        kept = tuple(m for m in models if _label(m) in only or _label(m).partition("-stage")[0] in only)
+        unknown = sorted(set(only) - {_label(m) for m in models})
+        if unknown:
+            raise ConfigError(f"task {task!r} has no model(s) {unknown}; its models: "
+                              f"{', '.join(_label(m) for m in models)}")
+        models = kept
     folder = out / "accuracy" / (task if backbone == "litemedsam" else f"{task}@{backbone}")
     epochs = epochs * spec_task.epoch_scale if epochs is not None else None
     spec = _spec(task, seeds, minutes, epochs, patience, models, backbone, val_every_steps)

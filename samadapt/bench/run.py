@@ -53,7 +53,7 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
                   methods: Sequence[str] | None = None,
                   images: int = 4, batch: int = 4, threads: int = 2, profile: bool = True, steps: int = 2,
                   volume_runs: Sequence[str] = volume.DEFAULT_RUNS, backbone: str = "litemedsam",
-                  backbones: Sequence[str] = ("litemedsam",), shifts: bool = True,
+                  backbones: Sequence[str] = ("litemedsam",), shifts: bool = True, models: Sequence[str] = (),
                   command: str | None = None, results: str | Path | None = None) -> Path:
     """Run ``parts`` into ``out`` and write the report (``results``, default ``out/RESULTS.md``); returns its path.
 
@@ -62,7 +62,8 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
     ``max_epochs`` times the task's epoch scale) or ``minutes`` (``minutes`` of wall-clock training per model:
     depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every
     method); ``backbone`` is for the latency, cost and volume parts (``tiny`` for a quick check of the machinery);
-    the accuracy part runs every task on each of ``backbones``; ``shifts=False`` skips its shifted test sets.
+    the accuracy part runs every task on each of ``backbones``; ``shifts=False`` skips its shifted test sets;
+    ``models`` keeps only the accuracy models with these labels.
     """
     out = Path(out)
     if budget not in ("converge", "minutes"):
@@ -81,6 +82,7 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
             for task in tasks:
                 key = task if name == "litemedsam" else f"{task}@{name}"
                 done[key] = {**accuracy.run_task(out, task, seeds, threads=threads, backbone=name, targets=shifts,
+                                                 only=models,
                                                  **limits), "command": command}
         _store(out, "accuracy", {"tasks": done}, command)
     if "latency" in parts:

@@ -92,7 +92,8 @@ def test_few_label_task_scores_shifted_targets_on_another_backbone(tmp_path, mon
     task = dataclasses.replace(accuracy.TASKS["mni152-tissue-10"], targets=("mni152-tissue-gamma",))
     monkeypatch.setitem(accuracy.TASKS, "mni152-tissue-10", task)
     result = accuracy.run_task(tmp_path, "mni152-tissue-10", seeds=[0], epochs=1, patience=1, backbone="tiny",
-                               val_every_steps=4, models=("decoder=decoder_tiny train.batch_size=4",))
+                               val_every_steps=4, only=["decoder"],
+                               models=("decoder=decoder_tiny train.batch_size=4", "unet=unet_cpu"))
     assert result["spec"]["epochs"] == 10 and result["spec"]["backbone"] == "tiny"
     assert result["title"].endswith("[tiny]")
     run = tmp_path / "accuracy" / "mni152-tissue-10@tiny" / "runs" / "decoder" / "seed0"
@@ -115,6 +116,8 @@ def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
     assert volume.parse_run("unet:int8:3") == ("unet", "int8", 3)
     with pytest.raises(ConfigError, match="unknown benchmark task"):
         accuracy.run_task(tmp_path, "liver", seeds=[0], minutes=1)
+    with pytest.raises(ConfigError, match=r"no model\(s\) \['nope'\]"):
+        accuracy.run_task(tmp_path, "mni152-tissue", seeds=[0], minutes=1, only=["unet", "nope"])
     assert not list(Path(tmp_path).iterdir())  # nothing written for a rejected request
 
 
