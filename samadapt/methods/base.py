@@ -70,6 +70,13 @@ class Method(nn.Module):
     export_refusal: ClassVar[str | None] = None
     """Why ``predict`` does not export to one ONNX graph with a dynamic batch (the reason ``samadapt export`` prints);
     None: it exports, and ONNX Runtime matches PyTorch on another batch size (tests/methods/test_contract.py)."""
+    simulates_clicks: ClassVar[bool] = False
+    """True where the method refines with corrective clicks simulated from the ground truth (``clicks_output``):
+    ``samadapt predict --clicks`` / ``evaluate dg --clicks`` and click validation (``validation_clicks``)."""
+    split_export: ClassVar[bool] = False
+    """True where ``predict`` loops or chooses prompts in Python (so it is not one graph) but its heavy first part,
+    ``encode_image``, is: the fast runtimes then run that part as its own graph and ``predict_encoded`` the rest in
+    PyTorch (``samadapt.engine.split_export``; checked against PyTorch in tests/engine/test_split_export.py)."""
 
     def __init__(self, backbone: Backbone | None, config: MethodConfig, num_classes: int = 1):
         super().__init__()
@@ -122,13 +129,40 @@ class Method(nn.Module):
         """Turn ``forward`` output into probabilities B x (K + 1) x S x S (``logits`` entry, sigmoid or softmax)."""
         return logits_to_probabilities(upsample_to(output["logits"], self.input_size))
 
+    @property
+    def validation_clicks(self) -> int:
+        """Simulated clicks per slice in validation and model selection (0: plain ``forward``/``predict``)."""
+        return 0
+
+    def clicks_output(self, batch: dict, clicks: int) -> dict[str, Tensor]:
+        """``forward``-like output after ``clicks`` corrective clicks simulated from ``batch["label"]`` (methods with
+        ``simulates_clicks``); ``output_probabilities`` turns it into probabilities."""
+        raise ConfigError(f"method {self.name!r} does not refine with simulated clicks (--clicks / validation_clicks)")
+
     def why_not_exportable(self) -> str | None:
         """Why this model, as configured, cannot be exported to ONNX (None: it can); ``export_refusal`` unless the
         method's options decide it."""
         return self.export_refusal
 
+    def encode_image(self, image: Tensor) -> tuple[Tensor, ...]:
+        """The once-per-image part of ``predict`` as tensors: image B x 3 x S x S in [0, 1] -> (embedding
+        B x C x h x w, *intermediates B x C_i x h_i x w_i), the frozen backbone's ``Features`` for ``intermediates``."""
+        features = self.backbone.encode(self.backbone.preprocess(image), intermediates=self.intermediates)
+        return (features.embedding, *features.intermediates)
+
+    def predict_encoded(self, batch: dict, encoded: tuple[Tensor, ...]) -> Tensor:
+        """``predict(batch)`` given ``encoded = encode_image(batch["image"])`` (computed elsewhere, e.g. in ONNX
+        Runtime): probabilities B x (K + 1) x S x S."""
+        return self.predict({**batch, "features": Features(encoded[0], list(encoded[1:]))})
+
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Hook for epoch-dependent behaviour (loss schedules); the engine calls it."""
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        """The engine says, before training, whether every training slice's input is the same in each epoch (no
+        image-space augmentation), and False after it; a method that reuses per-slice work across epochs turns that
+        on or off and returns a line for the log. None here."""
+        return None
 
 
 def upsample_to(logits: Tensor, size: int) -> Tensor:

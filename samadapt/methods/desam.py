@@ -238,6 +238,7 @@ class DeSAM(Method):
     export_refusal = ("its inference works image by image (grid mode: IoU filter, box NMS, small-region removal and "
                       "lazy decoding, all data-dependent; box mode: per-image valid-size boxes), so the traced graph "
                       "has a fixed batch and fails on another batch size")
+    split_export = True  # the frozen encoder (embedding + intermediates) is one graph; PRIM, PDMM, grid in Python
 
     def __init__(self, backbone: Backbone, config: DeSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)

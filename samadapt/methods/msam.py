@@ -10,7 +10,9 @@ Parts and what trains (``param_groups``):
   q and v of the attention ``qkv`` projections (full lr). Target patterns: the backbone's declared
   ``lora_targets``; the q/v update follows each projection's real layout (SAM's ViT: contiguous q|k|v; TinyViT: per head [q|k|v]), see
   ``samadapt.layers.lora_heads``. The shared ``backbone`` is never modified (only frozen). ``lora_rank=0`` keeps the encoder frozen without LoRA; the method then uses the backbone's encoder
-  and the embedding cache (``needs_encoder_grad`` False), which is much cheaper on a CPU;
+  and the embedding cache (``needs_encoder_grad`` False), which is much cheaper on a CPU. The LoRA encoder's frozen
+  prefix is computed once per slice and reused while training without augmentation (``prefix_cache``,
+  ``samadapt.methods.lora_encoder``);
 - prompt encoder and mask decoder: trainable copies at ``sam_lr_scale`` (0.1) x the learning rate;
 - MEA (``samadapt.layers.mask_enhanced_adapter``): new, full lr; ``src = MEA(E, P)`` replaces SAM's ``E + dense``.
 
@@ -51,7 +53,8 @@ from ..layers.lora_heads import apply_qv_lora
 from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
-from .base import Method, MethodConfig, logits_to_probabilities, upsample_to
+from .base import Method, logits_to_probabilities, upsample_to
+from .lora_encoder import PrefixReuse, PrefixReuseConfig
 from .lora_targets import lora_targets
 from .options import option
 from .prompting import whole_image_boxes
@@ -63,7 +66,7 @@ CLICK_MODES = ("random", "center")
 
 
 @dataclass
-class MSAMConfig(MethodConfig):
+class MSAMConfig(PrefixReuseConfig):
     lora_rank: int = option(4, ge=0)
     """LoRA rank on the image encoder's attention projections; 0 = frozen encoder, no LoRA (embedding cache usable)."""
     lora_targets: list[str] | None = None
@@ -95,6 +98,9 @@ class MSAMConfig(MethodConfig):
     """Training clicks: ``random`` pixel of the error region (release) or ``center`` (deepest error pixel)."""
     eval_click_mode: str = option("center", choices=CLICK_MODES)
     """Simulated clicks in ``refine(mode="simulate")`` (evaluation): deterministic ``center`` by default."""
+    validation_clicks: int = option(0, ge=0)
+    """Validation and model selection with this many simulated corrective clicks per slice (``eval_click_mode``,
+    from the labels; loss and Dice of that chain); 0 = the automatic mode (``infer_iterations``)."""
     detach_between_iterations: bool = False
     """Stop gradients between iterations (the release keeps the whole chain differentiable)."""
     squared_pred: bool = True
@@ -112,11 +118,13 @@ class MSAM(Method):
     needs_encoder_grad = True
     max_classes = 1
     promptable = True
+    simulates_clicks = True
     prompt_kinds = ("points",)
     presets = {"cpu": "msam_cpu", "paper": "msam_paper"}
     benchmark_parts = ("latency", "cost")
     export_refusal = ("the Mask-Enhanced Adapter pools a dynamically sized map with adaptive_avg_pool2d, which "
                       "torch.onnx cannot export")
+    split_export = True  # the LoRA encoder is one graph; the refinement loop stays in Python
 
     def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
@@ -131,6 +139,7 @@ class MSAM(Method):
             else:
                 self.lora_layers = apply_lora(self.image_encoder, targets, config.lora_rank, qv_only_for_qkv=False,
                                               freeze_base=True)
+            self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
         else:
             self.needs_encoder_grad = False  # frozen shared encoder: the engine may read the embedding cache
         self.prompt_encoder = copy.deepcopy(backbone.prompt_encoder).requires_grad_(True)
@@ -149,6 +158,9 @@ class MSAM(Method):
         if self.image_encoder is not None:
             self.image_encoder.eval()
         return self
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        return None if self.image_encoder is None else self.encoder_run.set_fixed_inputs(fixed, self.name)
 
     def param_groups(self, lr: float) -> list[dict]:
         """LoRA + MEA at ``lr``; the prompt encoder and mask decoder copies at ``sam_lr_scale * lr``."""
@@ -172,9 +184,9 @@ class MSAM(Method):
                              f"{tuple(image.shape)}")
         x = self.backbone.preprocess(image)
         if self.training and torch.is_grad_enabled():
-            return self.image_encoder(x)
+            return self.encoder_run(x, batch.get("key"))
         with torch.no_grad():
-            return self.image_encoder(x)
+            return self.encoder_run(x, batch.get("key"))
 
     def step(self, embedding: Tensor, prev_logits: Tensor, points: tuple[Tensor, Tensor] | None = None,
              boxes: Tensor | None = None) -> Tensor:
@@ -293,16 +305,40 @@ class MSAM(Method):
         terms["loss"] = total
         return terms
 
-    def predict_iterations(self, batch: dict, iterations: int | None = None, mode: str | None = None) -> list[Tensor]:
+    def predict_iterations(self, batch: dict, iterations: int | None = None, mode: str | None = None,
+                           embedding: Tensor | None = None) -> list[Tensor]:
         """Probabilities B x 2 x S x S after each iteration.
 
         ``mode`` defaults to ``clicks`` when ``batch["points"]`` is given (one iteration per click), else ``auto``
-        (``iterations`` defaults to ``infer_iterations``); ``simulate`` uses corrective clicks from the labels."""
+        (``iterations`` defaults to ``infer_iterations``); ``simulate`` uses corrective clicks from the labels.
+        ``embedding`` (B x C x h x w): the image embedding when computed elsewhere (default: ``embed``)."""
         mode = mode or ("clicks" if "points" in batch else "auto")
         if iterations is None:
             iterations = batch["points"].shape[1] if mode == "clicks" else self.config.infer_iterations
-        outs = self.refine(batch, iterations, mode, click_mode=self.config.eval_click_mode)
+        outs = self.refine(batch, iterations, mode, embedding, click_mode=self.config.eval_click_mode)
         return [logits_to_probabilities(upsample_to(o, self.input_size)) for o in outs]
+
+    def encode_image(self, image: Tensor) -> tuple[Tensor, ...]:
+        """(embedding B x C x h x w,) from the method's LoRA encoder, or the frozen backbone's without LoRA."""
+        if self.image_encoder is None:
+            return super().encode_image(image)
+        return (self.embed({"image": image}),)
+
+    def predict_encoded(self, batch: dict, encoded: tuple[Tensor, ...]) -> Tensor:
+        """``predict`` with the embedding ``encoded[0]`` computed elsewhere: the refinement loop runs here."""
+        return self.predict_iterations(batch, embedding=encoded[0])[-1]
+
+    @property
+    def validation_clicks(self) -> int:
+        return self.config.validation_clicks
+
+    def clicks_output(self, batch: dict, clicks: int) -> dict[str, Tensor]:
+        """``forward``'s output after ``clicks`` corrective clicks (``eval_click_mode``) simulated from
+        ``batch["label"]`` (B x S x S): ``iterations`` B x clicks x 4h x 4w, ``logits`` the last."""
+        if clicks < 1:
+            raise ConfigError(f"msam: simulated clicks must be >= 1, got {clicks}")
+        outs = self.refine(batch, clicks, "simulate", click_mode=self.config.eval_click_mode)
+        return {"logits": outs[-1], "iterations": torch.cat(outs, dim=1)}
 
     def predict(self, batch: dict) -> Tensor:
         """B x 2 x S x S: the last iteration (automatic, or after the last of ``batch["points"]``)."""

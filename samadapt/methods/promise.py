@@ -428,6 +428,7 @@ class ProMISe(Method):
     benchmark_parts = ("latency", "cost")
     export_refusal = ("its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
                       "batch size in the prompt encoder")
+    split_export = True  # the frozen encoder (embedding + APM's maps) is one graph; APM -> prompts -> decoder in Python
 
     def __init__(self, backbone: Backbone, config: ProMISeConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
