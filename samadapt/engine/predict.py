@@ -17,7 +17,7 @@ from rich.progress import Progress
 from ..data.cases import Case, write_label_like
 from ..data.preprocessing import IntensityConfig
 from ..data.slices import collate, reassemble, volume_slices
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..methods import Method
 from .checkpoint import load_checkpoint
 from ..config.run_config import RunConfig, apply_overrides
@@ -46,6 +46,22 @@ class Predictor:
         self.feature_source = feature_source
         self.modality: str | None = None  # the training data's modality, when known (from a checkpoint)
         self.input_size = self.method.input_size
+        self.clicks = 0  # corrective clicks simulated from each case's label (``use_clicks``); 0 = plain predict
+
+    def use_clicks(self, clicks: int) -> "Predictor":
+        """Predict after ``clicks`` corrective clicks per slice simulated from the ground truth (interactive methods,
+        ``Method.simulates_clicks``); every case must then carry its label. 0 turns it off."""
+        if clicks < 0:
+            raise ConfigError(f"--clicks {clicks}: expected >= 0")
+        if clicks and not self.method.simulates_clicks:
+            raise ConfigError(f"--clicks: method {self.method.name!r} does not refine with simulated clicks")
+        self.clicks = int(clicks)
+        return self
+
+    def _check_label(self, case: Case) -> None:
+        if self.clicks and case.label is None:
+            raise InputError(case.source or case.id, f"--clicks {self.clicks} simulates clicks from the ground truth, "
+                                                     "and this case has no label")
 
     @classmethod
     def from_config(cls, config: RunConfig, num_classes: int, checkpoint: str | Path | None = None,
@@ -94,7 +110,8 @@ class Predictor:
         from dataclasses import asdict
 
         return {"device": str(self.device), "amp": self.amp, "bf16_native": bf16_native(self.device),
-                "fast": asdict(self.fast) if self.fast is not None else None, "fast_report": dict(self.fast_report)}
+                "fast": asdict(self.fast) if self.fast is not None else None, "fast_report": dict(self.fast_report),
+                "clicks": self.clicks}
 
     def summary(self) -> str:
         """One line for people: what ``describe`` says (printed by ``samadapt predict``)."""
@@ -123,12 +140,16 @@ class Predictor:
             if self.fast is not None and self.fast.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
-                probs = self.method.predict(batch)
+                if self.clicks:
+                    probs = self.method.output_probabilities(self.method.clicks_output(batch, self.clicks))
+                else:
+                    probs = self.method.predict(batch)
             out.extend(probs.float().cpu())
         return out
 
     def predict_case(self, case: Case) -> np.ndarray:
         """Label map Z x Y x X (the case's spatial shape) for one case."""
+        self._check_label(case)
         slices = volume_slices(case, self.axis, self.input_size, self.intensity)
         probs = self.predict_probabilities([slices[i] for i in range(len(slices))])
         return reassemble(probs, self.axis, case)
@@ -160,6 +181,7 @@ class Predictor:
         with Progress(transient=True) as progress:
             task = progress.add_task("predict", total=total)
             for case in cases:
+                self._check_label(case)
                 slices = volume_slices(case, self.axis, self.input_size, self.intensity)
                 items.extend(slices[i] for i in range(len(slices)))
                 pending.append((case, len(slices)))

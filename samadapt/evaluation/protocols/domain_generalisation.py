@@ -149,6 +149,7 @@ def evaluate_domain_generalisation(
     use_cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     nsd_tolerance_mm: float = 1.0,
+    clicks: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score one trained run on its source test split and on each target dataset; one row per (target, mode).
@@ -173,6 +174,8 @@ def evaluate_domain_generalisation(
             with ``test_fraction 0`` (the 90/10 split) has no source row.
         data_root: where named targets are built (default ``out_dir/data``, else ``./dg_data``).
         use_cache / cache_dir: read/write encoder outputs in the embedding cache (default: the run's cache dir).
+        clicks: predict after this many corrective clicks per slice simulated from the ground truth (interactive
+            methods, ``Predictor.use_clicks``); 0 = the automatic prediction.
 
     Returns:
         The table rows (dicts with :data:`TABLE_COLUMNS`; metric values are means over cases, NaN when undefined).
@@ -193,6 +196,7 @@ def evaluate_domain_generalisation(
         config.data.cache_dir = str(cache_dir)
     num_classes = int(manifest["method"]["num_classes"])
     predictor = Predictor.from_config(config, num_classes, checkpoint, device, batch_size, use_cache)
+    predictor.use_clicks(clicks)
     method = predictor.method
     if modes and not hasattr(method.config, "mode"):
         raise ConfigError(f"method {method.name!r} has no 'mode' option; leave modes unset")
