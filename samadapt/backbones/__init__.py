@@ -62,6 +62,6 @@ def build_backbone(name: str = "litemedsam", checkpoint: str | None = None, *, i
     return backbone
 
 
-from . import litemedsam, mobilesam, sam, tiny  # noqa: E402,F401  (register built-ins)
+from . import litemedsam, mobilesam, sam, sam_med3d, tiny  # noqa: E402,F401  (register built-ins)
 
 __all__ = ["BACKBONES", "NORMALIZATIONS", "Backbone", "Features", "build_backbone"]
