@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,15 @@ class Features:
 
         n = len(items[0].intermediates)
         return Features(cat([f.embedding for f in items]), [cat([f.intermediates[i] for f in items]) for i in range(n)])
+
+
+@dataclass(frozen=True)
+class EncoderStep:
+    """One step of an image encoder's forward: ``run(x)`` maps the previous step's output to the next; ``modules``
+    are the names (inside the encoder; "" = all of it) of the submodules and parameters it uses."""
+
+    modules: tuple[str, ...]
+    run: Callable[[Tensor], Tensor]
 
 
 LayerRequest = Union[bool, str, Sequence[int], None]
@@ -194,6 +203,12 @@ class Backbone(nn.Module):
             for h in handles:
                 h.remove()
         return Features(embedding, [captured[i] for i in layers])
+
+    def encoder_steps(self, encoder: nn.Module) -> list[EncoderStep]:
+        """``encoder`` (this backbone's ``image_encoder`` or a copy of it) as consecutive steps whose composition is
+        ``encoder(x)``: B x 3 x S x S -> ... -> the embedding B x C x h x w. Methods that adapt later layers run the
+        frozen steps before them once per slice (``samadapt.methods.lora_encoder``). Default: one step."""
+        return [EncoderStep(("",), encoder)]
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.image_encoder.parameters())

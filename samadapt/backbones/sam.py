@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..state_dicts import load_state_checked
 from .weights import cache_dir, download_file, read_torch_checkpoint
 from . import BACKBONES
-from .base import Backbone, file_sha256
+from .base import Backbone, EncoderStep, file_sha256
 
 META_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 BASE_URL_ENV = "SAMADAPT_SAM_BASE_URL"
@@ -106,6 +106,9 @@ class SamViT(Backbone):
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
         return output.permute(0, 3, 1, 2)
 
+    def encoder_steps(self, encoder: nn.Module) -> list[EncoderStep]:
+        return vit_steps(encoder)
+
     def describe(self) -> dict:
         info = super().describe()
         info["intermediate_blocks"] = list(self.intermediate_blocks)
@@ -179,6 +182,19 @@ def _check_architecture(name: str, state: dict[str, Tensor], source: str) -> Non
         raise CheckpointError(
             f"{source}: {what} (encoder width {width}, {depth} blocks); backbone {name} needs width "
             f"{expected_width}. Choose the matching backbone or checkpoint.")
+
+
+def vit_steps(encoder: nn.Module) -> list[EncoderStep]:
+    """``segment-anything``'s ``ImageEncoderViT.forward`` as steps: patch embedding + absolute position embedding
+    (B x g x g x D), every block (NHWC), the neck (-> B x 256 x g x g)."""
+
+    def embed(x: Tensor) -> Tensor:
+        x = encoder.patch_embed(x)
+        return x if encoder.pos_embed is None else x + encoder.pos_embed
+
+    steps = [EncoderStep(("patch_embed", "pos_embed"), embed)]
+    steps += [EncoderStep((f"blocks.{i}",), blk) for i, blk in enumerate(encoder.blocks)]
+    return steps + [EncoderStep(("neck",), lambda x: encoder.neck(x.permute(0, 3, 1, 2)))]
 
 
 def resize_sam_input(sam: nn.Module, input_size: int) -> None:

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from . import BACKBONES
-from .base import Backbone
+from .base import Backbone, EncoderStep
+from .sam import vit_steps
 
 
 @BACKBONES.register
@@ -30,6 +31,9 @@ class TinySAM(Backbone):
 
     def _hook_output_to_nchw(self, index: int, output: Tensor) -> Tensor:
         return output.permute(0, 3, 1, 2)
+
+    def encoder_steps(self, encoder: nn.Module) -> list[EncoderStep]:
+        return vit_steps(encoder)
 
     @classmethod
     def build(cls, checkpoint: str | None = None, seed: int = 0) -> "TinySAM":

@@ -269,8 +269,16 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                 from .trainer import console
 
                 console.print(features.cache.summary(entries))
+        note = method.set_fixed_inputs(config.data.augment == "none")  # e.g. reuse of a frozen encoder prefix
+        if note and dist_utils.is_main():
+            from .trainer import console
+
+            console.print(note)
         trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
-        result = trainer.fit(data.train, data.val, resume=resume)
+        try:
+            result = trainer.fit(data.train, data.val, resume=resume)
+        finally:
+            method.set_fixed_inputs(False)
         if dist_utils.is_main():
             best = None if math.isnan(result.best_metric) else result.best_metric
             manifest["training"] = {"epochs_run": len(result.history), "best_val_dice": best,

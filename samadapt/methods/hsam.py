@@ -9,7 +9,9 @@ does), so other methods built on it still see the original encoder. Fused ``qkv`
 layout: contiguous q|k|v for SAM's ViT, per-head [q|k|v] for TinyViT (LiteMedSAM), see
 ``samadapt.layers.lora_heads``. Target patterns: ``HSAMConfig.lora_targets``, else the backbone's declared
 ``lora_targets``. Training goes through the encoder (no embedding cache); a
-``batch["features"]`` from the frozen-backbone cache is ignored, because it lacks the LoRA update.
+``batch["features"]`` from the frozen-backbone cache is ignored, because it lacks the LoRA update. The encoder's
+frozen prefix (LiteMedSAM: patch embedding and stage 0) is computed once per slice and reused while training without
+augmentation (``prefix_cache``, ``samadapt.methods.lora_encoder``); its BatchNorm layers stay in eval mode.
 
 Prompt encoder. H-SAM trains the prompt encoder with no prompts; the only parameter that then reaches the output is
 ``no_mask_embed`` (the dense positional encoding is a fixed buffer), so the method owns a trainable copy of it.
@@ -67,11 +69,10 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features
 from ..errors import ConfigError
-from ..layers.lora_heads import apply_qv_lora
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import METHODS
-from .base import Method, MethodConfig, resize_labels, upsample_to
-from .lora_targets import lora_targets
+from .base import Method, resize_labels, upsample_to
+from .lora_encoder import PrefixReuse, PrefixReuseConfig, keep_frozen_eval, lora_encoder
 from .options import option
 
 PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
@@ -79,7 +80,7 @@ PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
 
 
 @dataclass
-class HSAMConfig(MethodConfig):
+class HSAMConfig(PrefixReuseConfig):
     lora_rank: int = option(5, ge=1)
     """LoRA rank on q and v of every encoder attention block."""
     lora_targets: list[str] | None = None
@@ -134,14 +135,6 @@ def stage2_weight(epoch: int, base: float = 0.6, decay: float = 0.99) -> float:
 def _heads_for(dim: int, wanted: int) -> int:
     """The largest head count <= ``wanted`` dividing ``dim``."""
     return next(h for h in range(min(wanted, dim), 0, -1) if dim % h == 0)
-
-
-def lora_encoder(backbone: Backbone, targets: list[str] | None, rank: int, method: str) -> tuple[nn.Module, list]:
-    """A deep copy of ``backbone``'s image encoder with LoRA on q and v of the fused qkv layers ``targets`` (None: the
-    backbone's ``lora_targets``); returns (encoder, LoRA layers). The backbone is not modified."""
-    targets = lora_targets(backbone, targets, method)
-    encoder = copy.deepcopy(backbone.image_encoder)
-    return encoder, apply_qv_lora(encoder, targets, rank, freeze_base=True)
 
 
 class HSAMStage1(nn.Module):
@@ -308,6 +301,7 @@ class HSAM(Method):
         super().__init__(backbone, config, num_classes)
         backbone.freeze()
         self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
+        self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
         pe = backbone.prompt_encoder
         self.no_mask_embed = nn.Parameter(pe.no_mask_embed.weight.detach().clone())  # 1 x C
         t = num_classes + 1
@@ -325,8 +319,18 @@ class HSAM(Method):
                                   lambda_ce=config.lambda_ce)
 
     def features(self, batch: dict) -> Features:
-        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used."""
-        return Features(self.image_encoder(self.backbone.preprocess(batch["image"])))
+        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used, the
+        frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
+        return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
+
+    def train(self, mode: bool = True) -> "HSAM":
+        """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
+        super().train(mode)
+        keep_frozen_eval(self.image_encoder)
+        return self
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        return self.encoder_run.set_fixed_inputs(fixed, self.name)
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self.stage2_weight = stage2_weight(epoch, self.config.stage_weight_base, self.config.stage_weight_decay)

@@ -84,3 +84,7 @@ class OneVsRest(Method):
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         for head in self.heads:
             head.on_epoch_start(epoch, num_epochs)
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        notes = [head.set_fixed_inputs(fixed) for head in self.heads]
+        return notes[0] and f"{notes[0]} (each of the {len(self.heads)} one-vs-rest heads)"

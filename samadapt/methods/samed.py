@@ -4,7 +4,8 @@ Shapes for a backbone with input ``S``, embedding grid ``h x w`` (``C = 256``), 
 ``T = K + 1`` class tokens (background first); SAM ViT-B at 512 px: S = 512, h = w = 32.
 
 - Encoder: a copy of the backbone's image encoder with LoRA (rank 4, SAMed's default) on q and v of every attention
-  block, base weights frozen (``samadapt.methods.hsam.lora_encoder``); training runs through it (no cache).
+  block, base weights frozen, BatchNorm in eval mode (``samadapt.methods.lora_encoder``); training runs through it
+  (no embedding cache; the frozen prefix is reused per slice while training without augmentation, ``prefix_cache``).
 - Prompt encoder: prompt-free; its ``no_mask_embed`` (the only parameter that reaches the output) is trainable.
 - Mask decoder: SAM's, trainable, in **SAM's block order** (self-attention -> token-to-image -> MLP ->
   image-to-token), with ``T`` mask tokens and hypernetwork MLPs re-initialised (SAMed's ``load_from`` skips them, as
@@ -29,13 +30,14 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone, Features
 from ..layers.two_way import ORDERS
 from . import METHODS
-from .base import Method, MethodConfig, resize_labels
-from .hsam import HSAMStage1, lora_encoder
+from .base import Method, resize_labels
+from .hsam import HSAMStage1
+from .lora_encoder import PrefixReuse, PrefixReuseConfig, keep_frozen_eval, lora_encoder
 from .options import option
 
 
 @dataclass
-class SAMedConfig(MethodConfig):
+class SAMedConfig(PrefixReuseConfig):
     lora_rank: int = option(4, ge=1)
     """LoRA rank on q and v of every encoder attention block (SAMed: 4; H-SAM: 5)."""
     lora_targets: list[str] | None = None
@@ -60,6 +62,7 @@ class SAMed(Method):
         super().__init__(backbone, config, num_classes)
         backbone.freeze()
         self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
+        self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
         self.no_mask_embed = nn.Parameter(backbone.prompt_encoder.no_mask_embed.weight.detach().clone())  # 1 x C
         self.decoder = HSAMStage1(backbone.mask_decoder, num_classes + 1, order=config.block_order)
         self.decoder.requires_grad_(True)
@@ -68,8 +71,18 @@ class SAMed(Method):
                                   lambda_ce=config.lambda_ce)
 
     def features(self, batch: dict) -> Features:
-        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used."""
-        return Features(self.image_encoder(self.backbone.preprocess(batch["image"])))
+        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used, the
+        frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
+        return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
+
+    def train(self, mode: bool = True) -> "SAMed":
+        """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
+        super().train(mode)
+        keep_frozen_eval(self.image_encoder)
+        return self
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        return self.encoder_run.set_fixed_inputs(fixed, self.name)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         embedding = self.features(batch).embedding
