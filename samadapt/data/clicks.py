@@ -15,7 +15,8 @@ Policies (``POLICIES``):
 - ``largest_region``: the deepest pixel of the largest 4-connected error component (FN and FP components compared
   by pixel count; ties go to FN) - the ProMISe prompting protocol's user.
 
-Depth ties (several pixels equally deep) go to the first in row-major order.
+Depth ties (several pixels equally deep) go to the first in row-major order. ``voxel_click`` /
+``batch_voxel_clicks`` apply the same policies to D x H x W volumes (3D M-SAM).
 """
 
 from __future__ import annotations
@@ -43,29 +44,28 @@ def _numpy(mask) -> np.ndarray:
     return (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)).astype(bool)
 
 
-def _deepest(mask: np.ndarray) -> tuple[int, int, float]:
-    """(row, col, distance) of the pixel of ``mask`` farthest from its complement and from the image border."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+def _deepest(mask: np.ndarray) -> tuple[tuple[int, ...], float]:
+    """(index, distance) of the pixel (voxel) of ``mask`` farthest from its complement and from the image border."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[(slice(1, -1),) * mask.ndim]
     flat = int(np.argmax(dist))
-    return flat // mask.shape[1], flat % mask.shape[1], float(dist.flat[flat])
+    return tuple(int(i) for i in np.unravel_index(flat, mask.shape)), float(dist.flat[flat])
 
 
-def _random(fn: np.ndarray, error: np.ndarray, generator: torch.Generator | None) -> tuple[int, int, bool]:
+def _random(fn: np.ndarray, error: np.ndarray, generator: torch.Generator | None) -> tuple[tuple[int, ...], bool]:
     weights = torch.from_numpy(error.reshape(-1)).float()
-    idx = int(torch.multinomial(weights, 1, generator=generator))
-    r, c = divmod(idx, error.shape[1])
-    return r, c, bool(fn[r, c])
+    idx = tuple(int(i) for i in np.unravel_index(int(torch.multinomial(weights, 1, generator=generator)), error.shape))
+    return idx, bool(fn[idx])
 
 
-def _center(fn: np.ndarray, fp: np.ndarray) -> tuple[int, int, bool]:
-    rn, cn, dn = _deepest(fn) if fn.any() else (0, 0, -1.0)
-    rp, cp, dp = _deepest(fp) if fp.any() else (0, 0, -1.0)
+def _center(fn: np.ndarray, fp: np.ndarray) -> tuple[tuple[int, ...], bool]:
+    origin = (0,) * fn.ndim
+    n_idx, dn = _deepest(fn) if fn.any() else (origin, -1.0)
+    p_idx, dp = _deepest(fp) if fp.any() else (origin, -1.0)
     positive = dn >= dp
-    r, c = (rn, cn) if positive else (rp, cp)
-    return r, c, positive
+    return (n_idx if positive else p_idx), positive
 
 
-def _largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, int, bool]:
+def _largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[tuple[int, ...], bool]:
     best = None  # (size, component mask, positive)
     for error, positive in ((fn, True), (fp, False)):
         components, n = ndimage.label(error)
@@ -75,8 +75,7 @@ def _largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, int, bool]:
         k = int(np.argmax(sizes)) + 1
         if best is None or sizes[k - 1] > best[0]:
             best = (sizes[k - 1], components == k, positive)
-    r, c, _ = _deepest(best[1])
-    return r, c, best[2]
+    return _deepest(best[1])[0], best[2]
 
 
 def check_policy(policy: str) -> None:
@@ -88,21 +87,59 @@ def check_policy(policy: str) -> None:
 def next_click(pred, target, policy: str, generator: torch.Generator | None = None) -> Click | None:
     """The corrective click for one H x W mask ``pred`` (bool or 0/1, numpy or torch) against ``target`` (same
     shape) under ``policy`` (see the module docstring), or None when ``pred`` equals ``target``."""
+    found = _error_click(pred, target, policy, generator, 2)
+    if found is None:
+        return None
+    (r, c), positive = found
+    return Click(float(c), float(r), 1 if positive else 0)
+
+
+def _error_click(pred, target, policy: str, generator: torch.Generator | None,
+                 ndim: int) -> tuple[tuple[int, ...], bool] | None:
     check_policy(policy)
     pred, target = _numpy(pred), _numpy(target)
-    if pred.shape != target.shape or pred.ndim != 2:
-        raise InputError("clicks", f"pred and target must both be H x W, got {pred.shape} and {target.shape}")
+    if pred.shape != target.shape or pred.ndim != ndim:
+        axes = "H x W" if ndim == 2 else "D x H x W"
+        raise InputError("clicks", f"pred and target must both be {axes}, got {pred.shape} and {target.shape}")
     fn, fp = target & ~pred, pred & ~target
     error = fn | fp
     if not error.any():
         return None
     if policy == "random":
-        r, c, positive = _random(fn, error, generator)
-    elif policy == "center":
-        r, c, positive = _center(fn, fp)
-    else:
-        r, c, positive = _largest_region(fn, fp)
-    return Click(float(c), float(r), 1 if positive else 0)
+        return _random(fn, error, generator)
+    if policy == "center":
+        return _center(fn, fp)
+    return _largest_region(fn, fp)
+
+
+def voxel_click(pred, target, policy: str, generator: torch.Generator | None = None
+                ) -> tuple[tuple[int, int, int], int] | None:
+    """The corrective click for one D x H x W mask ``pred`` against ``target`` (3D M-SAM): ((i0, i1, i2) voxel
+    indices along the volume's axes 0, 1, 2, label 1 in FN / 0 in FP), or None when they are equal. The policies
+    are those of the 2D clicks, over voxels (``center``: the deepest voxel by 3D Euclidean distance)."""
+    found = _error_click(pred, target, policy, generator, 3)
+    if found is None:
+        return None
+    return found[0], 1 if found[1] else 0
+
+
+def batch_voxel_clicks(pred: torch.Tensor, target: torch.Tensor, policy: str,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One click per volume of B x D x H x W masks, as SAM-Med3D point prompts on ``pred``'s device: ``coords``
+    B x 1 x 3 float (voxel indices along axes 0, 1, 2, the order SAM-Med3D's click code passes) and ``labels`` B x 1
+    long; a volume without error gets a padding point, label -1 at the origin."""
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise InputError("clicks", f"pred and target must both be B x D x H x W, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    b = pred.shape[0]
+    coords = torch.zeros(b, 1, 3, dtype=torch.float32, device=pred.device)
+    labels = torch.full((b, 1), -1, dtype=torch.long, device=pred.device)
+    for i in range(b):
+        click = voxel_click(pred[i], target[i], policy, generator)
+        if click is not None:
+            coords[i, 0] = torch.tensor(click[0], dtype=torch.float32)
+            labels[i, 0] = click[1]
+    return coords, labels
 
 
 def batch_clicks(pred: torch.Tensor, target: torch.Tensor, policy: str,
