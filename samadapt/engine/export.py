@@ -245,6 +245,7 @@ class OnnxPredictor(Predictor):
         self.modality = meta.get("modality")
         self.device = torch.device("cpu")
         self.fast = None
+        self.clicks = 0  # simulated clicks need the PyTorch method (``Predictor.use_clicks``)
 
     def describe(self) -> dict:
         """How this predictor computes: ONNX Runtime on the CPU with the model file's own precision."""
