@@ -93,6 +93,10 @@ def predict(
                                                     "native (outputs within the tolerances of samadapt.engine.fast)."),
     bf16: Optional[str] = typer.Option(None, "--bf16", help="With --fast: auto (bf16 autocast where the device "
                                                             "computes it natively) | on | off (fp32). Default auto."),
+    path: Optional[str] = typer.Option(None, "--path", help="With --fast: auto (time the paths that apply on the "
+                                                            "first batch at batch 1 and --batch-size, keep the "
+                                                            "fastest within tolerance; default) | eager | bf16 | "
+                                                            "onnx | int8 (pinned)."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="A model from `samadapt export`, run with ONNX Runtime "
                                                             "(CPU) instead of --run/--checkpoint/--config."),
     clicks: int = typer.Option(0, "--clicks", help="Interactive methods (msam): predict after N corrective clicks "
@@ -106,7 +110,11 @@ def predict(
 
     if bf16 is not None and not fast:
         raise typer.BadParameter("--bf16 chooses the precision of --fast; add --fast (the plain path is fp32)")
-    options = FastOptions(bf16=bf16 or "auto") if fast else None
+    if path is not None and (not fast or bf16 is not None or clicks):
+        raise typer.BadParameter("--path chooses the path of --fast; add --fast, leave out --bf16 (--path bf16) "
+                                 "and --clicks (clicks run the PyTorch path)")
+    choosing = fast and bf16 is None and not clicks  # samadapt.engine.path_choice picks the path from the exact one
+    options = FastOptions(bf16=bf16 or "auto") if fast and not choosing else None
     from .errors import ConfigError
     from .io_utils import check_output_dir, clean_stale_parts
 
@@ -141,9 +149,16 @@ def predict(
         if onnx:
             raise ConfigError("--clicks runs the refinement loop in PyTorch; use --run or --checkpoint, not --onnx")
         predictor.use_clicks(clicks)
+    choice = None
+    if choosing:
+        from .engine import path_choice
+
+        predictor, choice = path_choice.select(predictor, path or "auto", (source.load(i) for i in ids), batch_size)
+        console.print(path_choice.summary(choice), highlight=False)
     console.print(predictor.summary(), highlight=False)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
-    write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written))
+    write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written),
+                              path_choice=choice)
     console.print(f"wrote {len(written)} mask(s) to {out}")
 
 

@@ -1,0 +1,160 @@
+"""Automatic choice of the prediction path (samadapt.engine.path_choice): never a path outside its tolerance, the
+fastest one inside it (on a fake clock: no timing assertions), pinning, and the CLI's report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from samadapt.backbones import build_backbone
+from samadapt.cli import app
+from samadapt.data.preprocessing import IntensityConfig
+from samadapt.engine import path_choice
+from samadapt.engine.export import OnnxPredictor
+from samadapt.engine.path_choice import TOLERANCES, Candidate, candidates, choose, pin
+from samadapt.engine.predict import Predictor
+from samadapt.engine.split_export import SplitPredictor
+from samadapt.errors import ConfigError
+from support import image_items, make_method
+from synthetic import write_disc_pictures
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakePredictor:
+    """Returns ``reference + offset`` (or raises), advancing the fake clock by ``cost`` per call."""
+
+    def __init__(self, clock: FakeClock, reference: torch.Tensor, cost: float, offset: torch.Tensor | None = None):
+        self.clock, self.reference, self.cost, self.offset = clock, reference, cost, offset
+
+    def predict_probabilities(self, items):
+        self.clock.now += self.cost
+        probs = self.reference if self.offset is None else (self.reference + self.offset)
+        return list(probs)
+
+
+def _reference(n: int = 2) -> torch.Tensor:
+    p = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    return torch.cat([1 - p, p], dim=1)
+
+
+def _flip(reference: torch.Tensor, share: float) -> torch.Tensor:
+    """An offset that swaps the two classes on ``share`` of the pixels (a lossy path's class errors)."""
+    offset = torch.zeros_like(reference)
+    mask = torch.rand(reference[:, 0].shape, generator=torch.Generator().manual_seed(1)) < share
+    offset[:, 0] = torch.where(mask, reference[:, 1] - reference[:, 0], 0.0)
+    offset[:, 1] = -offset[:, 0]
+    return offset
+
+
+def test_fastest_inaccurate_or_failing_paths_are_never_chosen(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(path_choice.time, "perf_counter", clock)
+    ref = _reference()
+
+    def broken():
+        raise ConfigError("export refused")
+
+    fakes = [Candidate("exact", 1, lambda: FakePredictor(clock, ref, 1.0)),
+             Candidate("eager", 1, lambda: FakePredictor(clock, ref, 0.5, torch.full_like(ref, 5e-5))),
+             Candidate("onnx", 1, lambda: FakePredictor(clock, ref, 0.2, torch.full_like(ref, 1e-2))),  # > 1e-4
+             Candidate("bf16", 1, lambda: FakePredictor(clock, ref, 0.1, _flip(ref, 0.05))),  # 95 % agreement
+             Candidate("int8", 1, broken)]
+    chosen, report = choose(fakes, [{}] * 2, ref)
+    assert report["chosen"] == "eager b1" and chosen.cost == 0.5 and not report["pinned"]
+    rows = {r["candidate"]: r for r in report["candidates"]}
+    assert not rows["onnx b1"]["within_tolerance"] and not rows["bf16 b1"]["within_tolerance"]
+    assert rows["bf16 b1"]["agreement"] < TOLERANCES["bf16"].agreement
+    assert "export refused" in rows["int8 b1"]["error"]
+    assert rows["eager b1"]["s_per_slice"] == pytest.approx(0.25)  # 0.5 on the fake clock for 2 slices
+
+
+def test_choice_is_the_fastest_within_tolerance_for_random_candidates(monkeypatch):
+    """50 random sets of paths, costs and errors: the choice is always within tolerance and the cheapest such."""
+    clock = FakeClock()
+    monkeypatch.setattr(path_choice.time, "perf_counter", clock)
+    ref = _reference()
+    rng = random.Random(0)
+    for _ in range(50):
+        fakes = [Candidate("exact", 1, lambda: FakePredictor(clock, ref, 1.0))]
+        for path in rng.sample(["eager", "bf16", "onnx", "int8"], 3):
+            cost = rng.uniform(0.01, 2.0)
+            offset = rng.choice([None, torch.full_like(ref, 1e-3), _flip(ref, rng.choice([1e-4, 0.01, 0.2]))])
+            fakes.append(Candidate(path, rng.choice([1, 4]),
+                                   lambda cost=cost, offset=offset: FakePredictor(clock, ref, cost, offset)))
+        chosen, report = choose(fakes, [{}] * 2, ref)
+        rows = report["candidates"]
+        ok = [r for r in rows if r["within_tolerance"]]
+        picked = next(r for r in rows if r["candidate"] == report["chosen"])
+        assert picked["within_tolerance"] and picked["s_per_slice"] == min(r["s_per_slice"] for r in ok)
+        path = report["path"]
+        assert TOLERANCES[path].holds(picked["max_abs"], picked["agreement"])
+
+
+@pytest.mark.parametrize("name, sizes, paths, labels", [
+    ("decoder", [1, 2], ["eager", "onnx", "int8"], ["exact b1", "exact b2", "eager b1", "eager b2", "onnx b1",
+                                                    "onnx b2", "int8 b1", "int8 b2"]),
+    ("msam", [2], ["onnx"], ["exact b2", "onnx b2"])])
+def test_real_candidates_on_the_tiny_backbone(name, sizes, paths, labels, tmp_path):
+    """Every path asked is built and measured (ONNX whole graph for decoder, split for msam); the chosen
+    predictor's probabilities are within its tolerance of the exact ones on other slices too."""
+    exact = Predictor(make_method(name, build_backbone("tiny")), IntensityConfig(), batch_size=2)
+    cands = candidates(exact, sizes, paths, tmp_path)
+    assert [c.label for c in cands] == labels
+    chosen, report = choose(cands, image_items(2, seed=1))
+    assert all("error" not in r for r in report["candidates"]), report
+    items = image_items(3, seed=4)
+    ref = torch.stack(exact.predict_probabilities(items))
+    got = torch.stack(chosen.predict_probabilities(items))
+    agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    assert report["path"] in ("exact", "eager", "onnx", "int8")
+    if report["path"] != "int8":  # fp32 paths hold their bound on any slices; int8's agreement is per batch
+        assert TOLERANCES[report["path"]].holds(float((got - ref).abs().max()), agree)
+
+
+def test_pinning(tmp_path):
+    exact = Predictor(make_method("promise", build_backbone("tiny")), IntensityConfig(), batch_size=4)
+    predictor, report = pin(exact, "int8", 3, tmp_path)
+    assert isinstance(predictor, SplitPredictor) and predictor.batch_size == 3
+    assert report == {"chosen": "int8 b3", "path": "int8", "batch_size": 3, "pinned": True, "candidates": []}
+    decoder = Predictor(make_method("decoder", build_backbone("tiny")), IntensityConfig())
+    assert isinstance(pin(decoder, "onnx", 2, tmp_path / "d")[0], OnnxPredictor)
+    predictor, _ = pin(decoder, "bf16", 2)
+    assert predictor.amp == "bf16" and predictor.batch_size == 2
+    with pytest.raises(ConfigError, match="--path 'fast'"):
+        pin(decoder, "fast", 1)
+    two_class = Predictor(make_method("desam", build_backbone("tiny"), num_classes=2), IntensityConfig())
+    with pytest.raises(ConfigError, match="--path onnx: method 'desam' cannot be exported"):
+        pin(two_class, "onnx", 1)
+
+
+def test_cli_predict_fast_chooses_and_reports(tmp_path):
+    folder = write_disc_pictures(tmp_path, 3, (40, 50), 0, "p{}", (15, 25, 15, 35), (5, 8))
+    model = ["--config", "box_prompt_whole", "--set", "backbone.name=tiny"]  # zero-shot: no training needed
+    common = ["predict", str(folder / "images"), *model, "--device", "cpu", "--fast", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    assert "fastest within tolerance on the first batch" in result.output
+    choice = json.loads((tmp_path / "auto" / "prediction.json").read_text())["path_choice"]
+    assert not choice["pinned"] and {r["candidate"] for r in choice["candidates"]} >= {"exact b1", "eager b2"}
+    picked = next(r for r in choice["candidates"] if r["candidate"] == choice["chosen"])
+    assert picked["within_tolerance"]
+    result = CliRunner().invoke(app, [*common, "--path", "onnx", "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "onnx" / "prediction.json").read_text())
+    assert manifest["path_choice"]["chosen"] == "onnx b2" and manifest["prediction"]["runtime"] == "onnxruntime"
+    result = CliRunner().invoke(app, ["predict", str(folder / "images"), *model, "--path", "eager",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "add --fast" in result.output
