@@ -294,6 +294,10 @@ def test_shared_image_prim_equals_sam_decoder_on_repeated_embeddings(tiny_backbo
         iou, tokens, image_tokens = decode_tokens(m.prim, side, sparse, index)
     assert torch.allclose(iou, ref.iou, atol=1e-5) and torch.allclose(tokens, ref.tokens, atol=1e-5)
     assert torch.allclose(image_tokens, ref.image_tokens, atol=1e-5)
+    with torch.no_grad():  # only the IoU token through the final attention: same IoU and image tokens
+        iou_only, first, image_only = decode_tokens(m.prim, side, sparse, index, iou_only=True)
+    assert torch.equal(iou_only, iou) and torch.equal(image_only, image_tokens)
+    assert first.shape == (5, 1, tokens.shape[-1]) and torch.allclose(first, tokens[:, :1], atol=1e-6)
 
 
 def test_batched_grid_prompts_equal_one_by_one(tiny_backbone, monkeypatch):
@@ -305,7 +309,8 @@ def test_batched_grid_prompts_equal_one_by_one(tiny_backbone, monkeypatch):
     batched = m.grid_masks(feats)
     assert calls == [18, 9]  # two whole slices per call, then the third
     scores_last = m.last_grid["scores"]
-    with torch.no_grad():  # one point at a time through SAM's decoder path (prim_forward), then the same selection
+    pe = tiny_backbone.prompt_encoder.get_dense_pe()
+    with torch.no_grad():  # one point at a time through SAM's own decoder (decode_masks), then the same selection
         ones = []
         for i in range(3):
             emb = feats.embedding[i:i + 1]
@@ -313,9 +318,9 @@ def test_batched_grid_prompts_equal_one_by_one(tiny_backbone, monkeypatch):
             scores, embs = [], []
             for c in grid_points(3, 64, 64):
                 sparse, dense = encode_prompts(tiny_backbone, points=(c.view(1, 1, 2), torch.ones(1, 1)), boxes=None)
-                iou, e = m.prim_forward(emb, sparse, dense)
-                scores.append(iou[0, 0])
-                embs.append(e)
+                ref = decode_masks(m.prim, emb, pe, sparse, dense)
+                scores.append(ref.iou[0, 0])
+                embs.append(ref.image_tokens)
             scores = torch.stack(scores)
             ones.append(m._decode_candidates(scores, torch.arange(9), torch.cat(embs), context, 0))
     assert torch.allclose(scores, scores_last, atol=1e-5)
