@@ -79,6 +79,8 @@ def check_nifti_complete(path: str) -> None:
                 dims = struct.unpack(endian + "8q", header[16:80])
                 offset = int(struct.unpack(endian + "q", header[168:176])[0])
             ndim = max(0, min(int(dims[0]), 7))
+            if any(int(d) <= 0 for d in dims[1:1 + ndim]):
+                fail(f"the header declares size {tuple(int(d) for d in dims[1:1 + ndim])}; every axis needs >= 1")
             count = 1
             for d in dims[1:1 + ndim]:
                 count *= max(int(d), 1)
@@ -180,6 +182,9 @@ def read_picture(path: str | os.PathLike, mask: bool = False, facts: dict | None
             elif mode in ("P", "PA") and not mask:
                 picture = picture.convert("RGB")
             arr = np.asarray(picture)
+        if path.lower().endswith(".png"):  # PIL decodes a PNG cut after its pixel data without a word
+            with Image.open(path) as again:
+                again.verify()  # checksums and the end chunk
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

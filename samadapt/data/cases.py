@@ -14,6 +14,7 @@ Every writer here is atomic: it writes to a temporary name in the destination fo
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,9 @@ class Case:
             raise ValueError(f"Case {self.id}: image must be C x Z x Y x X, got shape {self.image.shape}")
         if self.image.dtype != np.float32:
             self.image = self.image.astype(np.float32)
+        if not self.image.size:
+            raise InputError(self.source or self.id, f"case {self.id!r}: image is empty (shape "
+                                                     f"{tuple(self.image.shape[1:])})")
         self._check_finite()
         if self.label is not None and tuple(self.label.shape) != tuple(self.image.shape[1:]):
             raise InputError(
@@ -86,6 +90,9 @@ class Case:
                 f"mask size {tuple(self.label.shape)} differs from image size {tuple(self.image.shape[1:])}",
             )
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        if not all(math.isfinite(s) and s > 0 for s in self.spacing):
+            raise InputError(self.source or self.id, f"case {self.id!r}: voxel spacing {self.spacing} (z, y, x); "
+                                                     "every spacing must be a finite number > 0")
         self.origin = tuple(float(o) for o in self.origin)
         self.direction = tuple(float(d) for d in self.direction)
 

@@ -117,6 +117,14 @@ def parse_labels(labels: Any, where: str | Path) -> dict[str, int]:
     return out
 
 
+def real_array(array: np.ndarray, where: str | Path, what: str) -> np.ndarray:
+    """``array`` unchanged when it holds real numbers (bool, integer, float); else ``InputError`` naming ``where``
+    (complex or text arrays would be cast to float32 silently or fail deep inside)."""
+    if array.dtype.kind not in "biuf":
+        raise InputError(where, f"{what} array has dtype {array.dtype}; expected real numbers (integer or float)")
+    return array
+
+
 def label_dtype(labels: dict[str, int]) -> type:
     return np.uint8 if max(labels.values()) < 256 else np.int32
 

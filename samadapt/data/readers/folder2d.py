@@ -2,12 +2,12 @@
 
 Pictures: PNG, JPG, TIF, BMP; gray, RGB (alpha dropped, ``samadapt data check`` warns) or 16-bit; a folder may
 mix gray and RGB pictures (gray ones are read as three equal channels, as SAM's input is made; data check says so).
-Masks: gray (or RGB with equal channels, or palette PNG) holding either {0, 255} (binary; read as {0, 1}) or integer class ids declared in an optional
-``labels.json`` (``{"labels": {"background": 0, "polyp": 1}, "modality": "natural"}``); without one the dataset
-is binary. JPEG masks (lossy) are thresholded at 128 and must be binary. A mask may carry a suffix after the image
-stem (``ISIC_0000000_segmentation.png`` matches ``ISIC_0000000.jpg``). A folder with ``images/`` only gives test
-cases to predict, and so does a bare folder of pictures. Folder names also accepted: ``imgs``/``image``/``Original`` and ``mask``/``labels``/``gts``/
-``Ground Truth``.
+Masks: gray (or RGB with equal channels, or palette PNG) holding either {0, 255} (binary; read as {0, 1}) or integer
+class ids declared in an optional ``labels.json`` (``{"labels": {"background": 0, "polyp": 1}, "modality":
+"natural"}``); without one the dataset is binary. JPEG masks (lossy) are thresholded at 128 and must be binary. A mask
+may carry a suffix after the image stem (``ISIC_0000000_segmentation.png`` matches ``ISIC_0000000.jpg``). A folder
+with ``images/`` only gives test cases to predict, and so does a bare folder of pictures. Folder names also accepted:
+``imgs``/``image``/``Original`` and ``mask``/``labels``/``gts``/``Ground Truth``.
 """
 
 from __future__ import annotations

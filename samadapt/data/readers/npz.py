@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import InputError
 from ..cases import Case
 from . import READERS
-from .base import DatasetSource, guess_modality, optional_labels_file, parse_labels, validate_label
+from .base import DatasetSource, guess_modality, optional_labels_file, parse_labels, real_array, validate_label
 
 IMAGE_KEYS = ("imgs", "image", "img", "images")
 MASK_KEYS = ("gts", "mask", "gt", "label", "masks", "seg")
@@ -72,10 +72,11 @@ class NpzSource(DatasetSource):
                     mask = _get(npz, path, MASK_KEYS, True)
                     if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
                         raise InputError(path, "mask holds non-integer values; expected integer class ids")
-                    found |= {int(v) for v in np.unique(mask)}
+                    values = {int(v) for v in np.unique(mask)}
+                    if min(values) < 0:
+                        raise InputError(path, f"negative mask values {sorted(values)[:5]}")
+                    found |= values
         if labels is None:
-            if min(found) < 0:
-                raise InputError(self.root, f"negative mask values {sorted(found)[:5]}")
             top = max(found)
             labels = parse_labels({"background": 0, **{f"class_{i}": i for i in range(1, max(top, 1) + 1)}}, self.root)
         self.labels = labels
@@ -93,7 +94,7 @@ class NpzSource(DatasetSource):
         self._check_id(case_id)
         path = self.files[case_id]
         with _open_npz(path) as npz:
-            img = _get(npz, path, IMAGE_KEYS, True)
+            img = real_array(_get(npz, path, IMAGE_KEYS, True), path, "image")
             mask = _get(npz, path, MASK_KEYS, False)
             spacing = _get(npz, path, ("spacing",), False)
             modality = _get(npz, path, ("modality",), False)

@@ -49,15 +49,24 @@ class DicomSource(DatasetSource):
             raise InputError(self.root, f"{len(series)} DICOM series found ({', '.join(series[:5])}); "
                                         "put each series in its own folder")
         self.series_uid = series[0]
+        members = {Path(n).name for n in self._series_files(series[0])}
+        strays = sorted(p.name for p in self.root.iterdir() if p.is_file() and p.name not in members
+                        and p.suffix.lower() in (".dcm", ".ima"))
+        if strays:  # GDCM leaves an unreadable or truncated slice out of the series without a word
+            raise InputError(self.root / strays[0], f"not part of the DICOM series {series[0]} of this folder (an "
+                                                    f"unreadable or truncated file?); {len(strays)} such file(s): "
+                                                    f"{', '.join(strays[:5])}")
         self.case_id = self.root.resolve().name or "dicom"
         self.test_case_ids = [self.case_id]
 
-    def case_files(self, case_id: str) -> dict[str, Any]:
+    def _series_files(self, series_uid: str) -> list[str]:
         import SimpleITK as sitk
 
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.root), series_uid))
+
+    def case_files(self, case_id: str) -> dict[str, Any]:
         self._check_id(case_id)
-        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.root), self.series_uid)
-        return {"image": [Path(n) for n in names], "label": None}
+        return {"image": [Path(n) for n in self._series_files(self.series_uid)], "label": None}
 
     def load(self, case_id: str) -> Case:
         import SimpleITK as sitk

@@ -33,7 +33,7 @@ from ...errors import ConfigError, InputError
 from ..cases import Case
 from ..splits import Split, make_split
 from . import READERS
-from .base import DatasetSource, optional_labels_file, validate_label
+from .base import DatasetSource, optional_labels_file, real_array, validate_label
 from .npz import _get, _open_npz
 
 SYNAPSE_LABELS: dict[str, int] = {
@@ -162,6 +162,7 @@ class SynapseSource(DatasetSource):
                 raise InputError(path, f"expected 3D 'image' and 'label' (Z x H x W) of one size, got {image.shape} "
                                        f"and {label.shape}")
             image, two_d = image[None], False
+        real_array(image, path, "image")
         label = validate_label(label, self.labels, path, declared)
         return Case(id=case_id, image=image.astype(np.float32), label=label, spacing=(1.0, 1.0, 1.0),
                     source=str(path), modality=self.modality, is_2d=two_d,
