@@ -4,7 +4,8 @@ preset and batch size).
 
 Every measurement runs in its own process (``python -m samadapt.bench.cost ...``), so its peak RSS is its own.
 A step is one optimiser step at the preset's batch size (forward, loss, backward, update; with the cache the
-encoder outputs are read from disk, filled beforehand and untimed). The time is that of the second of two
+encoder outputs are read from disk, filled beforehand and untimed; for the LoRA methods the frozen encoder prefix
+is kept in memory from the first epoch). The time is that of the second of two
 epochs of ``steps`` steps each, divided by ``steps`` (the first epoch warms up), and includes the epoch's
 checkpoint save. Prediction: ``predict_probabilities`` over two batches of test slices (plain fp32 path, no cache),
 seconds per slice and the peak RSS of that process.
@@ -43,11 +44,13 @@ def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backb
 
 def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, backbone: str = "litemedsam") -> dict:
     """Seconds per training step (second epoch of ``steps`` steps) and the peak RSS during training, in MiB; both
-    None with ``cache`` for a method that cannot use the cache (it trains through the encoder or has none)."""
+    None with ``cache`` for a method that cannot use the cache (none, or it trains through the whole encoder). For
+    the LoRA methods ``cache`` is the reuse of the frozen encoder prefix per slice (``set_fixed_inputs``)."""
     cfg = _config(method, data, work, cache, epochs=2, backbone=backbone)
     source = open_source(cfg.data)
     backbone, model = build_model(cfg, source.num_classes, torch.device("cpu"))
-    if cache and not use_cache(model, cfg.data):
+    reuses_prefix = cache and model.set_fixed_inputs(True) is not None  # LoRA methods: the frozen encoder prefix
+    if cache and not (use_cache(model, cfg.data) or reuses_prefix):
         return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "step_s": None, "rss": None}
     ds = prepare_data(cfg.data, model.input_size, source=source).train
     keys = ds.slice_keys
@@ -131,8 +134,9 @@ def _fmt(value, digits: int) -> str:
 def markdown(result: dict) -> str:
     lines = [f"Backbone {result['backbone']}; MNI152 brain training slices, each method's CPU preset and batch, "
              f"{result['threads']} thread(s); step time: the second of two epochs of {result['steps']} step(s), per "
-             "step. `n/a`: the method trains through the encoder (LoRA) or has none (unet), so there is nothing to "
-             "cache. Prediction: plain fp32, batch 8.", "",
+             "step. LoRA methods (train through the encoder): `cache` is the frozen encoder prefix computed once per "
+             "slice and reused (the LoRA part runs every step). `n/a`: nothing to cache (unet). Prediction: plain "
+             "fp32, batch 8.", "",
              "| method | batch | step s, no cache | step s, cache | speed-up | train peak RSS MiB (no cache / cache) "
              "| predict s/slice | predict peak RSS MiB |", "|" + "---|" * 8]
     for r in result["rows"]:

@@ -139,3 +139,20 @@ def test_lite_medsam_prefix_and_frozen_batchnorm(litemedsam_backbone):
     torch.testing.assert_close(first, full, rtol=0, atol=0)
     torch.testing.assert_close(reused, full, rtol=0, atol=0)
     assert all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))  # statistics untouched by training
+
+
+def test_cost_benchmark_times_the_reused_prefix(tmp_path, mni152_brain_dataset, monkeypatch):
+    from samadapt.bench import cost
+
+    stored = []
+    original = PrefixReuse.__call__
+
+    def spy(self, x, keys=None):
+        out = original(self, x, keys)
+        stored.append((self.active, self.hits))
+        return out
+
+    monkeypatch.setattr(PrefixReuse, "__call__", spy)
+    row = cost.train_step("samed", mni152_brain_dataset, tmp_path, cache=True, steps=1, backbone="tiny")
+    assert row["step_s"] is not None and row["rss"] is not None
+    assert stored[0] == (True, 0) and stored[-1][1] > 0  # the second epoch reads the prefix kept by the first
