@@ -102,16 +102,22 @@ class TrainConfig:
     """multistep: fractions of the total steps at which the lr is multiplied by ``gamma``."""
     gamma: float = 0.1
     grad_accum: int = 1
-    amp: str = "none"
-    """none | bf16 | fp16 (fp16 only on CUDA)."""
+    amp: str = "auto"
+    """auto | none | bf16 | fp16 (fp16 only on CUDA). auto: bf16 autocast where the device computes bf16 natively
+    (CUDA with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (``engine.device.resolve_amp``)."""
+    reuse_memory: bool = True
+    """glibc: keep freed tensor memory in the heap instead of unmapping it every step (``engine.allocator``)."""
     grad_clip: float | None = None
     val_every: int = 1
     val_every_steps: int | None = None
     """Validate at most once per this many optimizer steps: an epoch of a few-label run is a few steps, so epochs
     are grouped and ``patience`` counts comparable training whatever the dataset size. The interval in epochs is
     ``max(val_every, ceil(val_every_steps / steps per epoch))``."""
+    select_on: str = "dice"
+    """The best checkpoint (and early stopping) follows the validation ``dice`` (highest) or ``loss`` (lowest: the
+    method's own training loss on the validation split; DeSAM's release selects on validation DiceCE loss)."""
     patience: int | None = None
-    """Early stopping after this many validations without improvement."""
+    """Early stopping after this many validations without improvement (see ``select_on``)."""
     max_minutes: float | None = None
     """Stop after the epoch during which this wall-time budget ran out."""
     seed: int = 0
@@ -162,7 +168,8 @@ def check_config(config: RunConfig) -> RunConfig:
         ("train.max_minutes", t.max_minutes, t.max_minutes is None or t.max_minutes > 0, "> 0 or null"),
         ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
         ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
-        ("train.amp", t.amp, t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
+        ("train.amp", t.amp, t.amp in ("auto", "none", "bf16", "fp16"), "auto, none, bf16 or fp16"),
+        ("train.select_on", t.select_on, t.select_on in ("dice", "loss"), "dice or loss"),
         ("data.val_fraction", d.val_fraction, 0 <= d.val_fraction < 1, "in [0, 1)"),
         ("data.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1, "in [0, 1)"),
         ("data.empty_ratio", d.empty_ratio, d.empty_ratio is None or d.empty_ratio >= 0, ">= 0 or null"),

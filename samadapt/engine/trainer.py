@@ -30,7 +30,9 @@ from . import distributed as dist_utils
 from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, load_training_state, rng_state,
                          save_checkpoint, save_training_state, set_rng_state)
 from ..config.run_config import TrainConfig
+from .allocator import keep_freed_memory
 from .device import autocast, to_device
+from .fast import resolve_amp
 from .rundir import RunDir
 from .schedulers import build_optimizer, build_scheduler
 from .validation import validate
@@ -44,7 +46,7 @@ class TrainResult:
     last_checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float = float("nan")
-    """Best validation Dice; NaN without validation data."""
+    """Validation Dice of the best epoch (the one chosen by ``train.select_on``); NaN without validation data."""
     stopped_early: bool = False
     seconds: float = 0.0
 
@@ -71,6 +73,8 @@ class Trainer:
         self.device = device
         self.collate = collate
         self.feature_source = feature_source
+        self.amp = resolve_amp(cfg.amp, device)
+        """The autocast mode used (``train.amp`` with auto resolved for ``device``)."""
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _prepare(self, batch: dict) -> dict:
@@ -95,6 +99,8 @@ class Trainer:
     def fit(self, train_ds: Dataset, val_ds: Dataset | None, resume: bool = False) -> TrainResult:
         cfg, method = self.cfg, self.method
         self.run.path.mkdir(parents=True, exist_ok=True)
+        if cfg.reuse_memory:
+            keep_freed_memory()
         main = dist_utils.is_main()
         model: torch.nn.Module = method
         if dist_utils.world_size() > 1:
@@ -105,7 +111,7 @@ class Trainer:
         steps_per_epoch = max(math.ceil(len(self._loader(train_ds, 0)) / cfg.grad_accum), 1)
         val_every = max(cfg.val_every, math.ceil((cfg.val_every_steps or 1) / steps_per_epoch))
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
         start_epoch, best, best_epoch, bad_validations, history = 0, -math.inf, 0, 0, []
         state: dict[str, Any] | None = None
@@ -124,7 +130,7 @@ class Trainer:
             best_epoch = state.get("best_epoch", 0)
             bad_validations, history = state["bad_validations"], state["history"]
             if main:
-                console.print(f"[bold]resuming[/] from epoch {start_epoch + 1} (best val Dice {best:.4f})")
+                console.print(f"[bold]resuming[/] from epoch {start_epoch + 1} (best epoch {best_epoch})")
         else:
             torch.manual_seed(cfg.seed)
 
@@ -159,7 +165,7 @@ class Trainer:
                 out_of_time = False
                 for i, batch in enumerate(loader):
                     batch = self._prepare(batch)
-                    with autocast(self.device, cfg.amp):
+                    with autocast(self.device, self.amp):
                         output = model(batch)
                         terms = method.loss(output, batch)
                     loss = terms["loss"]
@@ -191,11 +197,12 @@ class Trainer:
                                           "lr": optimizer.param_groups[0]["lr"]}
                 improved = False
                 if val_ds is not None and len(val_ds) and ((epoch + 1) % val_every == 0 or out_of_time):
-                    val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, cfg.amp, self.device)
+                    val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, self.amp, self.device)
                     record.update({f"val_{k}": v for k, v in val.items()})
-                    improved = val["dice"] > best
+                    score = selection_score(val, cfg.select_on)
+                    improved = score > best
                     if improved:
-                        best, bad_validations = val["dice"], 0
+                        best, bad_validations = score, 0
                     else:
                         bad_validations += 1
                 elif val_ds is None or not len(val_ds):
@@ -226,8 +233,9 @@ class Trainer:
                     break
         if writer is not None:
             writer.close()
+        best_dice = history[best_epoch - 1].get("val_dice", math.nan) if best > -math.inf else math.nan
         return TrainResult(self.run.best_checkpoint, self.run.last_checkpoint, history,
-                           best if best > -math.inf else math.nan, stopped_early, history[-1]["seconds"] if history else 0.0)
+                           best_dice, stopped_early, history[-1]["seconds"] if history else 0.0)
 
     def _over_budget(self, t_start: float) -> bool:
         """Whether ``train.max_minutes`` (training time since the run began, resumes included) is spent."""
@@ -254,6 +262,12 @@ class Trainer:
         if not resumed:
             parts = [f"{k}={v:.4g}" for k, v in history[-1].items() if isinstance(v, float)]
             console.print(f"epoch {epoch}: " + " ".join(parts))
+
+
+def selection_score(val: dict[str, Any], select_on: str) -> float:
+    """The validation score the best checkpoint maximises: Dice (``select_on="dice"``) or minus the loss
+    (``"loss"``; DeSAM's release keeps the lowest validation DiceCE loss)."""
+    return val["dice"] if select_on == "dice" else -val["loss"]
 
 
 def _batch_cases(batch: dict) -> str:

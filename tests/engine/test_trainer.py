@@ -128,3 +128,24 @@ def test_validation_every_n_steps_groups_short_epochs(tmp_path):
     res = Trainer(m, cfg, tmp_path / "steps", {}, CPU).fit(Discs(8), Discs(4, seed=1))
     validated = [h["epoch"] for h in res.history if "val_dice" in h]
     assert validated == [3, 6] and [h["steps"] for h in res.history][:3] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("select_on, best_epoch", [("dice", 2), ("loss", 3)])
+def test_best_checkpoint_follows_the_selection_criterion(tmp_path, monkeypatch, select_on, best_epoch):
+    """Scripted validations: Dice peaks at epoch 2, the loss is lowest at epoch 3; best.* is that epoch's weights."""
+    import samadapt.engine.trainer as trainer_module
+    from samadapt.engine.checkpoint import adapter_state, read_manifest
+
+    scripted = iter([{"dice": 0.5, "loss": 1.0}, {"dice": 0.7, "loss": 1.2}, {"dice": 0.6, "loss": 0.8}])
+    monkeypatch.setattr(trainer_module, "validate", lambda *args, **kwargs: next(scripted))
+    m = build_method("decoder", build_backbone("tiny"), {}, 1)
+    weights = []
+    real_publish = Trainer._publish
+    monkeypatch.setattr(Trainer, "_publish", lambda self, state, writer, resumed=False: weights.append(
+        {k: v.clone() for k, v in adapter_state(self.method).items()}) or real_publish(self, state, writer, resumed))
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, select_on=select_on)
+    res = Trainer(m, cfg, tmp_path / select_on, {}, CPU).fit(Discs(8), Discs(4, seed=1))
+    assert read_manifest(res.best_checkpoint)["epoch"] == best_epoch
+    best = load_file(str(res.best_checkpoint))
+    assert all(torch.equal(best[k], v) for k, v in weights[best_epoch - 1].items())
+    assert res.best_metric == [0.5, 0.7, 0.6][best_epoch - 1]  # the chosen epoch's Dice, whatever the criterion
