@@ -37,8 +37,9 @@ class PrefixReuseConfig(MethodConfig):
     prefix_cache: bool = True
     """Reuse the frozen encoder prefix's output per slice across epochs while training without augmentation
     (exact; false: the whole encoder runs every step)."""
-    prefix_cache_mb: float = option(4096.0, ge=0)
-    """Memory for those outputs (MiB); slices beyond it are computed every step."""
+    prefix_cache_mb: float = option(2048.0, ge=0)
+    """Memory for those outputs (MiB, per encoder: each one-vs-rest head of M-SAM has its own); slices beyond it are
+    computed every step."""
 
 
 def lora_encoder(backbone: Backbone, targets: list[str] | None, rank: int, method: str) -> tuple[nn.Module, list]:
@@ -88,7 +89,7 @@ class PrefixReuse:
     a module: it holds no parameters and is not part of the method's state dict.
     """
 
-    def __init__(self, backbone: Backbone, encoder: nn.Module, enabled: bool = True, max_mb: float = 4096):
+    def __init__(self, backbone: Backbone, encoder: nn.Module, enabled: bool = True, max_mb: float = 2048):
         self.encoder = encoder
         steps = backbone.encoder_steps(encoder)
         n = frozen_prefix_length(encoder, steps)
