@@ -18,7 +18,7 @@ def validate(method: Method, ds: Dataset, collate: Callable, prepare: Callable[[
     """Mean validation loss and foreground Dice (slices pooled per class, then averaged over classes).
 
     A method with ``validation_clicks`` > 0 is scored after that many corrective clicks simulated from the labels
-    (loss and Dice of the same chain), else from ``forward`` (loss) and ``predict`` (Dice)."""
+    (loss and Dice of the same chain), else from ``forward`` (loss) and ``validation_predict`` (Dice)."""
     method.eval()
     clicks = method.validation_clicks
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -31,7 +31,7 @@ def validate(method: Method, ds: Dataset, collate: Callable, prepare: Callable[[
             if method.trainable:
                 loss_sum += float(method.loss(output or method(batch), batch)["loss"]) * len(batch["label"])
                 n += len(batch["label"])
-            probs = method.output_probabilities(output) if clicks else method.predict(batch)
+            probs = method.output_probabilities(output) if clicks else method.validation_predict(batch)
         pred = probs.float().argmax(dim=1)
         label = resize_labels(batch["label"], pred.shape[-1])
         counts += class_counts(pred, label, range(1, method.num_classes + 1)).cpu()

@@ -125,6 +125,11 @@ class Method(nn.Module):
         """Class probabilities B x (K + 1) x S x S; the default runs ``forward`` and ``output_probabilities``."""
         return self.output_probabilities(self.forward(batch))
 
+    def validation_predict(self, batch: dict) -> Tensor:
+        """The probabilities that validation during training scores (``engine.validation``): ``predict`` unless the
+        method declares a cheaper named validation mode (DeSAM's ``val_mode``)."""
+        return self.predict(batch)
+
     def output_probabilities(self, output: dict[str, Tensor]) -> Tensor:
         """Turn ``forward`` output into probabilities B x (K + 1) x S x S (``logits`` entry, sigmoid or softmax)."""
         return logits_to_probabilities(upsample_to(output["logits"], self.input_size))

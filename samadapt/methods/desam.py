@@ -44,7 +44,8 @@ Modes (``mode``, training and inference):
   post-processed (:func:`samadapt.layers.amg.select_masks`: IoU > ``pred_iou_thresh``, sigmoid >
   ``mask_threshold``, box NMS ``box_nms_thresh``, small regions < ``min_mask_region_area`` low-res pixels removed,
   the ``keep_masks`` best kept and merged; none left = empty prediction). Decoding stops as soon as the kept set is
-  final, which gives the same result as decoding all candidates (see the amg module docstring).
+  final, which gives the same result as decoding all candidates (see the amg module docstring). Validation during
+  training scores ``val_mode``: the grid inference itself, a coarse ``val_points_per_side`` grid, or the whole box.
 - ``box`` (DeSAM-B): the whole-image box (the un-padded region when ``pad`` is known) for every slice; loss DiceCE
   only; inference is a single forward.
 
@@ -130,6 +131,13 @@ class DeSAMConfig(MethodConfig):
     256 x 256)."""
     keep_masks: int = option(1, ge=1)
     """Grid inference: the best masks kept after post-processing, merged into the prediction (paper: 1)."""
+    val_mode: str = option("grid", choices=("grid", "coarse", "box"))
+    """Grid mode, validation Dice during training: ``grid`` (the inference itself), ``coarse`` (the same grid
+    inference on a ``val_points_per_side`` grid) or ``box`` (one whole-box forward, DeSAM-B's inference). The
+    cheaper modes score the same PDMM; whether they pick the same checkpoint is not yet measured (the release
+    selects on the validation loss, ``train.select_on: loss``, which needs no grid inference at all)."""
+    val_points_per_side: int = option(3, ge=1)
+    """``val_mode: coarse``: N of the N x N validation grid."""
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -378,32 +386,55 @@ class DeSAM(Method):
     def predict(self, batch: dict) -> Tensor:
         """Probabilities B x 2 x S x S: user prompts if given, else the configured mode's automatic inference."""
         features = self.features(batch)
-        b, device = features.embedding.shape[0], features.embedding.device
         if "points" in batch or "boxes" in batch:
-            logits = self._decode(features, *self._user_prompts(batch))["logits"]
-        elif self.config.mode == "box":
-            logits = self._decode(features, None, self._whole_boxes(batch, b, device))["logits"]
-        else:
-            masks = self.grid_masks(features, batch)
-            fg = upsample_to(masks.float()[:, None], self.input_size).clamp(0, 1)
-            return torch.cat([1 - fg, fg], dim=1)
+            p = torch.sigmoid(upsample_to(self._decode(features, *self._user_prompts(batch))["logits"].float(),
+                                          self.input_size))
+            return torch.cat([1 - p, p], dim=1)
+        if self.config.mode == "box":
+            return self._box_probabilities(features, batch)
+        return self._grid_probabilities(features, batch)
+
+    @torch.no_grad()
+    def validation_predict(self, batch: dict) -> Tensor:
+        """Grid mode with ``val_mode`` coarse or box: the cheaper validation inference; otherwise ``predict``."""
+        mode = self.config.val_mode
+        if self.config.mode != "grid" or mode == "grid" or "points" in batch or "boxes" in batch:
+            return self.predict(batch)
+        features = self.features(batch)
+        if mode == "box":
+            return self._box_probabilities(features, batch)
+        return self._grid_probabilities(features, batch, self.config.val_points_per_side)
+
+    def _box_probabilities(self, features: Features, batch: dict) -> Tensor:
+        """Whole-box inference: B x 2 x S x S (sigmoid of PDMM's logits)."""
+        b, device = features.embedding.shape[0], features.embedding.device
+        logits = self._decode(features, None, self._whole_boxes(batch, b, device))["logits"]
         p = torch.sigmoid(upsample_to(logits.float(), self.input_size))
         return torch.cat([1 - p, p], dim=1)
 
+    def _grid_probabilities(self, features: Features, batch: dict, points_per_side: int | None = None) -> Tensor:
+        """Grid inference: B x 2 x S x S (the selected binary mask as 0/1, resized bilinearly)."""
+        masks = self.grid_masks(features, batch, points_per_side)
+        fg = upsample_to(masks.float()[:, None], self.input_size).clamp(0, 1)
+        return torch.cat([1 - fg, fg], dim=1)
+
     # --- grid inference -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def grid_masks(self, features: Features, batch: dict | None = None) -> Tensor:
+    def grid_masks(self, features: Features, batch: dict | None = None, points_per_side: int | None = None
+                   ) -> Tensor:
         """Automatic grid-mode masks: bool B x 4h x 4w (see the module docstring).
 
         The prompt-independent work (PDMM's context paths, PRIM's first-block image projections) runs once per
         slice; the grid points of as many whole slices as fit in ``prim_batch`` prompts go through PRIM in one call;
         only the mask embeddings of points over ``pred_iou_thresh`` are kept, and PDMM decodes them lazily.
+        ``points_per_side`` replaces the configured grid side.
         """
         cfg = self.config
         emb = features.embedding
         b, device = emb.shape[0], emb.device
         context = self.pdmm.context(self._intermediates(features))
-        coords = [grid_points(cfg.points_per_side, h, w).to(device) for h, w in self._valid_sizes(batch or {}, b)]
+        side_n = points_per_side or cfg.points_per_side
+        coords = [grid_points(side_n, h, w).to(device) for h, w in self._valid_sizes(batch or {}, b)]
         _, dense = self._prompt_embeddings((coords[0][:1, None], torch.ones(1, 1, device=device)), None)
         side = image_side(self.prim, emb, self.backbone.prompt_encoder.get_dense_pe(), dense[:1])
         n = len(coords[0])

@@ -505,3 +505,32 @@ def test_litemedsam_training_from_the_cache_reduces_the_loss(litemedsam_backbone
     m.eval()
     probs = m.predict({k: v for k, v in batch.items() if k != "label"})
     assert probs.shape == (4, 2, 256, 256)
+
+
+def test_validation_modes_score_the_named_cheaper_inference(tiny_backbone, monkeypatch):
+    """val_mode grid = predict; coarse = the grid inference on a val_points_per_side grid; box = DeSAM-B's forward;
+    training validation (engine.validation.validate) scores validation_predict."""
+    from samadapt.engine.validation import validate
+
+    m = make(tiny_backbone, points_per_side=3, val_points_per_side=2, min_mask_region_area=0).eval()
+    batch = batch_for(tiny_backbone, b=2)
+    image = {"image": batch["image"]}
+    grid = m.predict(image)
+    assert torch.equal(m.validation_predict(image), grid)
+    m.config.val_mode = "coarse"
+    coarse = m.validation_predict(image)
+    assert len(m.last_grid["scores"]) == 4  # a 2 x 2 grid
+    m.config.points_per_side = 2
+    assert torch.equal(coarse, m.predict(image))
+    m.config.val_mode, m.config.points_per_side = "box", 3
+    boxed = m.validation_predict(image)
+    m.config.mode = "box"
+    assert torch.equal(boxed, m.predict(image))
+    m.config.mode = "grid"
+    calls = []
+    real = m.validation_predict
+    monkeypatch.setattr(m, "validation_predict", lambda b: calls.append(len(b["image"])) or real(b))
+    items = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    val = validate(m, items, lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]}, lambda b: b, 2, "none",
+                   torch.device("cpu"))
+    assert calls == [2] and 0 <= val["dice"] <= 1
