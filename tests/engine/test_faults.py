@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from samadapt.cli import app
 from samadapt.config.run_config import load_config
 from samadapt.errors import CheckpointError, ConfigError, InputError, TrainingError
+from support import write_dicom_series
 from synthetic import Discs, write_disc_pictures
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -31,6 +33,7 @@ SETS = ["backbone.name=tiny", "method.name=decoder", "train.device=cpu", "data.c
 # Runs `samadapt train ...` (argv[4:]) and SIGKILLs itself around the NTH rename onto a file named TARGET (or, for
 # "*SUFFIX", ending in SUFFIX; "before" or "after" it), or at the NTH validation ("validate"): a real kill -9 at a chosen instant, no timing involved.
 # With "validate" and WHEN "pause" it instead creates the file $FAULT_MARKER there and waits for $FAULT_MARKER.go.
+# With "torch.save" it kills inside the NTH torch.save (state.pt), its temporary file cut to half its size.
 DRIVER = r"""
 import os, signal, sys, time
 target, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -51,6 +54,15 @@ if target == "validate":
             os.kill(os.getpid(), signal.SIGKILL)
         return real_validate(*a, **k)
     trainer.validate = validate
+elif target == "torch.save":  # inside the save: the temporary file half written when the kill lands
+    import torch
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        if hit():
+            os.truncate(f, os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save
 else:
     real_replace = os.replace
     def replace(src, dst, *a, **k):
@@ -143,6 +155,33 @@ def test_kill_at_any_instant_resumes_exactly(discs, straight, tmp_path, one_thre
         assert (out / "checkpoints" / name).read_bytes() == (straight / "checkpoints" / name).read_bytes(), name
     assert _tensorboard_steps(out) == [1, 2, 3]
     assert _leftovers(out) == []  # the killed writer's temporary files are gone
+
+
+# Defect 1, at seeded random instants: around any of the 17 file renames of a 3-epoch run (config, manifest,
+# state.pt, last/best checkpoints and manifests, log.csv) or half-way through writing state.pt. The next run (with
+# --resume once an epoch is committed, as a user would) ends byte-identical to the uninterrupted run.
+RANDOM_KILLS = [("*", n, when) for n, when in zip(random.Random(24).sample(range(1, 18), 3),
+                                                  random.Random(25).choices(["before", "after"], k=3))]
+RANDOM_KILLS.append(("torch.save", random.Random(24).randint(1, 3), "-"))
+
+
+@pytest.mark.parametrize("target,nth,when", RANDOM_KILLS, ids=[f"{t}{n}{w}" for t, n, w in RANDOM_KILLS])
+def test_kill_at_random_instants_resumes_exactly(discs, straight, tmp_path, one_thread, target, nth, when):
+    from samadapt.engine.rundir import RunDir
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(discs), "--out", str(out)] + [a for s in SETS for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, target, str(nth), when, *args], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resume = out.is_dir() and RunDir(out).trained_epochs() is not None
+    result = _train(discs, out, resume=resume)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert _rows(out) == _rows(straight)
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (out / "checkpoints" / name).read_bytes() == (straight / "checkpoints" / name).read_bytes(), name
+    assert _tensorboard_steps(out) == [1, 2, 3]
+    assert _leftovers(out) == []
 
 
 # Defect 2: a checkpoint whose payload was corrupted (header intact) loaded silently and predicted empty masks.
@@ -283,7 +322,8 @@ def _cli(*args: str):
 
 
 # Defects 6 and 7: tracebacks (exit 1) for a bad --out and out-of-range options, --epochs 0 reporting a missing
-# checkpoint, "best val Dice -inf" without a validation case; several left config/manifest behind.
+# checkpoint, "best val Dice -inf" without a validation case; several left config/manifest behind. Point 9: training
+# on a DICOM folder said only "no cases to split"; `predict --run R --set ...` ignored --set without a word.
 def test_bad_options_and_outputs_are_one_line_errors(discs, tmp_path, one_thread):
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("x")
@@ -307,12 +347,15 @@ def test_bad_options_and_outputs_are_one_line_errors(discs, tmp_path, one_thread
                   "no validation case: the split of 2 labelled case(s) leaves none"))
     cases.append((["train", "--data", str(discs / "images"), "--out", str(tmp_path / "r5")] + train[3:],
                   "no labelled case to train on: this folder2d input holds 8 image(s) without labels"))
+    write_dicom_series(tmp_path / "series", np.zeros((2, 16, 16), np.int16), "1.2.826.0.1.3680043.2.1125.240")
+    cases.append((["train", "--data", str(tmp_path / "series"), "--out", str(tmp_path / "r6")] + train[3:],
+                  "no labelled case to train on: this dicom input holds 1 image(s) without labels"))
     for args, message in cases:
         code, output = _cli(*args)
         assert code == 2, (args, output)
         assert message in output and "Traceback" not in output, (args, output)
         assert output.strip().count("\n") == 0, output  # one line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "two"]  # nothing written anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "series", "two"]  # nothing written anywhere
 
 
 # Defect 8: atomically written files were mode 0600 whatever the umask; a killed writer's temp files stayed.
@@ -356,8 +399,12 @@ def test_killed_prediction_leaves_nothing_after_the_next_run(discs, straight, tm
     assert [p.name for p in out.glob(".case03.png.*.part.png")]  # the killed writer's temporary mask
     code, output = _cli(*args)
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i:02d}.png" for i in range(8)] +
-                                                           ["prediction.json"])
+    masks = [f"case{i:02d}.png" for i in range(8)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(masks + ["prediction.json"])
+    reference = tmp_path / "reference"  # an uninterrupted prediction gives the same masks
+    code, output = _cli(*args[:5], str(reference), *args[6:])
+    assert code == 0, output
+    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in masks)
 
 
 # Point 9: geometry mismatches printed np.float64(...) in their messages.
