@@ -31,7 +31,8 @@ SETS = ["backbone.name=tiny", "method.name=decoder", "train.device=cpu", "data.c
         "train.batch_size=4", "train.lr=0.001", "train.threads=1", "train.epochs=3"]
 
 # Runs `samadapt train ...` (argv[4:]) and SIGKILLs itself around the NTH rename onto a file named TARGET (or, for
-# "*SUFFIX", ending in SUFFIX; "before" or "after" it), or at the NTH validation ("validate"): a real kill -9 at a chosen instant, no timing involved.
+# "*SUFFIX", ending in SUFFIX; "before" or "after" it), or at the NTH validation ("validate"): a real kill -9 at a
+# chosen instant, no timing involved.
 # With "validate" and WHEN "pause" it instead creates the file $FAULT_MARKER there and waits for $FAULT_MARKER.go.
 # With "torch.save" it kills inside the NTH torch.save (state.pt), its temporary file cut to half its size.
 DRIVER = r"""
