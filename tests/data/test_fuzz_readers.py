@@ -293,15 +293,22 @@ FAULTS: dict[str, tuple[Callable, tuple[str, ...], str]] = {
     "mask-size-mismatch": (lambda p: _write_picture(p, np.zeros((12, 16), np.uint8)), ("folder2d", "isic2018"),
                            "label1"),
     "npz-mask-negative": (lambda p: _rewrite_npz(p, "gts", lambda a: -a), ("npz",), "image1"),
+    "npz-empty-image-and-mask": (lambda p: _rewrite_npz(p, "imgs", lambda a: a[:0], gts=np.zeros((0, 16, 16))),
+                                 ("npz",), "image1"),
+    "npz-zero-spacing": (lambda p: _rewrite_npz(p, "imgs", lambda a: a, spacing=np.array([0.0, 1.0, 1.0])),
+                         ("npz",), "image1"),
+    "npz-nan-spacing": (lambda p: _rewrite_npz(p, "imgs", lambda a: a, spacing=np.array([1.0, np.nan, 1.0])),
+                        ("npz",), "image1"),
     "npz-mask-size-mismatch": (lambda p: _rewrite_npz(p, "gts", lambda a: a[..., :8]), ("npz",), "image1"),
 }
 
 
-def _rewrite_npz(path: Path, key: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+def _rewrite_npz(path: Path, key: str, change: Callable[[np.ndarray], np.ndarray], **more: np.ndarray) -> None:
+    """Rewrite array ``key`` of an npz file as ``change(it as int32)``, adding or replacing the arrays ``more``."""
     with np.load(path) as data:
         content = dict(data)
     content[key] = change(content[key].astype(np.int32))
-    np.savez(path, **content)
+    np.savez(path, **{**content, **more})
 
 
 CASES = [(builder, fault) for fault, (_, builders, _) in FAULTS.items() for builder in builders]

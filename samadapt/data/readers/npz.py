@@ -73,7 +73,7 @@ class NpzSource(DatasetSource):
                     if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
                         raise InputError(path, "mask holds non-integer values; expected integer class ids")
                     values = {int(v) for v in np.unique(mask)}
-                    if min(values) < 0:
+                    if min(values, default=0) < 0:
                         raise InputError(path, f"negative mask values {sorted(values)[:5]}")
                     found |= values
         if labels is None:
