@@ -102,8 +102,11 @@ class TrainConfig:
     """multistep: fractions of the total steps at which the lr is multiplied by ``gamma``."""
     gamma: float = 0.1
     grad_accum: int = 1
-    amp: str = "none"
-    """none | bf16 | fp16 (fp16 only on CUDA)."""
+    amp: str = "auto"
+    """auto | none | bf16 | fp16 (fp16 only on CUDA). auto: bf16 autocast where the device computes bf16 natively
+    (CUDA with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (``engine.fast.resolve_amp``)."""
+    reuse_memory: bool = True
+    """glibc: keep freed tensor memory in the heap instead of unmapping it every step (``engine.allocator``)."""
     grad_clip: float | None = None
     val_every: int = 1
     val_every_steps: int | None = None
@@ -165,7 +168,7 @@ def check_config(config: RunConfig) -> RunConfig:
         ("train.max_minutes", t.max_minutes, t.max_minutes is None or t.max_minutes > 0, "> 0 or null"),
         ("train.grad_clip", t.grad_clip, t.grad_clip is None or t.grad_clip > 0, "> 0 or null"),
         ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 or null"),
-        ("train.amp", t.amp, t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
+        ("train.amp", t.amp, t.amp in ("auto", "none", "bf16", "fp16"), "auto, none, bf16 or fp16"),
         ("train.select_on", t.select_on, t.select_on in ("dice", "loss"), "dice or loss"),
         ("data.val_fraction", d.val_fraction, 0 <= d.val_fraction < 1, "in [0, 1)"),
         ("data.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1, "in [0, 1)"),

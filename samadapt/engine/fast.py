@@ -65,6 +65,14 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The training/validation autocast mode for ``train.amp``: ``"auto"`` is bf16 where ``device`` computes
+    bfloat16 natively (``bf16_native``) and none elsewhere; none, bf16 and fp16 are returned as given."""
+    if amp != "auto":
+        return amp
+    return "bf16" if bf16_native(device) else "none"
+
+
 def fuse_conv_bn(model: nn.Module) -> int:
     """Fold each eval-mode ``BatchNorm2d`` that follows a ``Conv2d`` inside an ``nn.Sequential`` into the conv.
 

@@ -42,6 +42,7 @@ class Predictor:
         self.batch_size = batch_size
         self.fast = fast
         self.fast_report = apply_fast_options(self.method, fast) if fast is not None else {}
+        amp = "none" if amp == "auto" else amp  # train.amp auto: prediction's precision is the fast options' choice
         self.amp = fast.amp(self.device, amp) if fast is not None else amp
         self.feature_source = feature_source
         self.modality: str | None = None  # the training data's modality, when known (from a checkpoint)

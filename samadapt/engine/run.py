@@ -162,7 +162,8 @@ def run_manifest(config: RunConfig, backbone: Backbone, method: Method, data: Pr
 
 
 #: Settings that may differ on ``--resume`` without changing what is computed.
-RESUME_FREE_KEYS = ("output", "train.device", "train.threads", "train.num_workers", "data.cache_dir")
+RESUME_FREE_KEYS = ("output", "train.device", "train.threads", "train.num_workers", "train.reuse_memory",
+                    "data.cache_dir")
 
 
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,7 +30,9 @@ from . import distributed as dist_utils
 from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, load_training_state, rng_state,
                          save_checkpoint, save_training_state, set_rng_state)
 from ..config.run_config import TrainConfig
+from .allocator import keep_freed_memory
 from .device import autocast, to_device
+from .fast import resolve_amp
 from .rundir import RunDir
 from .schedulers import build_optimizer, build_scheduler
 from .validation import validate
@@ -71,6 +73,8 @@ class Trainer:
         self.device = device
         self.collate = collate
         self.feature_source = feature_source
+        self.amp = resolve_amp(cfg.amp, device)
+        """The autocast mode used (``train.amp`` with auto resolved for ``device``)."""
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _prepare(self, batch: dict) -> dict:
@@ -95,6 +99,8 @@ class Trainer:
     def fit(self, train_ds: Dataset, val_ds: Dataset | None, resume: bool = False) -> TrainResult:
         cfg, method = self.cfg, self.method
         self.run.path.mkdir(parents=True, exist_ok=True)
+        if cfg.reuse_memory:
+            keep_freed_memory()
         main = dist_utils.is_main()
         model: torch.nn.Module = method
         if dist_utils.world_size() > 1:
@@ -105,7 +111,7 @@ class Trainer:
         steps_per_epoch = max(math.ceil(len(self._loader(train_ds, 0)) / cfg.grad_accum), 1)
         val_every = max(cfg.val_every, math.ceil((cfg.val_every_steps or 1) / steps_per_epoch))
         scheduler = build_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
         start_epoch, best, best_epoch, bad_validations, history = 0, -math.inf, 0, 0, []
         state: dict[str, Any] | None = None
@@ -159,7 +165,7 @@ class Trainer:
                 out_of_time = False
                 for i, batch in enumerate(loader):
                     batch = self._prepare(batch)
-                    with autocast(self.device, cfg.amp):
+                    with autocast(self.device, self.amp):
                         output = model(batch)
                         terms = method.loss(output, batch)
                     loss = terms["loss"]
@@ -191,7 +197,7 @@ class Trainer:
                                           "lr": optimizer.param_groups[0]["lr"]}
                 improved = False
                 if val_ds is not None and len(val_ds) and ((epoch + 1) % val_every == 0 or out_of_time):
-                    val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, cfg.amp, self.device)
+                    val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, self.amp, self.device)
                     record.update({f"val_{k}": v for k, v in val.items()})
                     score = selection_score(val, cfg.select_on)
                     improved = score > best
