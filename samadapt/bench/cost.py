@@ -9,6 +9,10 @@ is kept in memory from the first epoch). The time is that of the second of two
 epochs of ``steps`` steps each, divided by ``steps`` (the first epoch warms up), and includes the epoch's
 checkpoint save. Prediction: ``predict_probabilities`` over two batches of test slices (plain fp32 path, no cache),
 seconds per slice and the peak RSS of that process.
+
+Training-speed defaults (``SPEED_CHANGES``): each is measured against its absence in the same benchmark run, the
+method trained once more with the override that turns it off (from the cache where the method caches); the report
+gives step time with the defaults / without the change (below 1: the change saves time).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ..data.slices import collate, volume_slices
 from ..config.run_config import load_config
+from ..engine.fast import resolve_amp
 from ..engine.predict import Predictor
 from ..engine.run import build_model, feature_source, intensity_config, open_source, prepare_data, use_cache
 from ..engine.trainer import Trainer
@@ -33,25 +38,33 @@ from ..io_utils import atomic_write_json
 from .memory import peak_rss_mib, reset_peak_rss
 from .selection import measured_methods, preset
 
+SPEED_CHANGES = {"bf16": "train.amp=none", "reuse_memory": "train.reuse_memory=false"}
+"""Training-speed defaults -> the override that turns each off: bf16 autocast where the CPU computes bf16 natively
+(``train.amp=auto``) and glibc keeping freed tensor memory (``engine.allocator``)."""
 
-def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backbone: str):
+
+def _config(method: str, data: Path, work: Path, cache: bool, epochs: int, backbone: str,
+            overrides: Sequence[str] = ()):
     return load_config(preset(method), [f"backbone.name={backbone}", f"data.path={data}",
                                          f"data.cache_dir={work / 'cache'}", f"data.cache={'auto' if cache else 'off'}",
                                          "data.augment=none",
                                          "train.device=cpu", f"train.epochs={epochs}", "train.max_minutes=null",
-                                         "train.patience=null", f"output={work / 'run'}"])
+                                         "train.patience=null", f"output={work / 'run'}", *overrides])
 
 
-def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, backbone: str = "litemedsam") -> dict:
-    """Seconds per training step (second epoch of ``steps`` steps) and the peak RSS during training, in MiB; both
-    None with ``cache`` for a method that cannot use the cache (none, or it trains through the whole encoder). For
+def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, backbone: str = "litemedsam",
+               overrides: Sequence[str] = ()) -> dict:
+    """Seconds per training step (second epoch of ``steps`` steps), the peak RSS during training in MiB and the
+    autocast mode used (``amp``); ``overrides``: dotted settings on top of the preset. Step time and RSS are None
+    with ``cache`` for a method that cannot use the cache (none, or it trains through the whole encoder). For
     the LoRA methods ``cache`` is the reuse of the frozen encoder prefix per slice (``set_fixed_inputs``)."""
-    cfg = _config(method, data, work, cache, epochs=2, backbone=backbone)
+    cfg = _config(method, data, work, cache, epochs=2, backbone=backbone, overrides=overrides)
     source = open_source(cfg.data)
     backbone, model = build_model(cfg, source.num_classes, torch.device("cpu"))
     reuses_prefix = cache and model.set_fixed_inputs(True) is not None  # LoRA methods: the frozen encoder prefix
     if cache and not (use_cache(model, cfg.data) or reuses_prefix):
-        return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "step_s": None, "rss": None}
+        return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "step_s": None, "rss": None,
+                "amp": resolve_amp(cfg.train.amp, torch.device("cpu"))}
     ds = prepare_data(cfg.data, model.input_size, source=source).train
     keys = ds.slice_keys
     ds.restrict(keys[:: max(len(keys) // (steps * cfg.train.batch_size), 1)][: steps * cfg.train.batch_size])
@@ -65,7 +78,7 @@ def train_step(method: str, data: Path, work: Path, cache: bool, steps: int, bac
     second_epoch = history[1]["seconds"] - history[0]["seconds"]
     n_steps = -(-len(ds) // cfg.train.batch_size)
     return {"method": method, "cache": cache, "batch": cfg.train.batch_size, "steps": n_steps,
-            "step_s": second_epoch / n_steps, "rss": peak_rss_mib()}
+            "step_s": second_epoch / n_steps, "rss": peak_rss_mib(), "amp": trainer.amp}
 
 
 def predict_cost(method: str, data: Path, work: Path, backbone: str = "litemedsam") -> dict:
@@ -100,14 +113,15 @@ def measure(data: Path, work: Path, steps: int = 2, threads: int = 2,
     of ``methods`` (None: every method that declares the ``"cost"`` benchmark part).
 
     Returns ``{"steps": ..., "threads": ..., "rows": [{"method", "batch", "step_s_no_cache", "step_s_cache",
-    "train_rss_no_cache", "train_rss_cache", "predict_s_per_slice", "predict_rss"}]}`` (None where not applicable).
+    "train_rss_no_cache", "train_rss_cache", "predict_s_per_slice", "predict_rss", "amp", and per ``SPEED_CHANGES``
+    name "step_s_without_<name>"}]}`` (None where not applicable).
     """
     rows = []
     measured = measured_methods("cost")
     for method in methods or measured:
         if method not in measured:
             raise ConfigError(f"no training-cost preset for {method!r}; available: {', '.join(measured)}")
-        settings = {"steps": steps, "threads": threads, "backbone": backbone}
+        settings = {"steps": steps, "threads": threads, "backbone": backbone, "changes": SPEED_CHANGES}
         done = work / method / "row.json"  # a finished method is not measured again with the same settings
         if done.exists() and json.loads(done.read_text())["settings"] == settings:
             rows.append(json.loads(done.read_text())["row"])
@@ -119,6 +133,13 @@ def measure(data: Path, work: Path, steps: int = 2, threads: int = 2,
             tag = "cache" if cache else "no_cache"
             r = _in_subprocess([*common, "--work", str(work / method / tag), *(["--cache"] if cache else [])])
             row.update({"batch": r["batch"], f"step_s_{tag}": r["step_s"], f"train_rss_{tag}": r["rss"]})
+        cached = row["step_s_cache"] is not None
+        row["amp"] = r["amp"]
+        for name, override in SPEED_CHANGES.items():  # the same run, once more without each default
+            r = _in_subprocess([*common, "--work", str(work / method / f"without-{name}"), "--set", override,
+                                "--set", f"data.cache_dir={work / method / 'cache' / 'cache'}",  # filled above
+                                *(["--cache"] if cached else [])])
+            row[f"step_s_without_{name}"] = r["step_s"]
         p = _in_subprocess([*common, "--work", str(work / method / "predict"), "--predict"])
         row.update({"predict_s_per_slice": p["predict_s_per_slice"], "predict_rss": p["rss"]})
         print(f"  {method}: {row}", flush=True)
@@ -145,7 +166,24 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['method']} | {r['batch']} | {_fmt(plain, 2)} | {_fmt(cached, 2)} | {speedup} | "
                      f"{_fmt(r['train_rss_no_cache'], 0)} / {_fmt(r['train_rss_cache'], 0)} | "
                      f"{r['predict_s_per_slice']:.2f} | {r['predict_rss']:.0f} |")
+    changed = [r for r in result["rows"] if all(f"step_s_without_{n}" in r for n in SPEED_CHANGES)]
+    if changed:
+        lines += ["", "Training-speed defaults, each against its absence in the same run (step s with the defaults "
+                  "/ without the change; below 1: the change saves time; from the cache where the method caches). "
+                  "bf16: autocast where the CPU computes bf16 natively (`train.amp=auto`); reuse_memory: glibc keeps "
+                  "freed tensor memory (`train.reuse_memory`).", "",
+                  "| method | autocast | step s | " + " | ".join(f"without {n} | ratio" for n in SPEED_CHANGES) + " |",
+                  "|" + "---|" * (3 + 2 * len(SPEED_CHANGES))]
+        for r in changed:
+            step = r["step_s_cache"] if r["step_s_cache"] is not None else r["step_s_no_cache"]
+            cells = [f"{_fmt(r[f'step_s_without_{n}'], 2)} | {_ratio(step, r[f'step_s_without_{n}'])}"
+                     for n in SPEED_CHANGES]
+            lines.append(f"| {r['method']} | {r['amp']} | {_fmt(step, 2)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value, reference) -> str:
+    return f"{value / reference:.2f}" if value is not None and reference else "n/a"
 
 
 def main() -> None:
@@ -158,12 +196,13 @@ def main() -> None:
     ap.add_argument("--cache", action="store_true")
     ap.add_argument("--backbone", default="litemedsam")
     ap.add_argument("--predict", action="store_true", help="measure prediction instead of training")
+    ap.add_argument("--set", action="append", default=[], help="dotted setting on top of the preset (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.predict:
         result = predict_cost(args.method, args.data, args.work, args.backbone)
     else:
-        result = train_step(args.method, args.data, args.work, args.cache, args.steps, args.backbone)
+        result = train_step(args.method, args.data, args.work, args.cache, args.steps, args.backbone, args.set)
     print(json.dumps(result))
 
 

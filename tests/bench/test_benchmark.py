@@ -132,3 +132,22 @@ def test_cost_of_a_method_without_cache_is_not_applicable(tmp_path, mni152_brain
         {"method": "unet", "batch": 4, "step_s_no_cache": 1.0, "step_s_cache": None, "train_rss_no_cache": 900.0,
          "train_rss_cache": None, "predict_s_per_slice": 0.1, "predict_rss": 800.0}]})
     assert "| unet | 4 | 1.00 | n/a | n/a | 900 / n/a | 0.10 | 800 |" in text
+
+
+def test_cost_reports_each_training_speed_default_against_its_absence(tmp_path, mni152_brain_dataset):
+    from samadapt.bench import cost
+    import torch
+
+    from samadapt.engine.fast import resolve_amp
+
+    cpu = torch.device("cpu")
+    row = cost.train_step("unet", mni152_brain_dataset, tmp_path, cache=True, steps=1, backbone="tiny")
+    assert row["amp"] == resolve_amp("auto", cpu)  # the default: bf16 where this CPU computes it natively
+    off = cost.train_step("unet", mni152_brain_dataset, tmp_path, cache=True, steps=1, backbone="tiny",
+                          overrides=[cost.SPEED_CHANGES["bf16"]])
+    assert off["amp"] == "none"
+    text = cost.markdown({"backbone": "tiny", "steps": 1, "threads": 1, "rows": [
+        {"method": "decoder", "batch": 8, "step_s_no_cache": 4.0, "step_s_cache": 2.0, "train_rss_no_cache": 900.0,
+         "train_rss_cache": 700.0, "predict_s_per_slice": 0.1, "predict_rss": 800.0, "amp": "bf16",
+         "step_s_without_bf16": 2.5, "step_s_without_reuse_memory": 4.0}]})
+    assert "| decoder | bf16 | 2.00 | 2.50 | 0.80 | 4.00 | 0.50 |" in text
