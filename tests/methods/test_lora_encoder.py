@@ -156,3 +156,15 @@ def test_cost_benchmark_times_the_reused_prefix(tmp_path, mni152_brain_dataset, 
     row = cost.train_step("samed", mni152_brain_dataset, tmp_path, cache=True, steps=1, backbone="tiny")
     assert row["step_s"] is not None and row["rss"] is not None
     assert stored[0] == (True, 0) and stored[-1][1] > 0  # the second epoch reads the prefix kept by the first
+
+
+@pytest.mark.parametrize("name", LORA_METHODS)
+def test_frozen_batchnorm_stays_in_eval_mode_in_training(litemedsam_backbone, name):
+    method = make_method(name, litemedsam_backbone).train()
+    encoders = [m.image_encoder for m in getattr(method, "heads", [method])]
+    bn = [m for enc in encoders for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training for m in bn)
+    inside = {id(m) for enc in encoders for m in enc.modules()}
+    trainable = [m for m in method.modules()
+                 if id(m) not in inside and any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert trainable and all(m.training for m in trainable)  # the decoder parts that learn are in train mode
