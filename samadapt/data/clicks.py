@@ -128,18 +128,7 @@ def batch_voxel_clicks(pred: torch.Tensor, target: torch.Tensor, policy: str,
     """One click per volume of B x D x H x W masks, as SAM-Med3D point prompts on ``pred``'s device: ``coords``
     B x 1 x 3 float (voxel indices along axes 0, 1, 2, the order SAM-Med3D's click code passes) and ``labels`` B x 1
     long; a volume without error gets a padding point, label -1 at the origin."""
-    if pred.shape != target.shape or pred.dim() != 4:
-        raise InputError("clicks", f"pred and target must both be B x D x H x W, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    b = pred.shape[0]
-    coords = torch.zeros(b, 1, 3, dtype=torch.float32, device=pred.device)
-    labels = torch.full((b, 1), -1, dtype=torch.long, device=pred.device)
-    for i in range(b):
-        click = voxel_click(pred[i], target[i], policy, generator)
-        if click is not None:
-            coords[i, 0] = torch.tensor(click[0], dtype=torch.float32)
-            labels[i, 0] = click[1]
-    return coords, labels
+    return _batched(pred, target, "B x D x H x W", lambda p, t: voxel_click(p, t, policy, generator))
 
 
 def batch_clicks(pred: torch.Tensor, target: torch.Tensor, policy: str,
@@ -148,15 +137,27 @@ def batch_clicks(pred: torch.Tensor, target: torch.Tensor, policy: str,
     float (x, y) and ``labels`` B x 1 long; an image without error gets a padding point, label -1 at (0, 0).
     ``random`` draws the images' clicks in batch order from ``generator``."""
     check_policy(policy)
-    if pred.shape != target.shape or pred.dim() != 3:
-        raise InputError("clicks", f"pred and target must both be B x H x W, got {tuple(pred.shape)} and "
+
+    def one(p: torch.Tensor, t: torch.Tensor):
+        click = next_click(p, t, policy, generator)
+        return None if click is None else ((click.x, click.y), click.label)
+
+    return _batched(pred, target, "B x H x W", one)
+
+
+def _batched(pred: torch.Tensor, target: torch.Tensor, layout: str, one) -> tuple[torch.Tensor, torch.Tensor]:
+    """``one(pred[i], target[i])`` -> (coordinates, label) or None for each item of a batch of masks laid out as
+    ``layout``, stacked into ``coords`` B x 1 x C float and ``labels`` B x 1 long on ``pred``'s device; an item
+    without error gets a padding point (label -1 at the origin)."""
+    if pred.shape != target.shape or pred.dim() != len(layout.split(" x ")):
+        raise InputError("clicks", f"pred and target must both be {layout}, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
     b = pred.shape[0]
-    coords = torch.zeros(b, 1, 2, dtype=torch.float32, device=pred.device)
+    coords = torch.zeros(b, 1, pred.dim() - 1, dtype=torch.float32, device=pred.device)
     labels = torch.full((b, 1), -1, dtype=torch.long, device=pred.device)
     for i in range(b):
-        click = next_click(pred[i], target[i], policy, generator)
+        click = one(pred[i], target[i])
         if click is not None:
-            coords[i, 0, 0], coords[i, 0, 1] = click.x, click.y
-            labels[i, 0] = click.label
+            coords[i, 0] = torch.tensor(click[0], dtype=torch.float32)
+            labels[i, 0] = click[1]
     return coords, labels
