@@ -6,7 +6,9 @@ trained run ``OTHER`` again with changed options and no training, e.g. ``promise
 method.options.eval_points=gt`` or ``hsam_stage1=@hsam method.options.inference_stage=1``.
 
 Every run of ``OUT/runs/LABEL/seedN`` that already finished is reused, so an interrupted comparison continues where
-it stopped (delete a run's folder to train it again). Test metrics are 3D per case and foreground class (Dice, IoU,
+it stopped (delete a run's folder to train it again), and so is every score of a model on a test case
+(``OUT/scores``, :mod:`samadapt.evaluation.score_store`): each model is scored right after its training, and
+comparisons of disjoint model subsets run in parallel into one ``OUT`` are combined by a run over all of them. Test metrics are 3D per case and foreground class (Dice, IoU,
 HD95/NSD/ASSD in mm); the summary gives mean and standard deviation over cases and seeds.
 """
 
@@ -33,6 +35,7 @@ from ..errors import ConfigError
 from ..io_utils import atomic_write_text
 from .metrics import compute_metrics
 from .report import METRIC_ORDER, plot_overlays, plot_training_curves, write_metrics
+from .score_store import ScoreStore, case_key, model_fingerprint
 
 console = Console(stderr=True)
 
@@ -67,6 +70,8 @@ class Trained:
     predictor: Predictor
     history: list[dict]
     train_seconds: float
+    fingerprint: str
+    """What its predictions depend on (:func:`samadapt.evaluation.score_store.model_fingerprint`)."""
 
     def convergence(self) -> dict[str, float]:
         """Epochs and optimizer steps trained, the best (checkpointed) epoch and the wall seconds to reach it;
@@ -93,10 +98,24 @@ def _train_or_reuse(cfg: RunConfig, num_classes: int) -> Trained:
     else:
         result = run_train(cfg, resume=run.state.exists())  # an interrupted run continues
         if result is None:  # zero-shot: nothing to train
-            return Trained(Predictor.from_config(cfg, num_classes, device="cpu", use_cache=True), [], 0.0)
+            return Trained(Predictor.from_config(cfg, num_classes, device="cpu", use_cache=True), [], 0.0,
+                           model_fingerprint(None, cfg.to_dict()))
         history = result.history
     predictor = Predictor.from_checkpoint(run.best_checkpoint, device="cpu", use_cache=True)
-    return Trained(predictor, history, history[-1]["seconds"] if history else 0.0)
+    return Trained(predictor, history, history[-1]["seconds"] if history else 0.0,
+                   model_fingerprint(run.best_checkpoint))
+
+
+def _evaluate_stored(store: ScoreStore, trained: Trained, overrides: Sequence[str], test_set: str, case,
+                     classes: list[int]) -> tuple[np.ndarray, list[dict], float]:
+    """:func:`_evaluate`, or the stored result of the same model on the same case."""
+    key = case_key(trained.fingerprint, overrides, METRIC_ORDER, test_set, case)
+    stored = store.get(key)
+    if stored is not None:
+        return stored
+    result = _evaluate(trained.predictor, case, classes)
+    store.put(key, *result)
+    return result
 
 
 def _evaluate(predictor: Predictor, case, classes: list[int]) -> tuple[np.ndarray, list[dict], float]:
@@ -181,24 +200,27 @@ def compare(data: str | Path, models: Sequence[ModelSpec], out: str | Path, *, m
     t0 = time.time()
     for seed in seeds:
         trained: dict[str, Trained] = {}
-        for m in models:
-            if m.reuses is not None:
-                continue
-            run = out / "runs" / m.label / f"seed{seed}"
-            cfg = load_config(m.config, base + [f"train.seed={seed}", f"output={run}"] + budget + m.overrides)
-            console.rule(f"{m.label} (seed {seed})")
-            trained[m.label] = _train_or_reuse(cfg, source.num_classes)
-            if trained[m.label].history:
-                histories[f"{m.label} s{seed}"] = trained[m.label].history
-        for m in models:
-            if m.reuses is not None:
+        # models that re-evaluate a trained one come after all trained ones; each model is scored as soon as it is
+        # ready (and its scores stored), so an interrupted comparison keeps what it measured
+        for m in sorted(models, key=lambda m: m.reuses is not None):
+            if m.reuses is None:
+                run = out / "runs" / m.label / f"seed{seed}"
+                cfg = load_config(m.config, base + [f"train.seed={seed}", f"output={run}"] + budget + m.overrides)
+                console.rule(f"{m.label} (seed {seed})")
+                trained[m.label] = _train_or_reuse(cfg, source.num_classes)
+                if trained[m.label].history:
+                    histories[f"{m.label} s{seed}"] = trained[m.label].history
+                scoring = []
+            else:
                 ckpt = RunDir(out / "runs" / m.reuses / f"seed{seed}").best_checkpoint
                 predictor = Predictor.from_checkpoint(ckpt, device="cpu", use_cache=True, overrides=m.overrides)
-                trained[m.label] = Trained(predictor, [], trained[m.reuses].train_seconds)
-        for test_set, case in test_cases:
-            for m in models:
-                console.print(f"predicting {case.id} with {m.label} (seed {seed})")
-                pred, scores, seconds = _evaluate(trained[m.label].predictor, case, classes)
+                source_model = trained[m.reuses]
+                trained[m.label] = Trained(predictor, [], source_model.train_seconds, source_model.fingerprint)
+                scoring = m.overrides
+            store = ScoreStore(out / "scores", m.label, seed)
+            for test_set, case in test_cases:
+                console.print(f"scoring {m.label} (seed {seed}) on {case.id}" + (f" [{test_set}]" if test_set else ""))
+                pred, scores, seconds = _evaluate_stored(store, trained[m.label], scoring, test_set, case, classes)
                 if seed == seeds[0] and case is test_cases[0][1]:
                     shown[m.label] = pred
                     plotters[m.label] = trained[m.label].predictor

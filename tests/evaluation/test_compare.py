@@ -95,3 +95,36 @@ def test_targets_are_scored_with_the_unchanged_models(tmp_path):
     with pytest.raises(InputError, match="two/images: no pictures"):  # a broken target fails before any training
         compare_mod.compare(tmp_path / "source", models, tmp_path / "out", epochs=1, common=common,
                             overlays=False, targets=[("bad", tmp_path / "two")])
+
+
+def test_scores_are_stored_and_subsets_combine_without_predicting_again(tmp_path, monkeypatch):
+    """Two comparisons of disjoint model subsets into one folder, then one over both: the last trains nothing and
+    predicts nothing, and gives the same rows; a model whose weights change is scored again."""
+    from samadapt.evaluation import compare as compare_mod
+    from synthetic import write_disc_pictures
+
+    (tmp_path / "discs").mkdir()
+    folder = write_disc_pictures(tmp_path / "discs", 10, (64, 64), 0, "case{:02d}", (20, 44, 20, 44), (8, 14))
+    common = ["data.cache=off", "data.empty_ratio=null"]
+    dec, box = ModelSpec.parse("dec=decoder_tiny"), ModelSpec.parse("box=box_prompt_whole backbone.name=tiny")
+    first = compare_mod.compare(folder, [dec], tmp_path, epochs=1, common=common, overlays=False)
+    second = compare_mod.compare(folder, [box], tmp_path, epochs=1, common=common, overlays=False)
+    calls = []
+    real = compare_mod._evaluate
+    monkeypatch.setattr(compare_mod, "_evaluate", lambda *a: calls.append(a) or real(*a))
+    from samadapt.engine.run import train as real_train
+    monkeypatch.setattr(compare_mod, "run_train", lambda cfg, resume=False: real_train(cfg, resume=resume)
+                        if cfg.method.name == "box-prompt" else pytest.fail("a finished run was trained again"))
+    both = compare_mod.compare(folder, [dec, box], tmp_path, epochs=1, common=common, overlays=True)
+    assert calls == []
+    key = lambda r: (r["model"], r["case"], r["class"])  # noqa: E731
+    assert sorted(map(key, both)) == sorted(map(key, first + second))
+    by_key = {key(r): r["dice"] for r in first + second}
+    assert all(by_key[key(r)] == r["dice"] for r in both)
+    assert (tmp_path / "report" / "overlays.png").is_file()  # overlays drawn from stored predictions
+    # other weights (as after retraining into the same run folder) are scored again
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "dec")
+    monkeypatch.setattr(compare_mod, "run_train", real_train)
+    compare_mod.compare(folder, [dec], tmp_path, epochs=1, common=common + ["train.lr=0.05"], overlays=False)
+    assert len(calls) == len({(r["case"]) for r in first})  # every test case predicted again, once
