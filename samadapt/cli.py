@@ -153,8 +153,19 @@ def predict(
     if choosing:
         from .engine import path_choice
 
-        predictor, choice = path_choice.select(predictor, path or "auto", (source.load(i) for i in ids), batch_size)
+        if checkpoint:
+            from .engine.checkpoint import read_manifest, weights_fingerprint
+
+            described = {"weights": weights_fingerprint(checkpoint), "manifest": read_manifest(checkpoint)}
+        else:
+            described = {"config": cfg.to_dict(), "classes": max(source.num_classes, 1)}
+        exports = path_choice.export_folder(described)
+        predictor, choice = path_choice.select(predictor, path or "auto", (source.load(i) for i in ids), batch_size,
+                                               exports)
         console.print(path_choice.summary(choice), highlight=False)
+        if any(exports.glob("*.onnx")):
+            console.print(f"ONNX graphs of this model: {exports} (exported once, reused by later runs)",
+                          highlight=False)
     console.print(predictor.summary(), highlight=False)
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
     write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written),

@@ -73,6 +73,13 @@ def checkpoint_digest(path: str | Path) -> str | None:
         return None
 
 
+def weights_fingerprint(path: str | Path) -> str:
+    """What a checkpoint's weights are: the digest recorded in its header, or for a file written before digests
+    the SHA-256 of its bytes."""
+    digest = checkpoint_digest(path)
+    return digest if digest is not None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
     """Raise ``CheckpointError`` when the tensors do not match their recorded digest or are not finite."""
     recorded = checkpoint_digest(path)

@@ -14,11 +14,17 @@ probabilities within ``max_abs`` of the exact ones; the lossy paths (bf16, int8)
 least ``AUTO_AGREEMENT`` of the pixels (a trained model's masks then stay at Dice >= 0.999 of the exact ones). The
 fastest candidate within tolerance is chosen; the exact path is always a candidate, so there is always a choice.
 A pinned path skips the timing (it is used as asked, its error measured and reported all the same).
+
+The ONNX graphs of a model are exported (and checked) once: ``export_folder`` names a folder of samadapt's cache
+per model (its weights digest and settings) and software versions, so a later ``predict --fast`` of the same
+model reuses them instead of exporting again (minutes for a LiteMedSAM encoder on a 2-core CPU).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -66,6 +72,24 @@ class Candidate:
     @property
     def label(self) -> str:
         return f"{self.path} b{self.batch_size}"
+
+
+def export_folder(model: Any) -> Path:
+    """The cache folder of the ONNX graphs of ``model`` (any JSON-able description that changes whenever its
+    predictions do: a checkpoint's weights digest and manifest, or a zero-shot model's config), also keyed by the
+    samadapt, torch and ONNX Runtime versions: ``cache_dir()/exports/<key>``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..backbones.weights import cache_dir
+
+    versions = {}
+    for package in ("samadapt", "torch", "onnxruntime"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    key = json.dumps({"model": model, "versions": versions}, sort_keys=True, default=str)
+    return cache_dir() / "exports" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Predictor:

@@ -21,19 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..engine.checkpoint import checkpoint_digest
+from ..engine.checkpoint import weights_fingerprint
 from ..io_utils import atomic_path, atomic_write_json
 
 
 def model_fingerprint(checkpoint: Path | None, config: Any = None) -> str:
-    """What the predictions of a model depend on: its checkpoint's recorded weights digest (the file's bytes for a
-    checkpoint written before digests), or for an untrained model its resolved config (any JSON-able value)."""
+    """What the predictions of a model depend on: its checkpoint's weights (``weights_fingerprint``), or for an
+    untrained model its resolved config (any JSON-able value)."""
     if checkpoint is None:
         return "config:" + json.dumps(config, sort_keys=True, default=str)
-    digest = checkpoint_digest(checkpoint)
-    if digest is None:
-        digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-    return "weights:" + digest
+    return "weights:" + weights_fingerprint(checkpoint)
 
 
 def case_key(fingerprint: str, overrides: Sequence[str], metrics: Sequence[str], test_set: str, case) -> str:

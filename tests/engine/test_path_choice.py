@@ -140,7 +140,8 @@ def test_pinning(tmp_path):
         pin(two_class, "onnx", 1)
 
 
-def test_cli_predict_fast_chooses_and_reports(tmp_path):
+def test_cli_predict_fast_chooses_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMADAPT_HOME", str(tmp_path / "home"))
     folder = write_disc_pictures(tmp_path, 3, (40, 50), 0, "p{}", (15, 25, 15, 35), (5, 8))
     model = ["--config", "box_prompt_whole", "--set", "backbone.name=tiny"]  # zero-shot: no training needed
     common = ["predict", str(folder / "images"), *model, "--device", "cpu", "--fast", "--batch-size", "2"]
@@ -155,6 +156,21 @@ def test_cli_predict_fast_chooses_and_reports(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "onnx" / "prediction.json").read_text())
     assert manifest["path_choice"]["chosen"] == "onnx b2" and manifest["prediction"]["runtime"] == "onnxruntime"
+    assert "exported once, reused by later runs" in result.output
+    # a second start of the same model reuses its checked graph; another model gets its own
+    from samadapt.engine import export
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("exported again")
+
+    monkeypatch.setattr(export, "export_predictor", refuse)
+    result = CliRunner().invoke(app, [*common, "--path", "onnx", "--out", str(tmp_path / "onnx2")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "onnx2" / "prediction.json").is_file()
+    other = CliRunner().invoke(app, [*common, "--set", "train.lr=0.5", "--path", "onnx",
+                                     "--out", str(tmp_path / "onnx3")])
+    assert other.exit_code != 0 and "exported again" in str(other.exception) + other.output, other.output
+    assert len(list((tmp_path / "home" / "exports").iterdir())) == 1  # the refused export wrote nothing
     result = CliRunner().invoke(app, ["predict", str(folder / "images"), *model, "--path", "eager",
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "add --fast" in result.output
