@@ -57,6 +57,12 @@ class DataConfig:
     format: str = "auto"
     axis: int = 0
     """Slicing axis of 3D volumes in numpy (z, y, x) order: 0 = axial for RAS-like volumes."""
+    resize: str = "longest"
+    """How a slice becomes the model's S x S input: longest (SAM: longest side to S, zero-pad bottom/right) |
+    stretch (resized directly to S x S, no padding: ProMISe's release). Predictions follow the run's setting."""
+    resize_via: int | None = None
+    """With resize=stretch: first stretch to this size, then to S (DeSAM's release: slices stored at 256 x 256,
+    resized to 1024 at the model input, i.e. 256)."""
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -176,6 +182,10 @@ def check_config(config: RunConfig) -> RunConfig:
         ("data.fewshot", d.fewshot, d.fewshot is None or d.fewshot > 0, "> 0 or null"),
         ("data.cache", d.cache, d.cache in ("auto", "on", "off"), "auto, on or off"),
         ("data.nonfinite", d.nonfinite, d.nonfinite in ("error", "zero"), "error or zero"),
+        ("data.resize", d.resize, d.resize in ("longest", "stretch"), "longest or stretch"),
+        ("data.resize_via", d.resize_via, d.resize_via is None or d.resize_via >= 1, ">= 1 or null"),
+        ("data.resize_via", d.resize_via, d.resize_via is None or d.resize == "stretch",
+         "null unless data.resize=stretch (the two-step route stretches to resize_via, then to the input size)"),
         ("output", config.output, bool(str(config.output).strip()), "a folder name"),
     ]
     for key, value, ok, expected in checks:

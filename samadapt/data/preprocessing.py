@@ -9,11 +9,18 @@ Intensity (``normalize_intensity``: ``C x Z x Y x X`` -> float32 in [0, 1], per 
 - ``none``: values are only clipped to [0, 1].
 - ``auto`` picks by modality: CT -> ct, MR -> mr, natural -> natural, anything else -> percentile.
 
-Geometry (``resize_pad``): a ``C x H x W`` slice is resized so its longest side is ``size`` (bilinear, antialiased;
-``new = int(old * size / max(H, W) + 0.5)`` as in SAM), turned into 3 channels (gray repeated; two channels
-become ``[c0, c1, mean]``), and zero-padded at the bottom/right to ``size x size``. ``restore`` crops the padding
-and resizes back to ``H x W`` (bilinear for probabilities, nearest for labels). For labels resized up
-(``H, W <= size``), ``restore(resize_pad_label(y))`` returns ``y`` exactly.
+Geometry (``resize_pad``, routes chosen by :class:`Geometry`): a ``C x H x W`` slice is turned into 3 channels
+(gray repeated; two channels become ``[c0, c1, mean]``) and brought to ``size x size`` (bilinear, antialiased):
+
+- ``longest`` (SAM, the default): the longest side is resized to ``size`` (``new = int(old * size / max(H, W) +
+  0.5)`` as in SAM) and the rest zero-padded at the bottom/right;
+- ``stretch`` (ProMISe's release): ``H x W`` is resized directly to ``size x size``, no padding;
+- ``stretch`` with ``via=v`` (DeSAM's release: slices stored at 256 x 256, resized to 1024 at the model input):
+  first to ``v x v``, then to ``size x size``.
+
+``restore`` crops the padding (none for ``stretch``) and resizes back to ``H x W`` (bilinear for probabilities,
+nearest for labels). For labels resized up (``H, W <= size``, no ``via``), ``restore(resize_pad_label(y))``
+returns ``y`` exactly.
 """
 
 from __future__ import annotations
@@ -135,8 +142,53 @@ class PadInfo(NamedTuple):
     size: int
 
 
-def pad_info_for(h: int, w: int, size: int) -> PadInfo:
-    """The PadInfo that :func:`resize_pad` produces for an ``h x w`` slice."""
+RESIZES = ("longest", "stretch")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a slice becomes the model's ``S x S`` input (see the module docstring). Frozen, like IntensityConfig.
+
+    ``resize``: ``longest`` (SAM: longest side to S, zero-pad bottom/right) | ``stretch`` (directly to S x S, no
+    padding; ProMISe's release). ``via``: with ``stretch``, first to ``via x via`` then to S (DeSAM's release: 256).
+    """
+
+    resize: str = "longest"
+    via: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ConfigError(f"resize {self.resize!r} unknown; valid: {', '.join(RESIZES)}")
+        if self.via is not None:
+            if isinstance(self.via, bool) or not isinstance(self.via, int) or self.via < 1:
+                raise ConfigError(f"resize via must be an integer >= 1 (or None), got {self.via!r}")
+            if self.resize != "stretch":
+                raise ConfigError(f"resize via={self.via} needs resize=stretch (got {self.resize!r}): the "
+                                  "two-step route stretches to via x via, then to the input size")
+
+
+LONGEST = Geometry()
+
+
+def _steps(h: int, w: int, size: int, geometry: Geometry) -> list[tuple[int, int]]:
+    """The sizes an ``h x w`` slice is resized to, in order (steps that change nothing left out)."""
+    if geometry.resize == "stretch":
+        targets = ([(geometry.via, geometry.via)] if geometry.via else []) + [(size, size)]
+    else:
+        info = pad_info_for(h, w, size)
+        targets = [(info.new_h, info.new_w)]
+    steps, current = [], (h, w)
+    for step in targets:
+        if step != current:
+            steps.append(step)
+            current = step
+    return steps
+
+
+def pad_info_for(h: int, w: int, size: int, geometry: Geometry = LONGEST) -> PadInfo:
+    """The PadInfo that :func:`resize_pad` produces for an ``h x w`` slice (``stretch``: ``(h, w, S, S, S)``)."""
+    if geometry.resize == "stretch":
+        return PadInfo(h, w, size, size, size)
     scale = size / max(h, w)
     return PadInfo(h, w, min(size, int(h * scale + 0.5)), min(size, int(w * scale + 0.5)), size)
 
@@ -163,29 +215,30 @@ def to_three_channels(image: Tensor) -> Tensor:
     raise ValueError(f"cannot map {c} channels to the 3 a SAM backbone takes; select at most 3 channels")
 
 
-def resize_pad(image: Tensor, size: int) -> tuple[Tensor, PadInfo]:
-    """``C x H x W`` float -> (``3 x size x size`` float, PadInfo). Bilinear (antialiased) resize of the longest
-    side to ``size``, then zero-padding at the bottom/right."""
+def resize_pad(image: Tensor, size: int, geometry: Geometry = LONGEST) -> tuple[Tensor, PadInfo]:
+    """``C x H x W`` float -> (``3 x size x size`` float, PadInfo). Bilinear (antialiased) resize along the route
+    of ``geometry``: longest side to ``size`` then zero-padding at the bottom/right, or ``stretch`` (no padding)."""
     if image.dim() != 3:
         raise ValueError(f"expected C x H x W, got {tuple(image.shape)}")
-    info = pad_info_for(image.shape[1], image.shape[2], size)
+    h, w = image.shape[1], image.shape[2]
+    info = pad_info_for(h, w, size, geometry)
     x = to_three_channels(image.float())
-    if (info.new_h, info.new_w) != tuple(x.shape[1:]):
-        x = F.interpolate(x[None], size=(info.new_h, info.new_w), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
+    for step in _steps(h, w, size, geometry):
+        x = F.interpolate(x[None], size=step, mode="bilinear", align_corners=False, antialias=True)[0]
     out = x.new_zeros(3, size, size)
     out[:, : info.new_h, : info.new_w] = x
     return out, info
 
 
-def resize_pad_label(label: Tensor, size: int) -> Tensor:
-    """``H x W`` int label -> ``size x size`` int64 (nearest, padded with 0)."""
+def resize_pad_label(label: Tensor, size: int, geometry: Geometry = LONGEST) -> Tensor:
+    """``H x W`` int label -> ``size x size`` int64 (nearest, along the route of ``geometry``, padded with 0)."""
     if label.dim() != 2:
         raise ValueError(f"expected H x W, got {tuple(label.shape)}")
-    info = pad_info_for(label.shape[0], label.shape[1], size)
+    h, w = label.shape
+    info = pad_info_for(h, w, size, geometry)
     y = label.long()
-    if (info.new_h, info.new_w) != tuple(y.shape):
-        y = F.interpolate(y[None, None].float(), size=(info.new_h, info.new_w), mode="nearest-exact")[0, 0].long()
+    for step in _steps(h, w, size, geometry):
+        y = F.interpolate(y[None, None].float(), size=step, mode="nearest-exact")[0, 0].long()
     out = torch.zeros(size, size, dtype=torch.long)
     out[: info.new_h, : info.new_w] = y
     return out

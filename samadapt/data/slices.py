@@ -2,8 +2,9 @@
 
 Each item (see ``samadapt/methods/base.py``; ``S`` = backbone input size):
 
-- ``image``: float32 ``3 x S x S`` in [0, 1] (intensity-normalised per case, resized longest side, zero-padded);
-- ``label``: int64 ``S x S`` (nearest, padded with 0), present when the case has a label;
+- ``image``: float32 ``3 x S x S`` in [0, 1] (intensity-normalised per case, resized along the ``geometry`` route:
+  longest side + zero-padding by default, or stretched; see ``preprocessing.Geometry``);
+- ``label``: int64 ``S x S`` (nearest, the same route, padded with 0), present when the case has a label;
 - ``case``: case id (str); ``slice``: index along ``axis`` (int);
 - ``key``: content hash (hex) of the final ``image`` tensor, so anything that changes the pixels (intensity
   settings, input size, augmentation) changes the key; the embedding cache uses it;
@@ -27,8 +28,8 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, InputError
 from .augment import Augment, build_augment
 from .cases import Case
-from .preprocessing import IntensityConfig, PadInfo, normalize_intensity, pad_info_for, resize_pad, \
-    resize_pad_label, restore
+from .preprocessing import LONGEST, Geometry, IntensityConfig, PadInfo, normalize_intensity, pad_info_for, \
+    resize_pad, resize_pad_label, restore
 
 
 def content_key(image: Tensor) -> str:
@@ -52,12 +53,13 @@ class SliceDataset(Dataset):
     ``empty_ratio``: training sampler; ``None`` keeps every slice, a number keeps all slices with foreground plus
     ``round(empty_ratio * n_foreground)`` slices without (seeded; redrawn by :meth:`set_epoch`). It raises
     ``InputError`` when no slice has foreground. :meth:`restrict` limits the pool to given ``(case, slice)`` keys
-    (few-shot; see ``splits.fewshot_slices``).
+    (few-shot; see ``splits.fewshot_slices``). ``geometry``: how slices become ``S x S`` (default: SAM's longest
+    side + padding).
     """
 
     def __init__(self, cases: Sequence[Case], input_size: int, axis: int = 0,
                  intensity: IntensityConfig = IntensityConfig(), augment: str | Augment | None = None,
-                 empty_ratio: float | None = None, seed: int = 0):
+                 empty_ratio: float | None = None, seed: int = 0, geometry: Geometry = LONGEST):
         if axis not in (0, 1, 2):
             raise ConfigError(f"slice axis must be 0 (Z), 1 (Y) or 2 (X), got {axis}")
         if empty_ratio is not None and empty_ratio < 0:
@@ -71,6 +73,7 @@ class SliceDataset(Dataset):
         self.input_size = int(input_size)
         self.axis = axis
         self.intensity = intensity
+        self.geometry = geometry
         self.augment = build_augment(augment, self.input_size) if isinstance(augment, str) or augment is None \
             else augment
         self.empty_ratio = empty_ratio
@@ -151,11 +154,11 @@ class SliceDataset(Dataset):
         ci, s = self.index[i]
         case = self.cases[ci]
         image2d = torch.from_numpy(_take(self._images[ci], s, self.axis + 1).astype(np.float32))
-        image, pad = resize_pad(image2d, self.input_size)
+        image, pad = resize_pad(image2d, self.input_size, self.geometry)
         item: dict[str, Any] = {"image": image.contiguous()}
         if case.label is not None:
             label2d = torch.from_numpy(_take(np.asarray(case.label), s, self.axis).astype(np.int64))
-            item["label"] = resize_pad_label(label2d, self.input_size)
+            item["label"] = resize_pad_label(label2d, self.input_size, self.geometry)
         if self.augment is not None:
             item = self.augment(item, seed=hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
         item.update({"case": case.id, "slice": s, "key": content_key(item["image"]), "pad": pad})
@@ -185,18 +188,20 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def volume_slices(case: Case, axis: int = 0, input_size: int = 256,
-                  intensity: IntensityConfig = IntensityConfig()) -> SliceDataset:
+                  intensity: IntensityConfig = IntensityConfig(), geometry: Geometry = LONGEST) -> SliceDataset:
     """Every slice of one case along ``axis`` in order (no sampler, no augmentation), for prediction."""
-    return SliceDataset([case], input_size, axis=axis, intensity=intensity)
+    return SliceDataset([case], input_size, axis=axis, intensity=intensity, geometry=geometry)
 
 
-def reassemble(slice_probs: Sequence[Tensor] | Tensor, axis: int, case: Case, return_probs: bool = False):
+def reassemble(slice_probs: Sequence[Tensor] | Tensor, axis: int, case: Case, return_probs: bool = False,
+               geometry: Geometry = LONGEST):
     """Stack per-slice class probabilities back into a volume aligned with ``case``.
 
     ``slice_probs``: one ``K+1 x S x S`` (padded, as methods predict) or ``K+1 x H x W`` tensor per slice along
     ``axis``, in slice order (or one ``N x K+1 x ...`` tensor). Padded slices are restored bilinearly
-    (:func:`~samadapt.data.preprocessing.restore`). Returns the argmax label volume ``Z x Y x X`` (uint8, or int32
-    when K >= 255) or, with ``return_probs=True``, float32 probabilities ``K+1 x Z x Y x X``.
+    (:func:`~samadapt.data.preprocessing.restore`) along the ``geometry`` route they were made with. Returns the
+    argmax label volume ``Z x Y x X`` (uint8, or int32 when K >= 255) or, with ``return_probs=True``, float32
+    probabilities ``K+1 x Z x Y x X``.
     """
     n = case.shape[axis]
     if len(slice_probs) != n:
@@ -211,7 +216,7 @@ def reassemble(slice_probs: Sequence[Tensor] | Tensor, axis: int, case: Case, re
         if tuple(p.shape[-2:]) != (h, w):
             if p.shape[-1] != p.shape[-2]:
                 raise ValueError(f"slice prediction {tuple(p.shape)} is neither {h}x{w} nor square-padded")
-            p = restore(p.float(), pad_info_for(h, w, p.shape[-1]), mode="bilinear")
+            p = restore(p.float(), pad_info_for(h, w, p.shape[-1], geometry), mode="bilinear")
         outs.append(p.float() if return_probs else p.argmax(0))
     if return_probs:
         return torch.stack(outs, dim=axis + 1).cpu().numpy().astype(np.float32)

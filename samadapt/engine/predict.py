@@ -15,7 +15,7 @@ import torch
 from rich.progress import Progress
 
 from ..data.cases import Case, write_label_like
-from ..data.preprocessing import IntensityConfig
+from ..data.preprocessing import LONGEST, Geometry, IntensityConfig
 from ..data.slices import collate, reassemble, volume_slices
 from ..errors import CheckpointError, ConfigError, InputError
 from ..methods import Method
@@ -30,14 +30,18 @@ class Predictor:
     """Runs ``method.predict`` over the slices of a case, in batches, under ``inference_mode``.
 
     ``fast`` (a ``FastOptions``; None = the exact fp32 path) patches the method in place for faster inference
-    (conv+BN fusion, channels-last, bf16 where native); see ``samadapt.engine.fast`` for the tolerances."""
+    (conv+BN fusion, channels-last, bf16 where native); see ``samadapt.engine.fast`` for the tolerances.
+    ``geometry``: how slices become the method's S x S input and back (from the run's ``data.resize``)."""
+
+    geometry: Geometry = LONGEST  # a class default for subclasses that set their attributes themselves
 
     def __init__(self, method: Method, intensity: IntensityConfig, axis: int = 0, batch_size: int = 8,
                  device: torch.device | None = None, amp: str = "none", feature_source: Callable | None = None,
-                 fast: FastOptions | None = None):
+                 fast: FastOptions | None = None, geometry: Geometry = LONGEST):
         self.device = device or torch.device("cpu")
         self.method = method.to(self.device).eval()
         self.intensity = intensity
+        self.geometry = geometry
         self.axis = axis
         self.batch_size = batch_size
         self.fast = fast
@@ -70,7 +74,7 @@ class Predictor:
                     fast: FastOptions | None = None) -> "Predictor":
         """Build the method of ``config``; ``use_cache`` reads/writes encoder outputs in the embedding cache;
         ``fast``: fast inference options (None = exact)."""
-        from .run import build_model, feature_source, intensity_config
+        from .run import build_model, feature_source, geometry_config, intensity_config
 
         dev = resolve_device(device)
         backbone, method = build_model(config, num_classes, dev)
@@ -81,7 +85,7 @@ class Predictor:
             raise CheckpointError(f"method {method.name!r} needs a trained checkpoint (--checkpoint or --run)")
         features = feature_source(backbone, method, config.data, dev) if use_cache else None
         return cls(method, intensity_config(config.data), config.data.axis, batch_size, dev, config.train.amp,
-                   features, fast)
+                   features, fast, geometry_config(config.data))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 8,
@@ -151,9 +155,9 @@ class Predictor:
     def predict_case(self, case: Case) -> np.ndarray:
         """Label map Z x Y x X (the case's spatial shape) for one case."""
         self._check_label(case)
-        slices = volume_slices(case, self.axis, self.input_size, self.intensity)
+        slices = volume_slices(case, self.axis, self.input_size, self.intensity, self.geometry)
         probs = self.predict_probabilities([slices[i] for i in range(len(slices))])
-        return reassemble(probs, self.axis, case)
+        return reassemble(probs, self.axis, case, geometry=self.geometry)
 
     def predict_cases(self, cases: Iterable[Case], out_dir: str | Path | None = None,
                       total: int | None = None) -> dict[str, np.ndarray | Path]:
@@ -169,7 +173,7 @@ class Predictor:
             probs = self.predict_probabilities(items)
             start = 0
             for case, n in pending:
-                label = reassemble(probs[start:start + n], self.axis, case)
+                label = reassemble(probs[start:start + n], self.axis, case, geometry=self.geometry)
                 start += n
                 if out_dir is None:
                     results[case.id] = label
@@ -183,7 +187,7 @@ class Predictor:
             task = progress.add_task("predict", total=total)
             for case in cases:
                 self._check_label(case)
-                slices = volume_slices(case, self.axis, self.input_size, self.intensity)
+                slices = volume_slices(case, self.axis, self.input_size, self.intensity, self.geometry)
                 items.extend(slices[i] for i in range(len(slices)))
                 pending.append((case, len(slices)))
                 if len(items) >= self.batch_size:

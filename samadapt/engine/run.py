@@ -22,7 +22,7 @@ import yaml
 
 from ..backbones import Backbone, build_backbone
 from ..data.cases import channel_mix
-from ..data.preprocessing import IntensityConfig
+from ..data.preprocessing import Geometry, IntensityConfig
 from ..data.readers import open_dataset
 from ..data.slices import SliceDataset, collate
 from ..data.splits import fewshot_slices
@@ -53,6 +53,11 @@ def intensity_config(cfg: DataConfig) -> IntensityConfig:
                            window_max=cfg.window_max, percentiles=tuple(cfg.percentiles))
 
 
+def geometry_config(cfg: DataConfig) -> Geometry:
+    """The slice geometry (``data.resize``, ``data.resize_via``) a run trains and predicts with."""
+    return Geometry(resize=cfg.resize, via=cfg.resize_via)
+
+
 def open_source(cfg: DataConfig):
     if not cfg.path:
         raise ConfigError("data.path is not set: point it at an nnU-Net raw dataset or a 2D images/masks folder")
@@ -80,7 +85,7 @@ def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = 
     split = source.make_split(val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
                               **({"split_file": cfg.split_file} if cfg.split_file else {}),
                               **({"folds": cfg.folds, "fold": cfg.fold} if cfg.folds else {}))
-    intensity = intensity_config(cfg)
+    intensity, geometry = intensity_config(cfg), geometry_config(cfg)
     train_cases = source.load_all(split.train)
     val_cases = source.load_all(split.val) if split.val else []
     mix_error, _ = channel_mix([(c.source or c.id, c.num_channels, c.is_2d) for c in train_cases + val_cases])
@@ -88,12 +93,13 @@ def prepare_data(cfg: DataConfig, input_size: int, seed: int = 0, source: Any = 
         raise InputError(cfg.path, mix_error)
     train = SliceDataset(train_cases, input_size, axis=cfg.axis, intensity=intensity,
                          augment=None if cfg.augment == "none" else cfg.augment, empty_ratio=cfg.empty_ratio,
-                         seed=seed)
+                         seed=seed, geometry=geometry)
     if cfg.fewshot is not None:
         train = train.restrict(fewshot_slices(train.slice_keys, cfg.fewshot, seed=seed))
     val = None
     if val_cases:
-        val = SliceDataset(val_cases, input_size, axis=cfg.axis, intensity=intensity, empty_ratio=None)
+        val = SliceDataset(val_cases, input_size, axis=cfg.axis, intensity=intensity, empty_ratio=None,
+                           geometry=geometry)
     return PreparedData(source, split, train, val, intensity, dataset_fingerprint(train_cases + val_cases))
 
 

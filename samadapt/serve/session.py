@@ -87,7 +87,7 @@ class Session:
     def _dataset(self, axis: int) -> SliceDataset:
         if axis not in self._slices:
             p = self.model.predictor
-            self._slices[axis] = volume_slices(self.case, axis, p.input_size, p.intensity)
+            self._slices[axis] = volume_slices(self.case, axis, p.input_size, p.intensity, p.geometry)
         return self._slices[axis]
 
     # --- prediction and edits -------------------------------------------------------------------------------------

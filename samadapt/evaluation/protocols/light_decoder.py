@@ -66,7 +66,7 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
     rows = []
     for case_id in source.make_split().test:
         case = source.load(case_id)
-        ds = volume_slices(case, predictor.axis, method.input_size, predictor.intensity)
+        ds = volume_slices(case, predictor.axis, method.input_size, predictor.intensity, predictor.geometry)
         probs: dict[str, list] = {p: [] for p in paths}
         for start in range(0, len(ds), batch_size):
             batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
@@ -91,7 +91,7 @@ def evaluate_run(name: str, run: Path, timing_slices: int, batch_size: int) -> l
                 probs["light"].extend(_probs(light, method.input_size))
             n_slices += len(batch["image"])
         for path in paths:
-            pred = reassemble(probs[path], predictor.axis, case)
+            pred = reassemble(probs[path], predictor.axis, case, geometry=predictor.geometry)
             scores = compute_metrics(pred, case.label, classes=classes, spacing=case.spacing)
             for c in classes:
                 rows.append({"model": name, "fusion": heads[0].config.fusion, "path": path, "case": case_id,

@@ -49,7 +49,8 @@ class Runner:
         self.p = predictor
         self.method = predictor.method
         self.case = case
-        self.items = volume_slices(case, predictor.axis, self.method.input_size, predictor.intensity)
+        self.items = volume_slices(case, predictor.axis, self.method.input_size, predictor.intensity,
+                                   predictor.geometry)
         self.n = len(self.items)
         self.batch_size = batch_size
         self._features: dict[int, object] = {}
@@ -82,7 +83,7 @@ class Runner:
         return probs, used, labels
 
     def dice3d(self, probs: list) -> float:
-        pred = reassemble(probs, self.p.axis, self.case)
+        pred = reassemble(probs, self.p.axis, self.case, geometry=self.p.geometry)
         return float(compute_metrics(pred, self.case.label, classes=[1], spacing=self.case.spacing,
                                      metrics=("dice",))[1]["dice"])
 

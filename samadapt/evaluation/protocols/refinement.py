@@ -84,15 +84,17 @@ def slice_curve(method, items: Sequence[dict], iterations: int, mode: str, batch
 
 
 def case_curves(method, case, iterations: int, modes: Sequence[str] = MODES, axis: int = 0, intensity=None,
-                batch_size: int = 4, device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """3D Dice of ``case`` (in its own geometry) after each iteration, per mode: ``{mode: [dice_1, ...]}``."""
-    from ...data.preprocessing import IntensityConfig
+                batch_size: int = 4, device: torch.device | str = "cpu", geometry=None) -> dict[str, list[float]]:
+    """3D Dice of ``case`` (in its own geometry) after each iteration, per mode: ``{mode: [dice_1, ...]}``.
+    ``geometry``: the slices' resize route (``preprocessing.Geometry``; None = SAM's longest side + padding)."""
+    from ...data.preprocessing import LONGEST, IntensityConfig
     from ...data.slices import reassemble, volume_slices
     from ..metrics import compute_metrics
 
     if case.label is None:
         raise ValueError(f"case {case.id} has no label to score against")
-    slices = volume_slices(case, axis, method.input_size, intensity or IntensityConfig())
+    geometry = geometry or LONGEST
+    slices = volume_slices(case, axis, method.input_size, intensity or IntensityConfig(), geometry)
     items = [slices[i] for i in range(len(slices))]
     curves: dict[str, list[float]] = {}
     probs_by_mode = iteration_probabilities(method, items, iterations, modes, batch_size, device)
@@ -101,7 +103,7 @@ def case_curves(method, case, iterations: int, modes: Sequence[str] = MODES, axi
         dices = []
         for fg in per_iter:
             probs = [torch.stack([1 - p.float(), p.float()]) for p in fg]
-            pred = reassemble(probs, axis, case)
+            pred = reassemble(probs, axis, case, geometry=geometry)
             dices.append(compute_metrics(pred, case.label, classes=[1], spacing=case.spacing,
                                          metrics=("dice",))[1]["dice"])
         curves[mode] = dices
@@ -192,7 +194,7 @@ def evaluate_refinement(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     for case_id in cases:
         case = source.load(case_id)
         per_case[case_id] = case_curves(method, case, iterations, modes, predictor.axis, predictor.intensity,
-                                        batch_size, predictor.device)
+                                        batch_size, predictor.device, predictor.geometry)
     mean = {m: [float(np.mean([per_case[c][m][t] for c in cases])) for t in range(iterations)] for m in modes}
     out = Path(out)
     result = {"checkpoint": str(checkpoint), "data": str(data), "cases": cases, "iterations": iterations,
