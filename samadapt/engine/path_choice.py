@@ -209,7 +209,7 @@ def first_slices(exact: Predictor, cases: Iterable[Case], n: int) -> list[dict]:
     """The first ``n`` slice items of ``cases`` (fewer when the cases have fewer), as ``Predictor`` feeds them."""
     items: list[dict] = []
     for case in cases:
-        slices = volume_slices(case, exact.axis, exact.input_size, exact.intensity)
+        slices = volume_slices(case, exact.axis, exact.input_size, exact.intensity, exact.geometry)
         items.extend(slices[i] for i in range(min(len(slices), n - len(items))))
         if len(items) >= n:
             break

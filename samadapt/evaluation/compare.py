@@ -259,7 +259,7 @@ def plot_prompts(predictor: Predictor, case, picks: Sequence[int], path: Path) -
         return None
     from .point_plots import plot_points
 
-    slices = volume_slices(case, predictor.axis, predictor.method.input_size, predictor.intensity)
+    slices = volume_slices(case, predictor.axis, predictor.method.input_size, predictor.intensity, predictor.geometry)
     items = [slices[i] for i in picks]
     saved, predictor.batch_size = predictor.batch_size, len(items)  # one batch: last_points covers every pick
     try:
