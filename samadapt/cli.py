@@ -361,13 +361,14 @@ def cache(
     from .backbones import build_backbone
     from .engine.embedding_cache import EmbeddingCache
     from .data.slices import SliceDataset
-    from .engine.run import intensity_config, open_source
+    from .engine.run import geometry_config, intensity_config, open_source
     from .backbones.weights import cache_dir as default_cache
 
     cfg = _config(None, set_, **{"data.path": data})
     source = open_source(cfg.data)
     bb = build_backbone(backbone, checkpoint=checkpoint).eval()
-    ds = SliceDataset(source.load_all(), bb.input_size, axis=cfg.data.axis, intensity=intensity_config(cfg.data))
+    ds = SliceDataset(source.load_all(), bb.input_size, axis=cfg.data.axis, intensity=intensity_config(cfg.data),
+                      geometry=geometry_config(cfg.data))
     store = EmbeddingCache(Path(cache_dir) if cache_dir else default_cache() / "embeddings", bb, intermediates)
     n, size = store.precompute(ds, batch_size=batch_size)
     console.print(f"{store.summary(n)}; {size / 2**20:.1f} MiB on disk ({size / max(n, 1) / 2**20:.2f} MiB/slice)")
