@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.preprocessing import IntensityConfig
+from ..data.preprocessing import Geometry, IntensityConfig
 from ..data.slices import collate
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_path
@@ -166,9 +166,9 @@ def _first_line(exc: Exception) -> str:
 
 
 def export_predictor(predictor: Predictor, path: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export a ``Predictor``'s method with its data settings (intensity, axis, modality) as metadata."""
+    """Export a ``Predictor``'s method with its data settings (intensity, axis, modality, geometry) as metadata."""
     meta = {"intensity": dataclasses.asdict(predictor.intensity), "axis": predictor.axis,
-            "modality": predictor.modality, **(extra or {})}
+            "modality": predictor.modality, "geometry": dataclasses.asdict(predictor.geometry), **(extra or {})}
     return export_onnx(predictor.method, path, meta)
 
 
@@ -240,6 +240,7 @@ class OnnxPredictor(Predictor):
         self.session = _session(path, threads)
         self.intensity = IntensityConfig(**intensity)
         self.axis = int(meta.get("axis", 0))
+        self.geometry = Geometry(**(meta.get("geometry") or {}))  # files exported before it: SAM's longest side
         self.batch_size = batch_size
         self.input_size = int(meta["input_size"])
         self.modality = meta.get("modality")

@@ -95,7 +95,7 @@ def export_folder(model: Any) -> Path:
 def _variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Predictor:
     """A predictor like ``exact`` on a copy of its method, with ``fast`` options and ``batch_size``."""
     p = Predictor(copy.deepcopy(exact.method), exact.intensity, exact.axis, batch_size, exact.device, exact.amp,
-                  None, fast)
+                  None, fast, exact.geometry)
     p.modality = exact.modality
     return p
 

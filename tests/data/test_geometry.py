@@ -111,3 +111,18 @@ def test_predictor_with_stretch_predicts_the_case_shape():
 def test_predictor_takes_the_geometry_of_its_config():
     config = load_config("box_prompt_whole", ["backbone.name=tiny", "data.resize=stretch", "data.resize_via=32"])
     assert Predictor.from_config(config, 1, device="cpu").geometry == VIA
+
+
+def test_fast_paths_and_onnx_keep_the_geometry(tmp_path):
+    """``predict --fast`` candidates and an exported ONNX model slice the way the model was trained, and give the
+    exact path's prediction."""
+    from samadapt.engine import path_choice
+    from samadapt.engine.export import OnnxPredictor
+
+    predictor = Predictor(make_method("decoder", build_backbone("tiny")), IntensityConfig(), geometry=STRETCH)
+    case = Case("c1", np.random.default_rng(0).random((1, 2, 20, 36), dtype=np.float32))
+    (eager, onnx) = [c.make() for c in path_choice.candidates(predictor, [1], ["eager", "onnx"], tmp_path)[1:]]
+    assert eager.geometry == STRETCH
+    assert isinstance(onnx, OnnxPredictor) and onnx.geometry == STRETCH
+    assert OnnxPredictor(tmp_path / "model.onnx").geometry == STRETCH  # read back from the file's metadata
+    assert np.array_equal(onnx.predict_case(case), predictor.predict_case(case))
