@@ -153,13 +153,8 @@ def predict(
     if choosing:
         from .engine import path_choice
 
-        if checkpoint:
-            from .engine.checkpoint import read_manifest, weights_fingerprint
-
-            described = {"weights": weights_fingerprint(checkpoint), "manifest": read_manifest(checkpoint)}
-        else:
-            described = {"config": cfg.to_dict(), "classes": max(source.num_classes, 1)}
-        exports = path_choice.export_folder(described)
+        exports = path_choice.export_folder(path_choice.model_key(checkpoint) if checkpoint else
+                                            path_choice.model_key(config=cfg, num_classes=max(source.num_classes, 1)))
         predictor, choice = path_choice.select(predictor, path or "auto", (source.load(i) for i in ids), batch_size,
                                                exports)
         console.print(path_choice.summary(choice), highlight=False)
@@ -590,6 +585,9 @@ def serve(
     folder: Optional[str] = typer.Option(None, "--folder", help="A folder whose files the page may open by name."),
     max_upload_mb: int = typer.Option(1024, "--max-upload-mb", help="Largest accepted upload."),
     device: str = typer.Option("auto", "--device"),
+    fast: bool = typer.Option(False, "--fast", help="Whole-volume prediction on the fastest path within tolerance "
+                                                    "(as predict --fast: chosen by timing the first volume's first "
+                                                    "batch; ONNX graphs cached); clicks stay on the exact model."),
 ):
     """A web page to look at the model's predictions and correct them (clicks, box, brush); its HTTP API is described
     at /openapi.json (and /docs, whose viewer needs an online browser)."""
@@ -597,8 +595,9 @@ def serve(
 
     if bool(run) == bool(config):
         raise typer.BadParameter("give exactly one of --run or --config")
-    model = load_model(run=run, device=device) if run else \
-        load_model(config=_config(config, set_, **{"train.device": device}), num_classes=num_classes, device=device)
+    model = load_model(run=run, device=device, fast=fast) if run else \
+        load_model(config=_config(config, set_, **{"train.device": device}), num_classes=num_classes, device=device,
+                   fast=fast)
     run_server(model, host=host, port=port, folder=folder, max_upload_mb=max_upload_mb,
                say=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
 

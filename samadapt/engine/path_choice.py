@@ -92,6 +92,16 @@ def export_folder(model: Any) -> Path:
     return cache_dir() / "exports" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def model_key(checkpoint: str | Path | None = None, config: Any = None, num_classes: int = 1) -> dict[str, Any]:
+    """What ``export_folder`` keys a model by: a checkpoint's weights digest and manifest, or a zero-shot model's
+    config (a ``RunConfig``) and class count."""
+    if checkpoint is not None:
+        from .checkpoint import read_manifest, weights_fingerprint
+
+        return {"weights": weights_fingerprint(checkpoint), "manifest": read_manifest(checkpoint)}
+    return {"config": config.to_dict(), "classes": num_classes}
+
+
 def _variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Predictor:
     """A predictor like ``exact`` on a copy of its method, with ``fast`` options and ``batch_size``."""
     p = Predictor(copy.deepcopy(exact.method), exact.intensity, exact.axis, batch_size, exact.device, exact.amp,

@@ -15,9 +15,12 @@ from .model import ServedModel
 
 
 def load_model(run: str | Path | None = None, config: RunConfig | None = None, num_classes: int = 1,
-               device: str = "auto") -> ServedModel:
+               device: str = "auto", fast: bool = False) -> ServedModel:
     """The served model: a ``samadapt train`` run folder (its best checkpoint and class names) or a run config
-    (zero-shot methods such as box-prompt; ``num_classes`` foreground classes)."""
+    (zero-shot methods such as box-prompt; ``num_classes`` foreground classes). ``fast``: whole volumes are
+    predicted on the fastest path within tolerance (``ServedModel.volume_predictor``)."""
+    from ..engine.path_choice import model_key
+
     if (run is None) == (config is None):
         raise ConfigError("give exactly one of --run or --config")
     if run is not None:
@@ -25,9 +28,9 @@ def load_model(run: str | Path | None = None, config: RunConfig | None = None, n
         predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=8)
         labels = ((read_manifest(checkpoint).get("data") or {}).get("source") or {}).get("labels") or {}
         names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0]
-        return ServedModel(predictor, names, checkpoint)
+        return ServedModel(predictor, names, checkpoint, fast_key=model_key(checkpoint) if fast else None)
     predictor = Predictor.from_config(config, num_classes, device=device, batch_size=8)
-    return ServedModel(predictor)
+    return ServedModel(predictor, fast_key=model_key(config=config, num_classes=num_classes) if fast else None)
 
 
 def run_server(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, folder: str | None = None,

@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,11 +52,16 @@ class ServedModel:
     """A ``Predictor`` plus what the page shows about it (``info``) and a per-slice embedding memory.
 
     ``class_names``: one name per foreground class (index k - 1 for class k). ``checkpoint``: the weights file, for
-    the status line. ``memory``: how many slice embeddings are kept (least recently used are dropped)."""
+    the status line. ``memory``: how many slice embeddings are kept (least recently used are dropped).
+    ``fast_key``: with it, whole volumes are predicted on the fastest path within tolerance, its ONNX graphs cached
+    under this key (``samadapt.engine.path_choice.model_key``); prompts always run on the exact model."""
 
     def __init__(self, predictor: Predictor, class_names: list[str] | None = None,
-                 checkpoint: str | Path | None = None, memory: int = 32):
+                 checkpoint: str | Path | None = None, memory: int = 32, fast_key: Any = None):
         self.predictor = predictor
+        self.fast_key = fast_key
+        self.path_choice: dict | None = None  # the fast path's choice, once made
+        self._volume_predictor: Predictor | None = None
         self.method: Method = predictor.method
         k = self.method.num_classes
         self.class_names = list(class_names or [])[:k] + [f"class {i}" for i in range(len(class_names or []) + 1,
@@ -65,6 +71,21 @@ class ServedModel:
         self._features: OrderedDict[str, Features] = OrderedDict()
         self.encoder_runs = 0  # how many slices went through the encoder (the rest came from memory)
         self.lock = threading.Lock()  # one forward at a time (the model is shared by every request)
+
+    def volume_predictor(self, items: list[dict]) -> Predictor:
+        """The predictor of whole-volume prediction: the exact one, or with ``fast_key`` the fastest path within
+        tolerance (``samadapt.engine.path_choice``), chosen once by timing ``items`` (the first volume's first
+        slices) and kept for every later volume."""
+        if self.fast_key is None:
+            return self.predictor
+        with self.lock:
+            if self._volume_predictor is None:
+                from ..engine import path_choice
+
+                sizes = sorted({1, self.predictor.batch_size})
+                cands = path_choice.candidates(self.predictor, sizes, None, path_choice.export_folder(self.fast_key))
+                self._volume_predictor, self.path_choice = path_choice.choose(cands, items[:max(sizes)])
+            return self._volume_predictor
 
     # --- facts for the page ------------------------------------------------------------------------------------------
     @property
@@ -85,6 +106,9 @@ class ServedModel:
             "checkpoint": Path(self.checkpoint).name if self.checkpoint else None,
             "checkpoint_sha256": digest,
             "device": str(self.predictor.device),
+            "volume_path": (self.path_choice["chosen"] if self.path_choice else
+                            "fastest within tolerance, chosen at the first volume" if self.fast_key is not None
+                            else "exact"),
             "input_size": self.method.input_size,
             "prompt_kinds": list(self.prompt_kinds),
             "classes": [{"id": i, "name": n, "color": "#%02x%02x%02x" % PALETTE[(i - 1) % len(PALETTE)]}

@@ -184,10 +184,11 @@ class Session:
         ``progress``. Meant to run in a background thread."""
         self.check_slice(axis, 0)
         ds = self._dataset(axis)
-        predictor: Predictor = self.model.predictor
         n = len(ds)
         self.progress.update(running=True, done=0, total=n, axis=axis, error=None)
         try:
+            batch = self.model.predictor.batch_size
+            predictor: Predictor = self.model.volume_predictor([ds[i] for i in range(min(n, batch))])
             for start in range(0, n, predictor.batch_size):
                 items = [ds[i] for i in range(start, min(n, start + predictor.batch_size))]
                 with self.model.lock:

@@ -341,3 +341,30 @@ def test_serve_command_needs_one_model_source():
     assert result.exit_code == 2 and "exactly one of --run or --config" in result.output
     result = CliRunner().invoke(app, ["serve", "--run", "/nonexistent/run"])
     assert result.exit_code == 2 and "no checkpoints/best.safetensors" in result.output
+
+
+def test_fast_volume_prediction_chooses_a_path_once_and_matches_the_exact_masks(tmp_path, monkeypatch):
+    """serve --fast: the first whole-volume prediction times the paths and keeps the fastest within tolerance
+    (reported in /api/info); the masks agree with the exact model's; a second volume reuses the choice."""
+    monkeypatch.setenv("SAMADAPT_HOME", str(tmp_path / "home"))
+    model = load_model(config=load_config("box_prompt_whole", ["backbone.name=tiny"]), device="cpu", fast=True)
+    app = create_app(model, workdir=tmp_path / "work")
+    import time
+
+    with TestClient(app) as c:
+        assert c.get("/api/info").json()["volume_path"].startswith("fastest within tolerance")
+        for name in ("a.nii.gz", "b.nii.gz"):
+            sid = upload(c, write_phantom(tmp_path / name)).json()["id"]
+            assert c.post(f"/api/sessions/{sid}/predict-volume", json={"axis": 0}).status_code == 200
+            while c.get(f"/api/sessions/{sid}/progress").json()["running"]:
+                time.sleep(0.05)
+            assert c.get(f"/api/sessions/{sid}/progress").json()["error"] is None
+            if name == "a.nii.gz":
+                choice = model.path_choice
+        assert model.path_choice is choice  # chosen once
+        chosen = c.get("/api/info").json()["volume_path"]
+        assert chosen == choice["chosen"] and any(r["within_tolerance"] for r in choice["candidates"])
+        session = c.app.state.sessions[sid]
+        agree = [mask_of(c.get(f"/api/sessions/{sid}/mask?axis=0&index={i}"))
+                 == session.model.predict_slice(session._dataset(0)[i]).argmax(0).numpy() for i in range(12)]
+        assert np.mean(agree) >= 0.99  # the lossy paths' tolerance is class agreement, not identity
