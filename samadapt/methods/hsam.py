@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone, Features
 from ..errors import ConfigError
+from ..layers.sam_decoder import upscale
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import METHODS
 from .base import Method, resize_labels, upsample_to
@@ -163,7 +164,7 @@ class HSAMStage1(nn.Module):
         hs, keys = run_two_way(self.transformer, src, pe, tokens, order=self.order)
         mask_out = hs[:, 1:1 + t]  # B x T x C
         msk_feat = (mask_out @ keys.transpose(1, 2)).reshape(b, t, h, w)
-        up = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        up = upscale(self.output_upscaling, keys.transpose(1, 2).reshape(b, c, h, w))
         hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         low = (hyper @ up.flatten(2)).reshape(b, t, *up.shape[-2:])
         return {"low": low, "msk_feat": msk_feat, "up": up}
@@ -279,7 +280,7 @@ class HSAMStage2(nn.Module):
             src = src + src * self.attention_map(stage1["msk_feat"], labels)
         tokens = self.mask_tokens.weight.unsqueeze(0).expand(b, -1, -1)
         hs, keys = run_two_way(self.transformer, src, pe, tokens, order="hsam", prior=prior)
-        up2 = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        up2 = upscale(self.output_upscaling, keys.transpose(1, 2).reshape(b, c, h, w))
         feat = self.skip_connect(torch.cat([up2, stage1["up"]], dim=1))  # B x C/16 x S x S
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         return (hyper @ feat.flatten(2)).reshape(b, t, *feat.shape[-2:])
