@@ -67,13 +67,13 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..layers.sam_decoder import upscale
 from ..layers.two_way import MaskedTwoWayTransformer, run_two_way
 from . import METHODS
 from .base import Method, resize_labels, upsample_to
-from .lora_encoder import PrefixReuse, PrefixReuseConfig, keep_frozen_eval, lora_encoder
+from .lora_encoder import LoRAEncoderMixin, PrefixReuseConfig
 from .options import option
 
 PAPER_NOISE_SIGMAS = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)
@@ -287,7 +287,7 @@ class HSAMStage2(nn.Module):
 
 
 @METHODS.register
-class HSAM(Method):
+class HSAM(LoRAEncoderMixin, Method):
     """H-SAM: ``forward`` returns ``logits`` (per ``inference_stage``, B x T x S x S), ``stage1`` (B x T x 4h x 4w)
     and ``stage2`` (B x T x S x S); ``loss`` the weighted two-stage DiceCE."""
 
@@ -300,11 +300,7 @@ class HSAM(Method):
 
     def __init__(self, backbone: Backbone, config: HSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        backbone.freeze()
-        self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
-        self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
-        pe = backbone.prompt_encoder
-        self.no_mask_embed = nn.Parameter(pe.no_mask_embed.weight.detach().clone())  # 1 x C
+        self.setup_lora_encoder(backbone, config)
         t = num_classes + 1
         decoder = backbone.mask_decoder
         self.stage1 = HSAMStage1(decoder, t).requires_grad_(True)
@@ -318,20 +314,6 @@ class HSAM(Method):
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, squared_pred=True,
                                   batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=config.lambda_dice,
                                   lambda_ce=config.lambda_ce)
-
-    def features(self, batch: dict) -> Features:
-        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used, the
-        frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
-        return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
-
-    def train(self, mode: bool = True) -> "HSAM":
-        """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
-        super().train(mode)
-        keep_frozen_eval(self.image_encoder)
-        return self
-
-    def set_fixed_inputs(self, fixed: bool) -> str | None:
-        return self.encoder_run.set_fixed_inputs(fixed, self.name)
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self.stage2_weight = stage2_weight(epoch, self.config.stage_weight_base, self.config.stage_weight_decay)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..backbones.base import Backbone, EncoderStep
+from ..backbones.base import Backbone, EncoderStep, Features
 from ..layers.lora_heads import apply_qv_lora
 from .base import MethodConfig
 from .lora_targets import lora_targets
@@ -57,6 +57,33 @@ def keep_frozen_eval(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
             m.eval()
+
+
+class LoRAEncoderMixin:
+    """What H-SAM and SAMed share: their own LoRA encoder gives the embedding. Mixed in before ``Method``;
+    ``setup_lora_encoder`` (called in ``__init__``) freezes the backbone and builds ``image_encoder``,
+    ``lora_layers``, ``encoder_run`` (``PrefixReuse``) and the trainable dense prompt ``no_mask_embed`` (1 x C, from
+    the prompt encoder's no-mask embedding)."""
+
+    def setup_lora_encoder(self, backbone: Backbone, config) -> None:
+        backbone.freeze()
+        self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
+        self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
+        self.no_mask_embed = nn.Parameter(backbone.prompt_encoder.no_mask_embed.weight.detach().clone())
+
+    def features(self, batch: dict) -> Features:
+        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used, the
+        frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
+        return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
+
+    def train(self, mode: bool = True):
+        """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
+        super().train(mode)
+        keep_frozen_eval(self.image_encoder)
+        return self
+
+    def set_fixed_inputs(self, fixed: bool) -> str | None:
+        return self.encoder_run.set_fixed_inputs(fixed, self.name)
 
 
 def _uses(step: EncoderStep, name: str) -> bool:

@@ -25,14 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from monai.losses import DiceCELoss
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone
 from ..layers.two_way import ORDERS
 from . import METHODS
 from .base import Method, resize_labels
 from .hsam import HSAMStage1
-from .lora_encoder import PrefixReuse, PrefixReuseConfig, keep_frozen_eval, lora_encoder
+from .lora_encoder import LoRAEncoderMixin, PrefixReuseConfig
 from .options import option
 
 
@@ -49,7 +49,7 @@ class SAMedConfig(PrefixReuseConfig):
 
 
 @METHODS.register
-class SAMed(Method):
+class SAMed(LoRAEncoderMixin, Method):
     """SAMed: ``forward`` returns ``logits`` B x T x 4h x 4w (low resolution); ``loss`` the DiceCE at that size."""
 
     name = "samed"
@@ -60,29 +60,12 @@ class SAMed(Method):
 
     def __init__(self, backbone: Backbone, config: SAMedConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
-        backbone.freeze()
-        self.image_encoder, self.lora_layers = lora_encoder(backbone, config.lora_targets, config.lora_rank, self.name)
-        self.encoder_run = PrefixReuse(backbone, self.image_encoder, config.prefix_cache, config.prefix_cache_mb)
-        self.no_mask_embed = nn.Parameter(backbone.prompt_encoder.no_mask_embed.weight.detach().clone())  # 1 x C
+        self.setup_lora_encoder(backbone, config)
         self.decoder = HSAMStage1(backbone.mask_decoder, num_classes + 1, order=config.block_order)
         self.decoder.requires_grad_(True)
         self.loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, squared_pred=True,
                                   batch=True, smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=config.lambda_dice,
                                   lambda_ce=config.lambda_ce)
-
-    def features(self, batch: dict) -> Features:
-        """The LoRA encoder's embedding of ``batch["image"]`` (B x C x h x w); cached features are not used, the
-        frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
-        return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
-
-    def train(self, mode: bool = True) -> "SAMed":
-        """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
-        super().train(mode)
-        keep_frozen_eval(self.image_encoder)
-        return self
-
-    def set_fixed_inputs(self, fixed: bool) -> str | None:
-        return self.encoder_run.set_fixed_inputs(fixed, self.name)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         embedding = self.features(batch).embedding
