@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 def _transposed_2x2(conv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
     """``conv(x)`` for a 2x2, stride-2, unpadded transposed convolution: B x C x h x w -> B x O x 2h x 2w."""
-    b, c, h, w = x.shape
-    o = conv.out_channels
+    c, o = conv.in_channels, conv.out_channels  # module facts, constants in a traced graph
+    h, w = x.shape[-2:]
     y = x.permute(0, 2, 3, 1).reshape(-1, c) @ conv.weight.reshape(c, o * 4)  # (B h w) x (O 2 2)
-    y = y.view(b, h, w, o, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, o, 2 * h, 2 * w)
+    # the batch stays -1: an ONNX export traces shapes as constants and keeps only the batch dynamic
+    y = y.view(-1, h, w, o, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, o, 2 * h, 2 * w)
     return y if conv.bias is None else y + conv.bias.view(1, -1, 1, 1)
 
 
@@ -44,7 +45,7 @@ def upscale(layers: nn.Sequential, x: Tensor) -> Tensor:
         if _is_transposed_2x2(m):
             x = _transposed_2x2(m, x)
         elif type(m).__name__ == "LayerNorm2d":  # segment-anything's and samadapt's: weight, bias, eps over dim 1
-            x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), m.weight, m.bias, m.eps).permute(0, 3, 1, 2)
+            x = F.layer_norm(x.permute(0, 2, 3, 1), (m.weight.numel(),), m.weight, m.bias, m.eps).permute(0, 3, 1, 2)
         else:
             x = m(x)
     return x

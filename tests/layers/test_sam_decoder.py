@@ -42,3 +42,24 @@ def test_other_modules_run_as_they_are():
     seq = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, padding=1), nn.ReLU())
     x = torch.randn(1, 8, 4, 4)
     torch.testing.assert_close(upscale(seq, x), seq(x))
+
+
+def test_upscale_exports_with_a_dynamic_batch(tmp_path):
+    """Traced at batch 1 (as the ONNX export does), the graph runs at batch 3 with the same values."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    seq = _stock(32).eval()
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x):
+            return upscale(self.seq, x)
+
+    path = tmp_path / "up.onnx"
+    torch.onnx.export(Up(), (torch.randn(1, 32, 4, 4),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    x = torch.randn(3, 32, 4, 4)
+    (y,) = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), seq(x).detach(), rtol=1e-4, atol=1e-5)
