@@ -96,6 +96,20 @@ def _label(model_spec: str) -> str:
     return model_spec.partition("=")[0]
 
 
+def select_models(task: str, models: tuple[str, ...], only: Sequence[str]) -> tuple[str, ...]:
+    """The models of ``task`` that ``only`` names: a label keeps that model (a trained model brings its
+    re-scorings, ``hsam`` brings ``hsam-stage1`` and ``hsam-stage2``), ``-LABEL`` leaves one out; with no plain
+    label, every model but those left out. Unknown labels are an error."""
+    keep = [o for o in only if not o.startswith("-")]
+    drop = {o[1:] for o in only if o.startswith("-")}
+    labels = [_label(m) for m in models]
+    unknown = sorted((set(keep) | drop) - set(labels))
+    if unknown:
+        raise ConfigError(f"task {task!r} has no model(s) {unknown}; its models: {', '.join(labels)}")
+    return tuple(m for m, label in zip(models, labels) if label not in drop
+                 and (not keep or label in keep or label.partition("-stage")[0] in keep))
+
+
 def budget_text(spec: dict) -> str:
     """The training budget of a task's spec in words: wall minutes (labelled as such: they depend on the CPU)
     and/or epochs."""
@@ -120,21 +134,13 @@ def run_task(out: Path, task: str, seeds: Sequence[int], minutes: float | None =
     ``minutes`` (wall clock), ``epochs``, ``patience`` and ``val_every_steps`` are the shared training budget (None
     keeps the presets'; ``CONVERGE`` is the convergence budget; ``epochs`` is multiplied by the task's
     ``epoch_scale``). ``backbone`` replaces every model's (``litemedsam``: the presets' own). ``targets=False``
-    skips the shifted test sets; ``only`` keeps the models with these labels (a re-scoring model such as
-    ``hsam-stage1`` goes with its trained ``hsam``). The summary holds the spec and, per model, test set and class, mean and std over
-    cases and seeds of each metric.
+    skips the shifted test sets; ``only`` chooses models by label (``select_models``). The summary holds the
+    spec and, per model, test set and class, mean and std over cases and seeds of each metric.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown benchmark task {task!r}; available: {', '.join(TASKS)}")
     spec_task = TASKS[task]
-    models = tuple(models or spec_task.models)
-    if only:
-        kept = tuple(m for m in models if _label(m) in only or _label(m).partition("-stage")[0] in only)
-        unknown = sorted(set(only) - {_label(m) for m in models})
-        if unknown:
-            raise ConfigError(f"task {task!r} has no model(s) {unknown}; its models: "
-                              f"{', '.join(_label(m) for m in models)}")
-        models = kept
+    models = select_models(task, tuple(models or spec_task.models), only)
     folder = out / "accuracy" / (task if backbone == "litemedsam" else f"{task}@{backbone}")
     epochs = epochs * spec_task.epoch_scale if epochs is not None else None
     spec = _spec(task, seeds, minutes, epochs, patience, models, backbone, val_every_steps)

@@ -63,7 +63,7 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
     depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every
     method); ``backbone`` is for the latency, cost and volume parts (``tiny`` for a quick check of the machinery);
     the accuracy part runs every task on each of ``backbones``; ``shifts=False`` skips its shifted test sets;
-    ``models`` keeps only the accuracy models with these labels.
+    ``models`` chooses accuracy models by label (``-LABEL`` leaves one out; ``accuracy.select_models``).
     """
     out = Path(out)
     if budget not in ("converge", "minutes"):

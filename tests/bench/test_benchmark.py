@@ -120,7 +120,21 @@ def test_report_lists_missing_parts_and_rejects_unknown_ones(tmp_path):
         accuracy.run_task(tmp_path, "liver", seeds=[0], minutes=1)
     with pytest.raises(ConfigError, match=r"no model\(s\) \['nope'\]"):
         accuracy.run_task(tmp_path, "mni152-tissue", seeds=[0], minutes=1, only=["unet", "nope"])
+    with pytest.raises(ConfigError, match=r"no model\(s\) \['hsam-stage3'\]"):
+        accuracy.run_task(tmp_path, "mni152-tissue", seeds=[0], minutes=1, only=["-hsam-stage3"])
     assert not list(Path(tmp_path).iterdir())  # nothing written for a rejected request
+
+
+def test_models_are_chosen_by_label_with_their_rescorings_unless_left_out():
+    models = accuracy.TASKS["mni152-tissue"].models
+
+    def labels(only):
+        return [accuracy._label(m) for m in accuracy.select_models("t", models, only)]
+
+    assert labels(["hsam", "unet"]) == ["unet", "hsam", "hsam-stage1", "hsam-stage2"]
+    assert labels(["hsam", "-hsam-stage1", "-hsam-stage2"]) == ["hsam"]
+    assert labels(["-hsam-stage1", "-hsam-stage2"]) == [x for x in labels([]) if "-stage" not in x]
+    assert labels([]) == [accuracy._label(m) for m in models]
 
 
 def test_cost_of_a_method_without_cache_is_not_applicable(tmp_path, mni152_brain_dataset):
