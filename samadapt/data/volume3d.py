@@ -10,7 +10,8 @@ as ``fill`` (0, torchio's ``CropOrPad`` default) and is dropped when pasted back
   (torchio ``ZNormalization(masking_method=lambda x: x > 0)``), as released (applied to the crop).
 - ``training_patch``: clamp, crop/pad around the label, z-normalise -> (image, label) ``size^3`` patches.
 - ``sliding_window``: probabilities of a whole volume from a per-patch predictor: windows of ``size`` with
-  ``overlap`` (fraction of ``size``) covering every voxel, the last one flush with the end, overlaps averaged.
+  ``overlap`` (fraction of ``size``) covering every voxel, the last one flush with the end, overlaps averaged; with
+  a ``label`` volume each window's label patch goes to the predictor too (simulated clicks).
 """
 
 from __future__ import annotations
@@ -93,17 +94,22 @@ def window_starts(length: int, size: int, overlap: float) -> list[int]:
     return starts + [length - size]
 
 
-def sliding_window(volume: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], size: int,
-                   overlap: float = 0.5, fill: float = 0.0) -> np.ndarray:
+def sliding_window(volume: np.ndarray, predict: Callable[..., np.ndarray], size: int,
+                   overlap: float = 0.5, fill: float = 0.0, label: np.ndarray | None = None) -> np.ndarray:
     """Average of ``predict(patch)`` (a ``size``^3 array -> a ``size``^3 float array) over windows covering
-    ``volume`` (D x H x W) -> float32 D x H x W."""
+    ``volume`` (D x H x W) -> float32 D x H x W; with ``label`` (D x H x W) ``predict(patch, label_patch)``, the
+    label patch of the same window (0 outside the volume)."""
+    if label is not None and label.shape != volume.shape:
+        raise ValueError(f"sliding_window: label {label.shape} differs from the volume {volume.shape}")
     grids = [window_starts(n, size, overlap) for n in volume.shape]
     total = np.zeros(volume.shape, dtype=np.float32)
     count = np.zeros(volume.shape, dtype=np.float32)
     ones = np.ones((size,) * volume.ndim, dtype=np.float32)
     for starts in np.stack(np.meshgrid(*grids, indexing="ij"), -1).reshape(-1, volume.ndim):
         starts = tuple(int(s) for s in starts)
-        out = np.asarray(predict(extract(volume, starts, size, fill)), dtype=np.float32)
+        patch = extract(volume, starts, size, fill)
+        out = predict(patch) if label is None else predict(patch, extract(label, starts, size))
+        out = np.asarray(out, dtype=np.float32)
         if out.shape != ones.shape:
             raise ValueError(f"sliding_window: predict returned {out.shape} for a {ones.shape} patch")
         src, dst = _overlap(volume.shape, starts, size)
@@ -112,14 +118,14 @@ def sliding_window(volume: np.ndarray, predict: Callable[[np.ndarray], np.ndarra
     return total / count
 
 
-def predict_case_volume(case, predict: Callable[[np.ndarray], np.ndarray], size: int, overlap: float = 0.5,
-                        out_path=None):
+def predict_case_volume(case, predict: Callable[..., np.ndarray], size: int, overlap: float = 0.5,
+                        out_path=None, label: np.ndarray | None = None):
     """A whole case through a 3D patch predictor: its first channel normalised once with ``release_intensity`` (CT
-    clamped when ``case.modality`` is CT), ``sliding_window`` foreground probabilities, > 0.5 -> uint8 label map of
-    the case's shape; written with the case's geometry (``write_label_like``) when ``out_path`` is given (returns
-    the path), else returned."""
+    clamped when ``case.modality`` is CT), ``sliding_window`` foreground probabilities (``label``, D x H x W: passed
+    window by window to ``predict`` for simulated clicks), > 0.5 -> uint8 label map of the case's shape; written
+    with the case's geometry (``write_label_like``) when ``out_path`` is given (returns the path), else returned."""
     from .cases import write_label_like
 
     volume = release_intensity(np.asarray(case.image[0]), ct=case.modality == "CT")
-    label = (sliding_window(volume, predict, size, overlap) > 0.5).astype(np.uint8)
+    label = (sliding_window(volume, predict, size, overlap, label=label) > 0.5).astype(np.uint8)
     return write_label_like(label, case, out_path) if out_path is not None else label

@@ -1,6 +1,7 @@
 """3D M-SAM as released (METHODS.md 4.1-4.3) on the ``sam_med3d`` backbone: a model, its training step and
-whole-volume prediction. Not (yet) a registered method: ``samadapt train`` and the method contract run on 2D slices
-(the 2D port is ``samadapt.methods.msam``); this module is driven from Python (see ``tests/methods/test_method_msam3d``).
+whole-volume prediction. Not a registered method (the method contract and ``samadapt train`` run on 2D slices; the
+2D port is ``samadapt.methods.msam``): ``samadapt.engine.volume_run`` trains and predicts it on whole volumes, behind
+``samadapt train3d`` / ``samadapt predict3d``.
 
 Shapes for the official backbone (cube side S = 128, grid g = 8, C = 384; low-res logits 4g = 32 per side):
 
@@ -56,6 +57,10 @@ class MSAM3D(nn.Module):
         self.sam_lr_scale, self.click_mode, self.eval_click_mode = sam_lr_scale, click_mode, eval_click_mode
         self.multi_click, self.infer_iterations = multi_click, infer_iterations
 
+    def trainable_parameters(self):
+        """(name, parameter) of what trains (LoRA, MEA, prompt encoder, mask decoder): what checkpoints store."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
     def param_groups(self, lr: float) -> list[dict]:
         """LoRA + MEA at ``lr``; the prompt encoder and mask decoder at ``sam_lr_scale * lr`` (AdamW 8e-4 as released)."""
         main = list(self.mea.parameters()) + lora_parameters(self.image_encoder)
@@ -110,10 +115,13 @@ class MSAM3D(nn.Module):
         outs = self.refine(image, clicks or self.infer_iterations, label if clicks else None, self.eval_click_mode)
         return torch.sigmoid(self.upsample(outs[-1]))[:, 0]
 
-    def patch_predictor(self):
-        """``patch (S^3 numpy) -> probabilities (S^3 numpy)`` for ``samadapt.data.volume3d.sliding_window``."""
-        def predict(patch: np.ndarray) -> np.ndarray:
+    def patch_predictor(self, clicks: int = 0):
+        """``(patch S^3 numpy[, label patch S^3]) -> probabilities S^3 numpy`` for
+        ``samadapt.data.volume3d.sliding_window``: click-free, or ``clicks`` simulated clicks from the label patch (a
+        window without foreground gets padding points, i.e. no click)."""
+        def predict(patch: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
             device = self.mea.norm_i.weight.device
             x = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None, None].to(device)
-            return self.predict_patch(x)[0].cpu().numpy()
+            y = None if label is None else torch.from_numpy(np.ascontiguousarray(label > 0))[None].to(device)
+            return self.predict_patch(x, clicks, y)[0].cpu().numpy()
         return predict
