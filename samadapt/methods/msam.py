@@ -54,7 +54,7 @@ from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, logits_to_probabilities, upsample_to
-from .lora_encoder import PrefixReuse, PrefixReuseConfig
+from .lora_encoder import PrefixReuse, PrefixReuseConfig, keep_frozen_eval
 from .lora_targets import lora_targets
 from .options import option
 from .prompting import whole_image_boxes
@@ -151,12 +151,13 @@ class MSAM(Method):
 
     # --- modes and parameters -------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "MSAM":
-        """Train mode for the trainable parts; the frozen encoders stay in eval mode (TinyViT has BatchNorm)."""
+        """Train mode for the trainable parts (the LoRA encoder's too, as H-SAM and SAMed); the shared backbone and
+        the frozen BatchNorm layers (TinyViT) stay in eval mode."""
         super().train(mode)
         if self.backbone is not None:
             self.backbone.eval()
         if self.image_encoder is not None:
-            self.image_encoder.eval()
+            keep_frozen_eval(self.image_encoder)
         return self
 
     def set_fixed_inputs(self, fixed: bool) -> str | None:

@@ -232,8 +232,9 @@ def test_shared_backbone_encoder_stays_without_lora(tiny_backbone):
 def test_train_mode_keeps_frozen_encoders_in_eval(tiny_backbone):
     method = make(tiny_backbone)
     method.train()
-    assert method.mea.training and method.mask_decoder.training
-    assert not method.image_encoder.training and not method.backbone.training
+    assert method.mea.training and method.mask_decoder.training and not method.backbone.training
+    lora = [m for m in method.image_encoder.modules() if any("lora_" in n for n, _ in m.named_parameters(recurse=False))]
+    assert lora and all(m.training for m in lora)  # as in H-SAM and SAMed; frozen BatchNorm: test_lora_encoder
 
 
 def test_lora_table_matches_tinyvit_attention_layers():
