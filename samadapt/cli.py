@@ -1,5 +1,5 @@
-"""The ``samadapt`` command: a thin layer over the Python API (train, predict, evaluate, compare, cache, data, info,
-demo, export, benchmark, serve)."""
+"""The ``samadapt`` command: a thin layer over the Python API (train, predict, train3d, predict3d, evaluate, compare,
+cache, data, info, demo, export, benchmark, serve)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,54 @@ def predict(
     written = predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
     write_prediction_manifest(out, predictor, inputs=inputs, model=onnx or checkpoint or config, cases=sorted(written),
                               path_choice=choice)
+    console.print(f"wrote {len(written)} mask(s) to {out}")
+
+
+@app.command("train3d")
+@friendly
+def train3d(
+    data: str = typer.Argument(..., help="3D dataset: nnU-Net raw folder (imagesTr/, labelsTr/), one channel."),
+    out: str = typer.Option(..., "--out", help="Run folder (checkpoints, log.csv, manifest)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="SAM-Med3D weights (sam_med3d_turbo.pth or "
+                                                                        "sam_med3d.pth); required unless --tiny."),
+    tiny: bool = typer.Option(False, "--tiny", help="A small random SAM-Med3D (32^3 cubes; tests and demos only)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Shortcut for --set train.steps=N."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the trained run --out holds."),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept a configuration or "
+                                                                      "dataset that differs from the run's."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set train.iterations=5 (sections "
+                                                     "backbone, model, data, train; see samadapt.engine.volume_run)."),
+):
+    """3D M-SAM (SAM-Med3D backbone): train on whole volumes, choosing the best checkpoint by the sliding-window
+    Dice of a validation split."""
+    from .engine.volume_run import train3d as run_train3d, volume_config
+
+    shortcuts = {"data.path": data, "output": out, "backbone.checkpoint": checkpoint, "train.steps": steps,
+                 "train.device": device, "backbone.size": "tiny" if tiny else None}
+    cfg = volume_config([f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_))
+    result = run_train3d(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    best = "n/a (no validation split: last round kept)" if result.best_metric != result.best_metric \
+        else f"{result.best_metric:.4f}"
+    console.print(f"best val Dice {best}; checkpoint: {result.best_checkpoint}")
+
+
+@app.command("predict3d")
+@friendly
+def predict3d(
+    inputs: str = typer.Argument(..., help="3D volume file or nnU-Net dataset (imagesTs/, else imagesTr/)."),
+    run: str = typer.Option(..., "--run", help="A run folder from `samadapt train3d` (uses best)."),
+    out: str = typer.Option(..., "--out", help="Folder for the predicted masks (same size/geometry as inputs)."),
+    clicks: int = typer.Option(0, "--clicks", help="Predict after N simulated clicks per window from each case's "
+                                                   "label (labelled cases: imagesTr + labelsTr)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Whole volumes through a trained 3D M-SAM (sliding window), written with their geometry, and
+    OUT/prediction.json."""
+    from .engine.volume_run import predict3d as run_predict3d
+
+    written = run_predict3d(run, inputs, out, clicks=clicks, device=device)
     console.print(f"wrote {len(written)} mask(s) to {out}")
 
 
