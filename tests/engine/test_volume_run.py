@@ -109,3 +109,10 @@ def test_bad_input_is_a_clear_error(spheres, trained, tmp_path):
     with pytest.raises(InputError, match="not a run folder of `samadapt train3d`"):
         predict3d(tmp_path, spheres, tmp_path / "p")
     assert not (tmp_path / "r").exists()  # nothing written before the checks passed
+
+
+def test_patience_stops_a_run_that_no_longer_improves(spheres, tmp_path):
+    result = train3d(config(spheres, tmp_path / "p", "train.steps=20", "train.val_every=1", "train.lr=1e-12",
+                            "train.patience=1"))
+    assert result.stopped_early and len(result.history) == 2  # the second validation is no better than the first
+    assert RunDir(tmp_path / "p").manifest["training"]["stopped_early"]
