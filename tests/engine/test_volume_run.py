@@ -12,7 +12,8 @@ import torch
 
 from samadapt.engine.checkpoint import checkpoint_digest
 from samadapt.engine.rundir import RunDir
-from samadapt.engine.volume_run import predict3d, train3d, volume_config
+from samadapt.data.readers import open_dataset
+from samadapt.engine.volume_run import load_run3d, predict3d, train3d, validate, volume_config
 from samadapt.errors import CheckpointError, ConfigError, InputError
 from synthetic import write_disc_pictures
 from volumes3d import FAST, write_spheres
@@ -39,7 +40,7 @@ def spheres(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(spheres, tmp_path_factory):
     out = tmp_path_factory.mktemp("run3d")
-    train3d(config(spheres, out, "train.steps=6", "train.lr=3e-3", "train.scheduler=constant"))
+    train3d(config(spheres, out, "train.steps=6", "train.lr=3e-3", "train.scheduler=constant", "train.val_clicks=1"))
     return out
 
 
@@ -81,6 +82,13 @@ def test_whole_volumes_keep_the_input_geometry_and_clicks_change_them(spheres, t
     assert any((x != y).any() for x, y in zip(arrays[:4], arrays[4:]))  # the clicks are prompts
     meta = json.loads((tmp_path / "clicks" / "prediction.json").read_text())
     assert meta["clicks"] == 2 and meta["cases"] == [f"c{i}" for i in range(4)]
+
+
+def test_validation_scores_with_simulated_clicks(spheres, trained):
+    assert len(RunDir(trained).history()) == 3 and all(0 <= r["val_dice"] <= 1 for r in RunDir(trained).history())
+    _, model, _ = load_run3d(trained)
+    cases = open_dataset(spheres).load_all()
+    assert validate(model, cases, None, 0.5) != validate(model, cases, None, 0.5, clicks=2)
 
 
 def test_bad_input_is_a_clear_error(spheres, trained, tmp_path):
