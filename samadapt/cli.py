@@ -546,7 +546,8 @@ def benchmark(
     shifts: bool = typer.Option(True, "--shifts/--no-shifts", help="Accuracy part: also score the tissue models "
                                                                    "on the simulated scanner shifts."),
     models: Optional[str] = typer.Option(None, "--models", help="Accuracy part: only these model labels, e.g. "
-                                                                "decoder,unet,box-prompt-gt (default all)."),
+                                                                "decoder,unet,box-prompt-gt (default all); "
+                                                                "-LABEL leaves one out (--models=-hsam-stage1)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Training seeds of the accuracy part."),
     budget: str = typer.Option("converge", "--budget", help="Accuracy part: converge (until validation stops "
                                                             "improving) | minutes (wall clock, CPU-dependent)."),
