@@ -26,6 +26,7 @@ from ..evaluation.compare import ModelSpec, compare, summarize_rows
 from ..data.demo_data import build_demo
 from ..errors import ConfigError
 from ..io_utils import atomic_write_json
+from ..methods import METHODS
 from .selection import preset
 
 
@@ -34,22 +35,30 @@ def model(label: str, method: str, *overrides: str, purpose: str = "cpu") -> str
     return " ".join([f"{label}={preset(method, purpose)}", *overrides])
 
 
+def with_variants(label: str, method: str, *overrides: str) -> tuple[str, ...]:
+    """``model(label, method, *overrides)``, then the ablations ``method`` declares (each trained again:
+    ``LABEL-NAME=PRESET ...``) and its re-scorings (the trained model's weights: ``LABEL-NAME=@LABEL ...``)."""
+    cls = METHODS.get(method)
+    return (model(label, method, *overrides),
+            *(model(f"{label}-{name}", method, *overrides, *extra) for name, extra in cls.ablations.items()),
+            *(" ".join([f"{label}-{name}=@{label}", *extra]) for name, extra in cls.rescorings.items()))
+
+
 BINARY_MODELS = (model("decoder", "decoder"), model("unet", "unet"),
                  model("box-prompt-gt", "box-prompt", purpose="oracle"), model("box-prompt-whole", "box-prompt"),
-                 model("desam-box", "desam", "method.options.mode=box"), model("hetersam", "hetersam"),
-                 model("hsam", "hsam"), model("msam", "msam"), model("promise", "promise"),
-                 model("promise-cross", "promise", "method.options.apm=cross"))
-# promise = the paper's APM_IPS_resnet, promise-cross = APM_IPS_cross (cross-attention APM, same CPU preset).
+                 model("desam-box", "desam", "method.options.mode=box"), *with_variants("hetersam", "hetersam"),
+                 *with_variants("hsam", "hsam"), model("msam", "msam"), *with_variants("promise", "promise"))
+# promise = the paper's APM_IPS_resnet; its other four variants are ``ProMISe.ablations`` (same CPU preset).
 # DeSAM's grid mode decodes up to 81 point prompts per slice (about 14 s per slice on 2 CPU threads, 11 minutes per
 # seed on the 46 test slices of the MNI152 slab), so it runs on the small nuclei task only.
 DESAM_GRID = model("desam-grid", "desam")
-# H-SAM's claim is against SAMed (same recipe: its CPU preset); its stages are re-scored from the same trained run.
+# H-SAM's claim is against SAMed (same recipe: its CPU preset); its stages are re-scored from the same trained run
+# (``HSAM.rescorings``); HeterSAM's fusion ablation is trained again (``HeterSAM.ablations``).
 MULTICLASS_MODELS = (model("decoder", "decoder"), model("unet", "unet"),
-                     model("box-prompt-gt", "box-prompt", purpose="oracle"), model("hsam", "hsam"),
-                     "hsam-stage1=@hsam method.options.inference_stage=1",
-                     "hsam-stage2=@hsam method.options.inference_stage=2", model("samed", "samed"),
-                     model("desam-box", "desam", "method.options.mode=box"), model("hetersam", "hetersam"),
-                     model("msam", "msam"), model("promise", "promise"))
+                     model("box-prompt-gt", "box-prompt", purpose="oracle"), *with_variants("hsam", "hsam"),
+                     model("samed", "samed"), model("desam-box", "desam", "method.options.mode=box"),
+                     *with_variants("hetersam", "hetersam"), model("msam", "msam"),
+                     *with_variants("promise", "promise"))
 # The whole-image box cannot tell classes apart (it refuses 3 classes); the oracle box is the zero-shot row.
 SHIFTS = tuple(f"mni152-tissue-{name}" for name in ("bias", "gamma", "gibbs", "blur", "lowres", "noise"))
 
@@ -98,16 +107,17 @@ def _label(model_spec: str) -> str:
 
 def select_models(task: str, models: tuple[str, ...], only: Sequence[str]) -> tuple[str, ...]:
     """The models of ``task`` that ``only`` names: a label keeps that model (a trained model brings its
-    re-scorings, ``hsam`` brings ``hsam-stage1`` and ``hsam-stage2``), ``-LABEL`` leaves one out; with no plain
-    label, every model but those left out. Unknown labels are an error."""
+    re-scorings, ``hsam`` brings ``hsam-stage1`` and ``hsam-stage2``; not its ablations, which train), ``-LABEL``
+    leaves one out; with no plain label, every model but those left out. Unknown labels are an error."""
     keep = [o for o in only if not o.startswith("-")]
     drop = {o[1:] for o in only if o.startswith("-")}
-    labels = [_label(m) for m in models]
+    specs = [ModelSpec.parse(m) for m in models]
+    labels = [s.label for s in specs]
     unknown = sorted((set(keep) | drop) - set(labels))
     if unknown:
         raise ConfigError(f"task {task!r} has no model(s) {unknown}; its models: {', '.join(labels)}")
-    return tuple(m for m, label in zip(models, labels) if label not in drop
-                 and (not keep or label in keep or label.partition("-stage")[0] in keep))
+    return tuple(m for m, s in zip(models, specs) if s.label not in drop
+                 and (not keep or s.label in keep or s.reuses in keep))
 
 
 def budget_text(spec: dict) -> str:

@@ -64,6 +64,12 @@ class Method(nn.Module):
     """Purpose -> bundled preset (``samadapt/config/presets/<preset>.yaml``) that runs this method: ``"cpu"`` (sized
     for a 2-core CPU on the bundled backbone; the benchmark's and demo's setting), ``"paper"`` (the paper's setting)
     and any other purpose the method has (``"oracle"``, ``"tiny"``, ...)."""
+    rescorings: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Name -> overrides under which the benchmark's accuracy part also scores each trained model of this method,
+    its weights unchanged (a row ``<label>-<name>``; e.g. H-SAM's stages alone)."""
+    ablations: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Name -> overrides of the paper's ablation: the accuracy part trains the method again with them, same budget
+    (a row ``<label>-<name>``; e.g. HeterSAM without its fusion module)."""
     benchmark_parts: ClassVar[tuple[str, ...]] = ()
     """Parts of ``samadapt benchmark`` that measure this method by default, from its ``"cpu"`` preset: ``"latency"``
     (per-image prediction time; the volume part accepts the same methods) and ``"cost"`` (training step time)."""

@@ -254,6 +254,7 @@ class HeterSAM(Method):
     config_class = HeterSAMConfig
     max_classes = 1
     presets = {"cpu": "hetersam_cpu", "paper": "hetersam_paper"}
+    ablations = {f"fusion-{f}": (f"method.options.fusion={f}",) for f in FUSIONS if f != "deformable_se"}
     benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone: Backbone, config: HeterSAMConfig, num_classes: int = 1):

@@ -296,6 +296,7 @@ class HSAM(LoRAEncoderMixin, Method):
     needs_encoder_grad = True
     max_classes = None
     presets = {"cpu": "hsam_cpu", "paper": "hsam_paper"}
+    rescorings = {f"stage{k}": (f"method.options.inference_stage={k}",) for k in (1, 2)}
     benchmark_parts = ("latency", "cost")
 
     def __init__(self, backbone: Backbone, config: HSAMConfig, num_classes: int = 1):

@@ -425,6 +425,9 @@ class ProMISe(Method):
     promptable = True
     prompt_kinds = ("points",)
     presets = {"cpu": "promise_cpu", "paper": "promise_paper"}
+    ablations = {"apm-resnet": ("method.options.mode=apm",),  # the paper's five variants; this is APM_IPS_resnet
+                 "apm-cross": ("method.options.mode=apm", "method.options.apm=cross"),
+                 "apm-ips-cross": ("method.options.apm=cross",), "ips-gt": ("method.options.mode=ips_gt",)}
     benchmark_parts = ("latency", "cost")
     export_refusal = ("its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
                       "batch size in the prompt encoder")

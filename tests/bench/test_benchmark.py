@@ -133,6 +133,8 @@ def test_models_are_chosen_by_label_with_their_rescorings_unless_left_out():
 
     assert labels(["hsam", "unet"]) == ["unet", "hsam", "hsam-stage1", "hsam-stage2"]
     assert labels(["hsam", "-hsam-stage1", "-hsam-stage2"]) == ["hsam"]
+    assert labels(["hetersam"]) == ["hetersam"]  # its fusion ablation trains: named on its own
+    assert labels(["hetersam-fusion-none"]) == ["hetersam-fusion-none"]
     assert labels(["-hsam-stage1", "-hsam-stage2"]) == [x for x in labels([]) if "-stage" not in x]
     assert labels([]) == [accuracy._label(m) for m in models]
 

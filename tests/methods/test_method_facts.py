@@ -37,6 +37,17 @@ def test_every_bundled_preset_is_declared_by_its_method():
     assert declared == {p.stem for p in preset_dir().glob("*.yaml")}
 
 
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).ablations or METHODS.get(n).rescorings])
+def test_declared_ablations_and_rescorings_are_valid_options_that_change_the_method(name, tiny_backbone):
+    cls = METHODS.get(name)
+    base = load_config(preset(name, "cpu"), []).method.options
+    for variant, overrides in {**cls.ablations, **cls.rescorings}.items():
+        options = load_config(preset(name, "cpu"), list(overrides)).method.options
+        assert options != base, f"{name} {variant}: its overrides change nothing"
+        build_method(name, tiny_backbone, {**SMALL.get(name, {}), **options}, 1)
+    assert not set(cls.ablations) & set(cls.rescorings)  # one row label each
+
+
 def test_a_missing_purpose_is_a_clear_error():
     with pytest.raises(ConfigError, match="method 'unet' declares no 'paper' preset .*cpu=unet_cpu"):
         preset("unet", "paper")
