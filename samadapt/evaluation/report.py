@@ -53,18 +53,23 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Train loss and validation Dice per epoch, one line per run."""
+    """Train loss and validation Dice, one line per run, against optimizer steps when every run records them
+    (runs with other batch counts per epoch line up), else epochs; validations joined across the epochs between."""
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    axis = "steps" if all("steps" in h for history in histories.values() for h in history) else "epoch"
     for name, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        ax_loss.plot(epochs, [h["train_loss"] for h in history], marker=".", label=name)
-        if any("val_dice" in h for h in history):
-            ax_dice.plot(epochs, [h.get("val_dice", np.nan) for h in history], marker=".", label=name)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1))
+        x = [h[axis] for h in history]
+        line, = ax_loss.plot(x, [h["train_loss"] for h in history], marker=".", label=name)
+        scored = [(xi, h["val_dice"]) for xi, h in zip(x, history) if not np.isnan(h.get("val_dice", np.nan))]
+        if scored:
+            ax_dice.plot(*zip(*scored), marker=".", color=line.get_color(), label=name)
+    label = "optimizer step" if axis == "steps" else "epoch"
+    ax_loss.set(xlabel=label, ylabel="training loss", title="training loss")
+    ax_dice.set(xlabel=label, ylabel="Dice", title="validation Dice", ylim=(0, 1))
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
