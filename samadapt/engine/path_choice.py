@@ -102,7 +102,7 @@ def model_key(checkpoint: str | Path | None = None, config: Any = None, num_clas
     return {"config": config.to_dict(), "classes": num_classes}
 
 
-def _variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Predictor:
+def variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Predictor:
     """A predictor like ``exact`` on a copy of its method, with ``fast`` options and ``batch_size``."""
     p = Predictor(copy.deepcopy(exact.method), exact.intensity, exact.axis, batch_size, exact.device, exact.amp,
                   None, fast, exact.geometry)
@@ -124,7 +124,7 @@ def _onnx(exact: Predictor, batch_size: int, folder: Path, int8: bool) -> Predic
         meta: dict[str, Any] = {}
         if int8:
             meta = quantize_encoder(method, fp32, q8) if not q8.exists() else {"quantization": "int8"}
-        return SplitPredictor(_variant(exact, batch_size, FastOptions(bf16="off")), q8 if int8 else fp32,
+        return SplitPredictor(variant(exact, batch_size, FastOptions(bf16="off")), q8 if int8 else fp32,
                               batch_size, threads, meta)
     from .export import OnnxPredictor, export_predictor, quantize_int8
 
@@ -149,12 +149,12 @@ def candidates(exact: Predictor, batch_sizes: list[int], paths: list[str] | None
         paths = ["eager"] + (["bf16"] if bf16_native(exact.device) else []) + \
             (["onnx", "int8"] if cpu and onnx_available(exact.method) else [])
     work = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="samadapt-paths-"))
-    made: list[Candidate] = [Candidate("exact", b, lambda b=b: _variant(exact, b, None)) for b in batch_sizes]
+    made: list[Candidate] = [Candidate("exact", b, lambda b=b: variant(exact, b, None)) for b in batch_sizes]
     for path in paths:
         for b in batch_sizes:
             if path in ("eager", "bf16"):
                 fast = FastOptions(bf16="off" if path == "eager" else "on")
-                made.append(Candidate(path, b, lambda b=b, fast=fast: _variant(exact, b, fast)))
+                made.append(Candidate(path, b, lambda b=b, fast=fast: variant(exact, b, fast)))
             else:
                 made.append(Candidate(path, b, lambda b=b, int8=path == "int8": _onnx(exact, b, work, int8)))
     return made

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from samadapt.bench import accuracy, volume
+from samadapt.bench import accuracy, latency, volume
 from samadapt.bench.run import report, run_benchmark
 from samadapt.errors import ConfigError
 
@@ -49,8 +50,10 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
     assert cost["method"] == "decoder" and cost["step_s_no_cache"] > 0 and cost["step_s_cache"] > 0
     assert cost["train_rss_cache"] > 100 and cost["predict_rss"] > 100  # MiB: a whole torch process
     vol = json.loads((out / "volume.json").read_text())
-    assert [(r["variant"], r["batch"]) for r in vol["rows"]] == [("fast", 8), ("int8", 2)]
-    assert all(r["slices"] == vol["shape"][0] and r["seconds"] > 0 for r in vol["rows"])
+    cases = list(volume.write_volumes(out / "volume"))  # the MNI152 T1, and the CT where its package is installed
+    assert [(r["variant"], r["batch"], r["case"]) for r in vol["rows"]] == \
+        [(v, b, c) for v, b in (("fast", 8), ("int8", 2)) for c in cases]
+    assert all(r["slices"] == r["shape"][0] and r["seconds"] > 0 and not r["trained"] for r in vol["rows"])
     assert (out / "volume" / "decoder-int8-b2" / "mni152_t1.nii.gz").exists()
     for heading in ("Prediction latency", "Training cost", "3D: seconds per volume"):
         assert heading in text
@@ -61,6 +64,52 @@ def test_latency_cost_volume_parts_from_the_command_line(tmp_path):
                             "--results", str(tmp_path / "R.md")], capture_output=True, encoding="utf-8", timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "R.md").read_text() == text
+
+
+def test_mask_agreement_counts_equal_pixels_and_foreground_dice(tmp_path):
+    from PIL import Image
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    x = np.zeros((4, 5), np.uint8)
+    x[0, :4] = 1  # class 1: 4 pixels; class 2: 2 pixels
+    x[3, :2] = 2
+    y = x.copy()
+    y[0, 0] = 0  # class 1: 3 of 4 kept -> Dice 6 / 7; class 2 unchanged -> 1.0
+    Image.fromarray(x).save(a / "p.png")
+    Image.fromarray(y).save(b / "p.png")
+    agree, dice = latency.agreement(a, b)
+    assert agree == pytest.approx(19 / 20) and dice == pytest.approx((6 / 7 + 1.0) / 2)
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(a / "p.png")
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(b / "p.png")
+    assert latency.agreement(a, b) == (1.0, 1.0)  # no foreground anywhere: nothing disagrees
+
+
+def test_latency_times_the_trained_run_of_each_method(tmp_path):
+    """``--trained``: a method's own-named run is preferred to its longer-labelled variants; every row of it is
+    timed on the trained weights (the fp32 rows give its exact masks) and says so."""
+    tiny = "decoder_tiny train.batch_size=4"
+    accuracy.run_task(tmp_path, "nuclei", seeds=[0], epochs=2, patience=1, targets=False,
+                      models=(f"decoder-long={tiny}", f"decoder={tiny}", "box-prompt-whole=box_prompt_whole "
+                              "backbone.name=tiny"))
+    runs_folder = tmp_path / "accuracy" / "nuclei" / "runs"
+    assert latency.trained_runs(runs_folder) == {"decoder": runs_folder / "decoder" / "seed0"}
+    assert latency.trained_runs(runs_folder / "decoder-long") == {"decoder": runs_folder / "decoder-long" / "seed0"}
+    assert latency.trained_runs(None) == {}
+    pictures = tmp_path / "pictures"
+    latency.write_pictures(pictures, 2)
+    rows = latency.run_method("decoder", pictures, tmp_path / "work", 2, 1, "tiny", runs_folder / "decoder" / "seed0")
+    assert {r["head"] for r in rows} == {"trained (decoder, seed0)"}
+    fp32 = [r for r in rows if r["variant"] in ("plain", "fast", "onnx")]
+    assert len(fp32) == 6 and all(r["agree"] > 0.999 and r["dice"] > 0.99 for r in fp32)
+    # where the time went: the encoder (hooked, or the ONNX session) inside the model, the rest around it
+    assert all(0 < r["stages"]["encoder"] and r["stages"]["head"] >= 0 and r["stages"]["io"] > 0 and
+               sum(r["stages"].values()) == pytest.approx(r["s"]) for r in rows)
+    table = latency.markdown({"backbone": "tiny", "images": 2, "batch": 2, "threads": 1, "stock": 1.0,
+                              "stock_start": 1.0, "stock_end": 1.0, "stock_rss": 1.0, "rows": rows,
+                              "trained": str(runs_folder), "bf16_native": False})
+    assert "| decoder | trained (decoder, seed0) | plain | 1 |" in table and str(runs_folder) in table
+    assert "| decoder | " + rows[-1]["chosen"] + " | " in table  # the chosen path's stage row
 
 
 def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
