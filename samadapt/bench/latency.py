@@ -43,6 +43,7 @@ from ..engine.checkpoint import read_manifest
 from ..engine.path_choice import onnx_available, select, variant
 from ..engine.path_choice import summary as path_summary
 from ..engine.predict import Predictor
+from ..engine.rundir import RunDir
 from ..engine.run import intensity_config
 from ..methods import build_method
 from .memory import peak_rss_mib, reset_peak_rss
@@ -163,12 +164,10 @@ def trained_runs(folder: Path | None) -> dict[str, Path]:
     the one whose label is the method's own name, else the one with the shortest label (a method's plain row before
     its ablations), first seed first. Empty for None."""
     found: dict[str, tuple[tuple, Path]] = {}
-    bests = [*folder.glob("*/checkpoints/best.safetensors"), *folder.glob("*/*/checkpoints/best.safetensors")] \
-        if folder is not None else []
-    for best in sorted(bests):
-        run = best.parent.parent
+    candidates = [*folder.glob("*"), *folder.glob("*/*")] if folder is not None else []
+    for run in sorted(c for c in candidates if RunDir(c).best_checkpoint.is_file()):
         label = run_label(run)
-        method = read_manifest(best)["method"]["name"]
+        method = read_manifest(RunDir(run).best_checkpoint)["method"]["name"]
         rank = (label != method, len(label), label, run.name)
         if method not in found or rank < found[method][0]:
             found[method] = (rank, run)
