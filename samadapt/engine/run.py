@@ -15,7 +15,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -196,24 +196,26 @@ def data_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
     return out
 
 
-def _check_target(config: RunConfig, run: RunDir, resume: bool, overwrite: bool, allow_changes: bool) -> None:
-    """Refuse to train into ``run`` unless it is new, or ``resume``/``overwrite`` says what to do with its run."""
+def check_target(run: RunDir, config: Any, previous: Callable[[], Any], resume: bool, overwrite: bool,
+                 allow_changes: bool, unit: str = "epoch") -> None:
+    """Refuse to train ``config`` into ``run`` unless it is new, or ``resume`` (with the run's configuration,
+    ``previous()``, unless ``allow_changes``) / ``overwrite`` says what to do with its run; ``unit`` names what
+    ``run.trained_epochs()`` counts (2D epochs, 3D rounds)."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    trained = run.trained_epochs()
     if resume:
         if not run.path.is_dir():
             raise InputError(run.path, "no such run folder to resume")
-        if run.trained_epochs() is None:
-            raise InputError(run.state, "no trained epoch to resume from (train without --resume)")
-        changed = config_differences(run.config(), config)
+        if trained is None:
+            raise InputError(run.state, f"no trained {unit} to resume from (train without --resume)")
+        changed = config_differences(previous(), config)
         if changed and not allow_changes:
             raise ConfigError(f"{run.path}: --resume with a configuration that differs from the run's: "
                               f"{'; '.join(changed)}. Pass --allow-changes to resume anyway, or --overwrite")
-    elif not overwrite:
-        epochs = run.trained_epochs()
-        if epochs is not None:
-            raise InputError(run.path, f"already holds a trained run ({epochs} epoch(s)); pass --resume to continue "
-                                       "it or --overwrite to replace it")
+    elif trained is not None and not overwrite:
+        raise InputError(run.path, f"already holds a trained run ({trained} {unit}(s)); pass --resume to continue "
+                                   "it or --overwrite to replace it")
 
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -226,7 +228,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     check_config(config)
     out = check_output_dir(config.output)
     run = RunDir(out)
-    _check_target(config, run, resume, overwrite, allow_changes)
+    check_target(run, config, run.config, resume, overwrite, allow_changes)
     device = dist_utils.local_device(resolve_device(config.train.device))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -252,7 +254,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     try:
         if lock is not None:
             lock.acquire()
-            _check_target(config, run, resume, overwrite, allow_changes)  # again, now that no one else writes
+            check_target(run, config, run.config, resume, overwrite, allow_changes)  # again, no one else writes now
             clean_stale_parts(out)
             if overwrite:
                 for path in run.outputs:

@@ -51,7 +51,7 @@ from .checkpoint import (adapter_state, apply_adapter_state, load_checkpoint, lo
                          save_checkpoint, save_training_state, set_rng_state)
 from .device import resolve_device
 from .manifest import base_manifest
-from .run import config_differences, data_differences, dataset_fingerprint, open_source
+from .run import check_target, config_differences, data_differences, dataset_fingerprint, open_source
 from .rundir import RunDir
 from .schedulers import build_optimizer, build_scheduler
 from .trainer import TrainResult
@@ -242,22 +242,11 @@ def validate(model: MSAM3D, cases: list, fg: int | None, overlap: float, clicks:
 
 # --- training ----------------------------------------------------------------------------------------------------
 def _check_target(config: Volume3DConfig, run: RunDir, resume: bool, overwrite: bool, allow_changes: bool) -> None:
-    """As the 2D ``run._check_target``: a new folder, or ``resume`` (same configuration) / ``overwrite``."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
-    rounds = run.trained_epochs()
-    if resume:
-        if rounds is None:
-            raise InputError(run.path, "no trained round (state.pt) to resume from (train without --resume)")
-        if run.manifest.get("kind") != KIND:
-            raise InputError(run.path, "not a run folder of `samadapt train3d`")
-        changed = config_differences(read_volume_config(run.config_yaml), config)
-        if changed and not allow_changes:
-            raise ConfigError(f"{run.path}: --resume with a configuration that differs from the run's: "
-                              f"{'; '.join(changed)}. Pass --allow-changes to resume anyway, or --overwrite")
-    elif rounds is not None and not overwrite:
-        raise InputError(run.path, f"already holds a trained run ({rounds} round(s)); pass --resume to continue it "
-                                   "or --overwrite to replace it")
+    """The 2D ``run.check_target`` (rounds for epochs), refusing to resume a folder another command trained."""
+    if resume and not overwrite and run.trained_epochs() is not None and run.manifest.get("kind") != KIND:
+        raise InputError(run.path, "not a run folder of `samadapt train3d`")
+    check_target(run, config, lambda: read_volume_config(run.config_yaml), resume, overwrite, allow_changes,
+                 unit="round")
 
 
 def train3d(config: Volume3DConfig, resume: bool = False, overwrite: bool = False,
