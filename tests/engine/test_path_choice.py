@@ -100,7 +100,28 @@ def test_choice_is_the_fastest_within_tolerance_for_random_candidates(monkeypatc
         picked = next(r for r in rows if r["candidate"] == report["chosen"])
         assert picked["within_tolerance"] and picked["s_per_slice"] == min(r["s_per_slice"] for r in ok)
         path = report["path"]
-        assert TOLERANCES[path].holds(picked["max_abs"], picked["agreement"])
+        assert TOLERANCES[path].holds(picked["max_abs"], picked["agreement"], picked["dice"])
+
+
+def test_a_lossy_path_that_agrees_on_the_pixels_but_erodes_a_small_foreground_is_refused(monkeypatch):
+    """Pixel agreement 0.9995 (4 of 8192 pixels flipped, all inside a 200-pixel object) passes ``AUTO_AGREEMENT``,
+    but the object's Dice falls to 0.99: the lossy path is outside tolerance, the exact one chosen."""
+    clock = FakeClock()
+    monkeypatch.setattr(path_choice.time, "perf_counter", clock)
+    p = torch.full((2, 1, 64, 64), 0.1)
+    p[:, :, 20:30, 20:30] = 0.9
+    ref = torch.cat([1 - p, p], dim=1)
+    offset = torch.zeros_like(ref)
+    offset[0, 0, 20:22, 20:22], offset[0, 1, 20:22, 20:22] = 0.8, -0.8  # 4 object pixels become background
+    fakes = [Candidate("exact", 1, lambda: FakePredictor(clock, ref, 1.0)),
+             Candidate("int8", 1, lambda: FakePredictor(clock, ref, 0.1, offset))]
+    _, report = choose(fakes, [{}] * 2, ref)
+    row = next(r for r in report["candidates"] if r["candidate"] == "int8 b1")
+    assert row["agreement"] == pytest.approx(1 - 4 / 8192) and row["agreement"] >= TOLERANCES["int8"].agreement
+    assert row["dice"] == pytest.approx(2 * 196 / (196 + 200)) and not row["within_tolerance"]
+    assert report["chosen"] == "exact b1"
+    empty = torch.zeros(1, 4, 4, dtype=torch.long)
+    assert path_choice.foreground_dice(empty, empty, 3) == 1.0  # no foreground on either side: nothing lost
 
 
 @pytest.mark.parametrize("name, sizes, paths, labels", [
@@ -119,9 +140,10 @@ def test_real_candidates_on_the_tiny_backbone(name, sizes, paths, labels, tmp_pa
     ref = torch.stack(exact.predict_probabilities(items))
     got = torch.stack(chosen.predict_probabilities(items))
     agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    dice = path_choice.foreground_dice(got.argmax(1), ref.argmax(1), ref.shape[1])
     assert report["path"] in ("exact", "eager", "onnx", "int8")
     if report["path"] != "int8":  # fp32 paths hold their bound on any slices; int8's agreement is per batch
-        assert TOLERANCES[report["path"]].holds(float((got - ref).abs().max()), agree)
+        assert TOLERANCES[report["path"]].holds(float((got - ref).abs().max()), agree, dice)
 
 
 def test_pinning(tmp_path):
