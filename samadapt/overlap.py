@@ -42,3 +42,12 @@ def dice_from_counts(counts: Array) -> Array:
 def dice(pred: Array, gt: Array) -> float:
     """Dice of two binary masks (any non-zero value is foreground) of one shape."""
     return float(dice_from_counts(mask_counts(pred != 0, gt != 0)))
+
+
+def foreground_dice(pred: Array, ref: Array, num_classes: int) -> float:
+    """Dice of label maps ``pred`` against ``ref`` (one shape, any), per foreground class 1..num_classes-1 pooled
+    over all their pixels, mean over the classes that either holds (1.0 when neither holds any foreground);
+    ``num_classes`` >= 2."""
+    counts = class_counts(pred, ref, range(1, num_classes))
+    present = counts[:, 1] + counts[:, 2] > 0
+    return float(dice_from_counts(counts[present]).mean()) if bool(present.any()) else 1.0

@@ -47,6 +47,7 @@ from ..engine.rundir import RunDir
 from ..engine.run import intensity_config
 from ..errors import SamadaptError
 from ..methods import build_method
+from ..overlap import foreground_dice
 from .memory import peak_rss_mib, reset_peak_rss
 from .selection import measured_methods, preset
 
@@ -145,18 +146,11 @@ def samadapt_seconds(predictor, folder: Path, out: Path) -> tuple[float, dict[st
 def agreement(a: Path, b: Path) -> tuple[float, float]:
     """Between two folders of masks (same names): the share of equal pixels, and the foreground Dice pooled over
     the pictures per class, averaged over the classes either folder has (1.0 when neither has any)."""
-    eq = tot = 0
-    inter: dict[int, int] = {}
-    size: dict[int, int] = {}
-    for p in sorted(a.glob("*.png")):
-        x, y = np.asarray(Image.open(p)), np.asarray(Image.open(b / p.name))
-        eq += int((x == y).sum())
-        tot += x.size
-        for c in (set(np.unique(x).tolist()) | set(np.unique(y).tolist())) - {0}:
-            inter[c] = inter.get(c, 0) + int(((x == c) & (y == c)).sum())
-            size[c] = size.get(c, 0) + int((x == c).sum() + (y == c).sum())
-    dice = [2 * inter[c] / size[c] for c in size]
-    return eq / max(tot, 1), float(np.mean(dice)) if dice else 1.0
+    names = sorted(p.name for p in a.glob("*.png"))
+    x, y = (np.concatenate([np.asarray(Image.open(d / n)).ravel() for n in names] or [np.zeros(0, np.uint8)])
+            for d in (a, b))
+    classes = int(max(x.max(initial=0), y.max(initial=0), 1)) + 1
+    return int((x == y).sum()) / max(x.size, 1), foreground_dice(x, y, classes)
 
 
 def trained_runs(folder: Path | None) -> dict[str, Path]:

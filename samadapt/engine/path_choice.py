@@ -38,7 +38,7 @@ import torch
 from ..data.cases import Case
 from ..data.slices import volume_slices
 from ..errors import ConfigError
-from ..overlap import class_counts, dice_from_counts
+from ..overlap import foreground_dice
 from .fast import FP32_TOLERANCE, FastOptions, bf16_native
 from .predict import Predictor
 
@@ -50,7 +50,7 @@ AUTO_DICE = 0.999
 @dataclass(frozen=True)
 class Tolerance:
     """``max_abs``: largest |p - p_exact| allowed; ``agreement``: least share of pixels whose class equals the exact
-    path's; ``dice``: least foreground Dice against the exact masks (``foreground_dice``); None: not checked."""
+    path's; ``dice``: least foreground Dice against the exact masks (``overlap.foreground_dice``); None: not checked."""
 
     max_abs: float | None = None
     agreement: float | None = None
@@ -65,14 +65,6 @@ class Tolerance:
 TOLERANCES = {"exact": Tolerance(max_abs=FP32_TOLERANCE), "eager": Tolerance(max_abs=FP32_TOLERANCE),
               "bf16": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE), "onnx": Tolerance(max_abs=FP32_TOLERANCE),
               "int8": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE)}
-
-
-def foreground_dice(labels: torch.Tensor, reference: torch.Tensor, num_classes: int) -> float:
-    """Dice of label maps ``labels`` (N x S x S) against ``reference``'s, per foreground class 1..num_classes-1
-    pooled over the slices, mean over the classes that either holds (1.0 when neither holds any foreground)."""
-    counts = class_counts(labels, reference, range(1, num_classes))
-    present = counts[:, 1] + counts[:, 2] > 0
-    return float(dice_from_counts(counts[present]).mean()) if bool(present.any()) else 1.0
 
 
 @dataclass

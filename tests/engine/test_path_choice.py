@@ -19,6 +19,7 @@ from samadapt.engine.path_choice import TOLERANCES, Candidate, candidates, choos
 from samadapt.engine.predict import Predictor
 from samadapt.engine.split_export import SplitPredictor
 from samadapt.errors import ConfigError
+from samadapt.overlap import foreground_dice
 from support import image_items, make_method
 from synthetic import write_disc_pictures
 
@@ -121,7 +122,7 @@ def test_a_lossy_path_that_agrees_on_the_pixels_but_erodes_a_small_foreground_is
     assert row["dice"] == pytest.approx(2 * 196 / (196 + 200)) and not row["within_tolerance"]
     assert report["chosen"] == "exact b1"
     empty = torch.zeros(1, 4, 4, dtype=torch.long)
-    assert path_choice.foreground_dice(empty, empty, 3) == 1.0  # no foreground on either side: nothing lost
+    assert foreground_dice(empty, empty, 3) == 1.0  # no foreground on either side: nothing lost
 
 
 @pytest.mark.parametrize("name, sizes, paths, labels", [
@@ -140,7 +141,7 @@ def test_real_candidates_on_the_tiny_backbone(name, sizes, paths, labels, tmp_pa
     ref = torch.stack(exact.predict_probabilities(items))
     got = torch.stack(chosen.predict_probabilities(items))
     agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
-    dice = path_choice.foreground_dice(got.argmax(1), ref.argmax(1), ref.shape[1])
+    dice = foreground_dice(got.argmax(1), ref.argmax(1), ref.shape[1])
     assert report["path"] in ("exact", "eager", "onnx", "int8")
     if report["path"] != "int8":  # fp32 paths hold their bound on any slices; int8's agreement is per batch
         assert TOLERANCES[report["path"]].holds(float((got - ref).abs().max()), agree, dice)
