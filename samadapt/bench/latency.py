@@ -89,14 +89,15 @@ def stock_seconds(net, paths: list[Path], out: Path) -> float:
 class StageTimer:
     """Seconds a predictor spends in its model (``predict_probabilities``) and, inside it, in the encoder: an ONNX
     session's ``run`` (the whole graph for a one-graph export, the encoder of a split one) or, on a PyTorch path,
-    the backbone's ``image_encoder`` forward (hooks). Installed on the predictor instance; ``remove()`` undoes it."""
+    the forward of the method's ``image_encoder_module`` (hooks). Installed on the predictor instance; ``remove()`` undoes it."""
 
     def __init__(self, predictor):
         self.model = self.encoder = 0.0
         self._undo: list = []
         self._wrap(predictor, "predict_probabilities", "model")
         session = getattr(predictor, "session", None)
-        encoder = getattr(getattr(getattr(predictor, "method", None), "backbone", None), "image_encoder", None)
+        method = getattr(predictor, "method", None)
+        encoder = method.image_encoder_module if method is not None else None
         if session is not None:
             self._wrap(session, "run", "encoder")
         elif encoder is not None:
@@ -342,7 +343,7 @@ def markdown(result: dict) -> str:
                          f"{best['variant']} b{best['batch']} | {best['s'] / ref:.2f} |")
         lines += ["", "Where the chosen path's time goes, s/image (`StageTimer`): the encoder (an ONNX session's run: "
                   "the whole graph for a one-graph export, the encoder graph of a split one; on a PyTorch path the "
-                  "backbone's image encoder), the head (the rest of the model's prediction) and reading, pre- and "
+                  "forward of the method's image encoder, its own LoRA copy where it has one), the head (the rest of the model's prediction) and reading, pre- and "
                   "post-processing and writing:", "",
                   "| method | chosen | encoder | head | read/pre/post/write | encoder share |", "|---|---|---|---|---|---|"]
         for r in chosen:

@@ -155,6 +155,13 @@ class Method(nn.Module):
         method's options decide it."""
         return self.export_refusal
 
+    @property
+    def image_encoder_module(self) -> nn.Module | None:
+        """The module whose forward is this model's once-per-image encoding in PyTorch (what the latency benchmark
+        times as the encoder): the frozen backbone's image encoder, or the method's own (LoRA) copy; None without a
+        foundation backbone."""
+        return getattr(self.backbone, "image_encoder", None) if self.uses_backbone else None
+
     def encode_image(self, image: Tensor) -> tuple[Tensor, ...]:
         """The once-per-image part of ``predict`` as tensors: image B x 3 x S x S in [0, 1] -> (embedding
         B x C x h x w, *intermediates B x C_i x h_i x w_i), the frozen backbone's ``Features`` for ``intermediates``."""

@@ -76,6 +76,10 @@ class LoRAEncoderMixin:
         frozen prefix's output is reused per ``batch["key"]`` while ``set_fixed_inputs`` says so."""
         return Features(self.encoder_run(self.backbone.preprocess(batch["image"]), batch.get("key")))
 
+    @property
+    def image_encoder_module(self) -> nn.Module:
+        return self.image_encoder
+
     def train(self, mode: bool = True):
         """Train mode for the trainable parts; the frozen encoder's BatchNorm layers (TinyViT) stay in eval mode."""
         super().train(mode)

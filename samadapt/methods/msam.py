@@ -319,6 +319,10 @@ class MSAM(Method):
         outs = self.refine(batch, iterations, mode, embedding, click_mode=self.config.eval_click_mode)
         return [logits_to_probabilities(upsample_to(o, self.input_size)) for o in outs]
 
+    @property
+    def image_encoder_module(self) -> nn.Module | None:
+        return super().image_encoder_module if self.image_encoder is None else self.image_encoder
+
     def encode_image(self, image: Tensor) -> tuple[Tensor, ...]:
         """(embedding B x C x h x w,) from the method's LoRA encoder, or the frozen backbone's without LoRA."""
         if self.image_encoder is None:

@@ -5,8 +5,8 @@
   [0, 1] summing to 1, finite loss terms;
 - the loss falls over a few Adam steps on a fixed batch of discs (methods with ``trainable = False`` skip);
 - a checkpoint round trip (``engine.checkpoint``) gives identical predictions;
-- ``Predictor`` end to end: the label map has the case's shape, the encoder runs once per batch, the probabilities
-  are the method's own;
+- ``Predictor`` end to end: the label map has the case's shape, the encoder runs once per batch (for one class: the
+  method's ``image_encoder_module``), the probabilities are the method's own;
 - the fast fp32 options (``FastOptions(bf16="off")``) stay within ``FP32_TOLERANCE`` of the exact path;
 - ONNX export matches PyTorch within ``ONNX_TOLERANCE``, or is refused with a ``ConfigError`` where the method
   declares why (``why_not_exportable``), and then the export itself would fail too.
@@ -127,9 +127,9 @@ def test_predictor_end_to_end(name, k):
         encoder.register_forward_hook(lambda m, inp, _o: runs.setdefault(id(m), []).append(inp[0].shape[0]))
     probs, predictor = predictor_probabilities(method, None, image_items(5, seed=3))
     if not method.uses_backbone:
-        assert not runs
-    elif k == 1:  # one encoder pass per batch of slices, whichever encoder copy the method uses
-        assert list(runs.values()) == [[2, 2, 1]]
+        assert not runs and method.image_encoder_module is None
+    elif k == 1:  # one encoder pass per batch of slices, whichever encoder copy the method uses: the one it names
+        assert list(runs.values()) == [[2, 2, 1]] and list(runs) == [id(method.image_encoder_module)]
     else:  # one-vs-rest: every encoder that runs (the shared one, each head's LoRA copy) runs once per batch
         assert runs and all(sizes == [2, 2, 1] for sizes in runs.values()), runs
     volume = np.random.default_rng(0).random((1, 3, 40, 50), dtype=np.float32)
