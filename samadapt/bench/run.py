@@ -110,6 +110,15 @@ def _machine_text(m: dict) -> str:
             f"Python {m['python']} on {m['platform']}; {versions}; samadapt commit {m['commit'] or 'unknown'}")
 
 
+def _load_text(load: list[float], cores: int) -> str:
+    """The load averages a part finished at, and what they say: the benchmark's own threads count in them, so only
+    a 5-minute load above the core count (plus half a core) means other work shared the CPU."""
+    shared = load[1] > cores + 0.5
+    return (f" Load average when the part finished (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
+            f"{cores} cores (" + ("above the core count: other work shared the CPU and times are pessimistic)."
+                                  if shared else "the benchmark's own threads count in it; no sign of other work)."))
+
+
 def report(out: Path) -> str:
     """RESULTS.md from the part results in ``out`` (the parts not run yet are listed as missing)."""
     found = {p: json.loads((out / f"{p}.json").read_text()) for p in PARTS if (out / f"{p}.json").exists()}
@@ -125,10 +134,8 @@ def report(out: Path) -> str:
         if part != "accuracy":
             lines += [f"Command: `{result['command']}` (finished {result['finished']}).", ""]
         load = result.get("load_average") if part != "accuracy" else None  # accuracy: per task
-        lines += [f"Machine: {_machine_text(result['machine'])}." + (
-            f" Load average when the part finished (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
-            f"{result['machine']['cores']} cores (above the core count, other work shared the CPU and times are "
-            "pessimistic)." if load else ""), ""]
+        lines += [f"Machine: {_machine_text(result['machine'])}." + (_load_text(load, result['machine']['cores'])
+                                                                       if load else ""), ""]
         if part == "accuracy":
             for task in result["tasks"].values():
                 lines += [accuracy.markdown(task), f"Command: `{task['command']}`.", ""]

@@ -240,3 +240,11 @@ def test_cost_reports_each_training_speed_default_against_its_absence(tmp_path, 
          "train_rss_cache": 700.0, "predict_s_per_slice": 0.1, "predict_rss": 800.0, "amp": "bf16",
          "step_s_without_bf16": 2.5, "step_s_without_reuse_memory": 4.0}]})
     assert "| decoder | bf16 | 2.00 | 2.50 | 0.80 | 4.00 | 0.50 |" in text
+
+
+def test_the_report_says_other_work_shared_the_cpu_only_when_the_load_says_so():
+    """The benchmark's own threads make a load of about the core count; only more than that means other work."""
+    from samadapt.bench.run import _load_text
+
+    assert "no sign of other work" in _load_text([2.1, 2.0, 1.7], 2)
+    assert "other work shared the CPU" in _load_text([4.9, 4.1, 3.0], 2)
