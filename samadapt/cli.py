@@ -96,7 +96,8 @@ def predict(
     path: Optional[str] = typer.Option(None, "--path", help="With --fast: auto (time the paths that apply on the "
                                                             "first batch at batch 1 and --batch-size, keep the "
                                                             "fastest within tolerance; default) | eager | bf16 | "
-                                                            "onnx | int8 (pinned)."),
+                                                            "onnx | int8 | openvino (the ONNX graph in OpenVINO "
+                                                            "bf16; needs samadapt[openvino]) (pinned)."),
     onnx: Optional[str] = typer.Option(None, "--onnx", help="A model from `samadapt export`, run with ONNX Runtime "
                                                             "(CPU) instead of --run/--checkpoint/--config."),
     clicks: int = typer.Option(0, "--clicks", help="Interactive methods (msam): predict after N corrective clicks "
@@ -561,7 +562,7 @@ def benchmark(
     profile: bool = typer.Option(True, "--profile/--no-profile", help="Profile the fast decoder path (latency)."),
     steps: int = typer.Option(2, "--steps", help="Training steps per epoch of the cost part."),
     volume: List[str] = typer.Option([], "--volume", help="METHOD:VARIANT[:BATCH] (plain|fast|fast-bf16|onnx|int8|"
-                                                           "auto; "
+                                                           "openvino|auto; "
                                                            "batch 8) of the 3D part; repeat. Default: decoder:fast:8, "
                                                            "decoder:fast:1, decoder:int8:1, unet:fast:8."),
     backbone: str = typer.Option("litemedsam", "--backbone", help="Backbone of the latency/cost/volume parts."),

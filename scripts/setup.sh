@@ -11,7 +11,7 @@ fi
 pip install -q --upgrade pip
 # torch + torchvision first, pinned: a bare 'torch' requirement could pull a multi-GB build from the index.
 pip install -q "torch==2.14.1" "torchvision==0.29.1"
-pip install -q -e ".[test,onnx]"
+pip install -q -e ".[test,onnx,openvino]"
 # stardist ships the real nuclei image used by the demo data; only its data files are used (no TensorFlow).
 pip install -q --no-deps "stardist==0.9.2"
 # The InVesalius head CT (Debian package) for the CT-windowing and 3D tests; optional, skipped when unavailable.

@@ -40,7 +40,8 @@ from ..config.run_config import load_config
 from ..engine.device import cpu_bf16_native
 from ..engine.fast import EXACT, FastOptions
 from ..engine.checkpoint import read_manifest
-from ..engine.path_choice import onnx_available, select, variant
+from ..engine.openvino_session import openvino_available
+from ..engine.path_choice import GRAPH_PATHS, onnx_available, select, variant
 from ..engine.path_choice import summary as path_summary
 from ..engine.predict import Predictor
 from ..engine.rundir import RunDir
@@ -201,13 +202,14 @@ def run_method(name: str, folder: Path, work: Path, batch: int, threads: int,
     ref_dir = work / name / "plain-b1"
     exact = exact_predictor(name, 1, backbone, run)
     variants = [("plain", 1), ("plain", batch)]
-    onnx_rows = [(v, b) for v in ("onnx", "int8") for b in (1, batch)] if onnx_available(exact.method) else []
+    graphs = [v for v in GRAPH_PATHS if v != "openvino" or openvino_available()]  # openvino: an optional package
+    onnx_rows = [(v, b) for v in graphs for b in (1, batch)] if onnx_available(exact.method) else []
     fast_rows = [(v, b) for v in ("fast", "fast-bf16") for b in (1, batch)]
     head = f"trained ({run_label(run)}, {run.name})" if run is not None else "untrained"
     for variant_name, bs in variants + fast_rows + onnx_rows + [("auto", batch)]:
         reset_peak_rss()
         extra = {}
-        if variant_name in ("onnx", "int8", "auto"):
+        if variant_name in (*GRAPH_PATHS, "auto"):
             t0 = time.perf_counter()
             source = open_dataset(str(folder))
             cases = (source.load(i) for i in (source.test_case_ids or source.case_ids))

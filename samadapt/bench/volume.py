@@ -6,7 +6,7 @@ One timed run reads a case, slices it, predicts every slice in batches, reassemb
 as NIfTI. Each method runs on its trained run where ``trained`` names a folder holding one
 (``latency.trained_runs``), else on an untrained head built from its CPU preset (timing only). Variants:
 ``plain``, ``fast`` and ``fast-bf16`` (``latency.FAST_VARIANTS``), ``onnx`` / ``int8`` (ONNX Runtime: the whole
-graph, or a declared split's encoder graph + PyTorch head) and ``auto`` (the path ``predict --fast`` chooses, timed
+graph, or a declared split's encoder graph + PyTorch head), ``openvino`` (the fp32 graph in OpenVINO bf16) and ``auto`` (the path ``predict --fast`` chooses, timed
 on the case's first batch; ``samadapt.engine.path_choice``); the ONNX exports and the choice are not timed.
 """
 
@@ -21,14 +21,14 @@ import torch
 from ..data.cases import write_image_like
 from ..data.demo_data import mni152_volumes, read_invesalius
 from ..data.readers import load_case
-from ..engine.path_choice import select, variant
+from ..engine.path_choice import GRAPH_PATHS, select, variant
 from ..engine.path_choice import summary as path_summary
 from ..errors import ConfigError, InputError
 from .latency import FAST_VARIANTS, exact_predictor, trained_runs
 from .memory import peak_rss_mib, reset_peak_rss
 from .selection import measured_methods
 
-VARIANTS = (*FAST_VARIANTS, "onnx", "int8", "auto")
+VARIANTS = (*FAST_VARIANTS, *GRAPH_PATHS, "auto")
 DEFAULT_RUNS = ("decoder:fast:8", "decoder:fast:1", "decoder:int8:1", "unet:fast:8")
 
 

@@ -94,6 +94,22 @@ def check_exportable(method: Method) -> None:
         raise ConfigError(f"method {method.name!r} cannot be exported to ONNX: {why}")
 
 
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino-bf16": "OpenVINO (bf16)"}
+"""The runtimes an exported graph runs in (``graph_session``), with the names summaries print."""
+
+
+def graph_session(path: str | Path, threads: int | None = None, runtime: str = "onnxruntime"):
+    """A session over the ONNX file ``path`` answering ``run(None, feed)``: ONNX Runtime, or OpenVINO in bf16
+    (``samadapt.engine.openvino_session``)."""
+    if runtime == "openvino-bf16":
+        from .openvino_session import OpenVinoSession
+
+        return OpenVinoSession(path, threads)
+    if runtime != "onnxruntime":
+        raise ConfigError(f"unknown graph runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    return _session(path, threads)
+
+
 def _session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
@@ -230,14 +246,16 @@ class OnnxPredictor(Predictor):
 
     ``predict_probabilities`` feeds batches of ``batch_size`` slices (B x 3 x S x S float32) to the session."""
 
-    def __init__(self, path: str | Path, batch_size: int = 8, threads: int | None = None):
+    def __init__(self, path: str | Path, batch_size: int = 8, threads: int | None = None,
+                 runtime: str = "onnxruntime"):
         meta = read_metadata(path)
         intensity = dict(meta.get("intensity") or {})
         if "percentiles" in intensity:
             intensity["percentiles"] = tuple(intensity["percentiles"])
         self.path = Path(path)
         self.metadata = meta
-        self.session = _session(path, threads)
+        self.runtime = runtime
+        self.session = graph_session(path, threads, runtime)
         self.intensity = IntensityConfig(**intensity)
         self.axis = int(meta.get("axis", 0))
         self.geometry = Geometry(**(meta.get("geometry") or {}))  # files exported before it: SAM's longest side
@@ -249,12 +267,12 @@ class OnnxPredictor(Predictor):
         self.clicks = 0  # simulated clicks need the PyTorch method (``Predictor.use_clicks``)
 
     def describe(self) -> dict:
-        """How this predictor computes: ONNX Runtime on the CPU with the model file's own precision."""
-        return {"device": "cpu", "runtime": "onnxruntime", "onnx": str(self.path),
+        """How this predictor computes: its runtime on the CPU with the model file's own precision."""
+        return {"device": "cpu", "runtime": self.runtime, "onnx": str(self.path),
                 "quantization": self.metadata.get("quantization")}
 
     def summary(self) -> str:
-        return f"ONNX Runtime on cpu: {self.path.name} ({self.metadata.get('quantization') or 'fp32'})"
+        return f"{RUNTIMES[self.runtime]} on cpu: {self.path.name} ({self.metadata.get('quantization') or 'fp32'})"
 
     def predict_probabilities(self, items: list[dict]) -> list[Tensor]:
         """Class probabilities (K+1) x S x S for each slice item."""

@@ -6,11 +6,13 @@ Paths (``PATHS``; each built from the exact ``Predictor`` of the model, on its o
 - ``bf16``: the same with bf16 autocast (a candidate of ``auto`` only where the device computes bf16 natively);
 - ``onnx``: ONNX Runtime fp32, the whole prediction as one graph (``samadapt.engine.export``) or, for a method that
   declares ``split_export``, its encoder graph + the PyTorch head (``samadapt.engine.split_export``); CPU only;
-- ``int8``: the same graph with int8 MatMul/Gemm weights.
+- ``int8``: the same graph with int8 MatMul/Gemm weights;
+- ``openvino``: the fp32 graph of ``onnx`` run by OpenVINO in bf16 (``samadapt.engine.openvino_session``; a
+  candidate of ``auto`` only where the CPU computes bf16 natively and the optional ``openvino`` package is installed).
 
 Each candidate (path x batch size) predicts the first batch's slices once untimed and once timed (seconds per
 slice), and is compared with the exact fp32 path on those slices. Tolerances (``TOLERANCES``): the fp32 paths'
-probabilities within ``max_abs`` of the exact ones; the lossy paths (bf16, int8) give the exact path's class on at
+probabilities within ``max_abs`` of the exact ones; the lossy paths (bf16, int8, openvino) give the exact path's class on at
 least ``AUTO_AGREEMENT`` of the pixels and masks at a foreground Dice of at least ``AUTO_DICE`` against the exact
 ones (pixel agreement alone is not enough: on trained MNI152 heads int8 agreed on 0.9991 of the pixels at Dice
 0.9984, the foreground being a small share of the picture). The fastest candidate within tolerance is chosen;
@@ -40,9 +42,11 @@ from ..data.slices import volume_slices
 from ..errors import ConfigError
 from ..overlap import foreground_dice
 from .fast import FP32_TOLERANCE, FastOptions, bf16_native
+from .openvino_session import openvino_available
 from .predict import Predictor
 
-PATHS = ("eager", "bf16", "onnx", "int8")
+PATHS = ("eager", "bf16", "onnx", "int8", "openvino")
+GRAPH_PATHS = ("onnx", "int8", "openvino")  # the paths that run an exported graph (CPU only)
 AUTO_AGREEMENT = 0.999
 AUTO_DICE = 0.999
 
@@ -64,7 +68,8 @@ class Tolerance:
 
 TOLERANCES = {"exact": Tolerance(max_abs=FP32_TOLERANCE), "eager": Tolerance(max_abs=FP32_TOLERANCE),
               "bf16": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE), "onnx": Tolerance(max_abs=FP32_TOLERANCE),
-              "int8": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE)}
+              "int8": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE),
+              "openvino": Tolerance(agreement=AUTO_AGREEMENT, dice=AUTO_DICE)}
 
 
 @dataclass
@@ -116,10 +121,13 @@ def variant(exact: Predictor, batch_size: int, fast: FastOptions | None) -> Pred
     return p
 
 
-def _onnx(exact: Predictor, batch_size: int, folder: Path, int8: bool) -> Predictor:
-    """The ONNX predictor of ``exact``'s method (whole graph, or encoder graph + PyTorch head), fp32 or int8;
-    exported once into ``folder`` and reused for other batch sizes."""
+def _onnx(exact: Predictor, batch_size: int, folder: Path, path: str) -> Predictor:
+    """The graph predictor of ``exact``'s method for ``path`` (``GRAPH_PATHS``; whole graph, or encoder graph +
+    PyTorch head): fp32 or int8 in ONNX Runtime, or the fp32 graph in OpenVINO bf16; exported once into ``folder``
+    and reused for other batch sizes and paths."""
     method = exact.method
+    int8 = path == "int8"
+    runtime = "openvino-bf16" if path == "openvino" else "onnxruntime"
     fp32, q8 = folder / "model.onnx", folder / "model-int8.onnx"
     threads = torch.get_num_threads()
     if getattr(method, "split_export", False):
@@ -131,14 +139,14 @@ def _onnx(exact: Predictor, batch_size: int, folder: Path, int8: bool) -> Predic
         if int8:
             meta = quantize_encoder(method, fp32, q8) if not q8.exists() else {"quantization": "int8"}
         return SplitPredictor(variant(exact, batch_size, FastOptions(bf16="off")), q8 if int8 else fp32,
-                              batch_size, threads, meta)
+                              batch_size, threads, meta, runtime)
     from .export import OnnxPredictor, export_predictor, quantize_int8
 
     if not fp32.exists():
         export_predictor(exact, fp32)
     if int8 and not q8.exists():
         quantize_int8(fp32, q8)
-    return OnnxPredictor(q8 if int8 else fp32, batch_size, threads)
+    return OnnxPredictor(q8 if int8 else fp32, batch_size, threads, runtime)
 
 
 def onnx_available(method) -> bool:
@@ -152,8 +160,10 @@ def candidates(exact: Predictor, batch_sizes: list[int], paths: list[str] | None
     at each of ``batch_sizes``; ONNX files go to ``folder`` (default: a temporary folder)."""
     cpu = exact.device.type == "cpu"
     if paths is None:
-        paths = ["eager"] + (["bf16"] if bf16_native(exact.device) else []) + \
-            (["onnx", "int8"] if cpu and onnx_available(exact.method) else [])
+        native = bf16_native(exact.device)
+        graphs = cpu and onnx_available(exact.method)
+        paths = ["eager"] + (["bf16"] if native else []) + (["onnx", "int8"] if graphs else []) + \
+            (["openvino"] if graphs and native and openvino_available() else [])
     work = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="samadapt-paths-"))
     made: list[Candidate] = [Candidate("exact", b, lambda b=b: variant(exact, b, None)) for b in batch_sizes]
     for path in paths:
@@ -162,7 +172,7 @@ def candidates(exact: Predictor, batch_sizes: list[int], paths: list[str] | None
                 fast = FastOptions(bf16="off" if path == "eager" else "on")
                 made.append(Candidate(path, b, lambda b=b, fast=fast: variant(exact, b, fast)))
             else:
-                made.append(Candidate(path, b, lambda b=b, int8=path == "int8": _onnx(exact, b, work, int8)))
+                made.append(Candidate(path, b, lambda b=b, path=path: _onnx(exact, b, work, path)))
     return made
 
 
@@ -213,9 +223,11 @@ def pin(exact: Predictor, path: str, batch_size: int, folder: str | Path | None 
     """The predictor of ``path`` at ``batch_size``, as asked (no timing, no tolerance check), with its report."""
     if path not in PATHS:
         raise ConfigError(f"--path {path!r}: expected auto or one of {', '.join(PATHS)}")
-    if path in ("onnx", "int8") and exact.device.type != "cpu":
+    if path in GRAPH_PATHS and exact.device.type != "cpu":
         raise ConfigError(f"--path {path} runs on the CPU; add --device cpu")
-    if path in ("onnx", "int8") and not onnx_available(exact.method):
+    if path == "openvino" and not openvino_available():
+        raise ConfigError("--path openvino needs the openvino package: pip install 'samadapt[openvino]'")
+    if path in GRAPH_PATHS and not onnx_available(exact.method):
         raise ConfigError(f"--path {path}: method {exact.method.name!r} cannot be exported to ONNX: "
                           f"{exact.method.why_not_exportable()}")
     (cand,) = candidates(exact, [batch_size], [path], folder)[1:]

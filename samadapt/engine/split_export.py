@@ -31,7 +31,8 @@ from ..io_utils import atomic_path
 from ..layers.lora import lora_modules, merge_lora
 from ..methods import Method
 from .device import autocast
-from .export import INT8_OPS, INT8_TOLERANCE, OPSET, _check_image, _first_line, _session, traceable_tinyvit
+from .export import (INT8_OPS, INT8_TOLERANCE, OPSET, RUNTIMES, _check_image, _first_line, _session, graph_session,
+                     traceable_tinyvit)
 from .predict import Predictor
 
 SPLIT_TOLERANCE = 1e-4
@@ -139,7 +140,7 @@ class SplitPredictor(Predictor):
     gives its outputs to ``method.predict_encoded``."""
 
     def __init__(self, predictor: Predictor, path: str | Path, batch_size: int | None = None,
-                 threads: int | None = None, metadata: dict[str, Any] | None = None):
+                 threads: int | None = None, metadata: dict[str, Any] | None = None, runtime: str = "onnxruntime"):
         check_splittable(predictor.method)
         if predictor.device.type != "cpu":
             raise ConfigError("the split ONNX path runs on the CPU; predict on cpu (--device cpu)")
@@ -148,16 +149,17 @@ class SplitPredictor(Predictor):
         self.batch_size = batch_size or predictor.batch_size
         self.path = Path(path)
         self.metadata = dict(metadata or {})
-        self.session = _session(path, threads)
+        self.runtime = runtime
+        self.session = graph_session(path, threads, runtime)
 
     def describe(self) -> dict:
         """The PyTorch head's description, plus the encoder's runtime, file and precision."""
-        return {**super().describe(), "runtime": "onnxruntime encoder + pytorch head", "onnx": str(self.path),
+        return {**super().describe(), "runtime": f"{self.runtime} encoder + pytorch head", "onnx": str(self.path),
                 "quantization": self.metadata.get("quantization")}
 
     def summary(self) -> str:
-        return (f"ONNX Runtime encoder ({self.path.name}, {self.metadata.get('quantization') or 'fp32'}) + PyTorch "
-                f"head: {super().summary()}")
+        return (f"{RUNTIMES[self.runtime]} encoder ({self.path.name}, {self.metadata.get('quantization') or 'fp32'})"
+                f" + PyTorch head: {super().summary()}")
 
     @torch.inference_mode()
     def predict_probabilities(self, items: list[dict]) -> list[Tensor]:

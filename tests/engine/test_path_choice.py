@@ -197,3 +197,36 @@ def test_cli_predict_fast_chooses_and_reports(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["predict", str(folder / "images"), *model, "--path", "eager",
                                       "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "add --fast" in result.output
+
+
+def test_openvino_is_a_candidate_only_with_native_bf16_and_the_package(monkeypatch, tmp_path):
+    """OpenVINO's bf16 hint falls back to fp32 without native bf16 (where it lost to ONNX Runtime), so ``auto``
+    offers it only where bf16 is native and the optional package is installed; pinning it without the package is a
+    clear error."""
+    exact = Predictor(make_method("decoder", build_backbone("tiny")), IntensityConfig())
+    for native, installed in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(path_choice, "bf16_native", lambda device, native=native: native)
+        monkeypatch.setattr(path_choice, "openvino_available", lambda installed=installed: installed)
+        paths = {c.path for c in candidates(exact, [1], None, tmp_path)}
+        assert ("openvino" in paths) == (native and installed) and "onnx" in paths
+    monkeypatch.setattr(path_choice, "openvino_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs the openvino package"):
+        pin(exact, "openvino", 1, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["decoder", "promise"])
+def test_the_openvino_path_runs_the_checked_graph_within_the_bf16_tolerance(name, tmp_path):
+    """Pinned ``openvino`` runs the fp32 ONNX graph (decoder: whole; ProMISe: the split encoder + PyTorch head) in
+    OpenVINO bf16 (fp32 where the CPU has no native bf16): probabilities within ``BF16_TOLERANCE`` of the exact path
+    on slices of another batch size, and the predictor says what computed them."""
+    pytest.importorskip("openvino")
+    from samadapt.engine.fast import BF16_TOLERANCE
+
+    exact = Predictor(make_method(name, build_backbone("tiny")), IntensityConfig(), batch_size=2)
+    predictor, report = pin(exact, "openvino", 2, tmp_path)
+    assert report["chosen"] == "openvino b2" and predictor.runtime == "openvino-bf16"
+    assert "OpenVINO (bf16)" in predictor.summary() and "openvino-bf16" in predictor.describe()["runtime"]
+    items = image_items(3, seed=4)
+    ref = torch.stack(exact.predict_probabilities(items))
+    got = torch.stack(predictor.predict_probabilities(items))
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= BF16_TOLERANCE
