@@ -7,8 +7,9 @@ Paths (``PATHS``; each built from the exact ``Predictor`` of the model, on its o
 - ``onnx``: ONNX Runtime fp32, the whole prediction as one graph (``samadapt.engine.export``) or, for a method that
   declares ``split_export``, its encoder graph + the PyTorch head (``samadapt.engine.split_export``); CPU only;
 - ``int8``: the same graph with int8 MatMul/Gemm weights;
-- ``openvino``: the fp32 graph of ``onnx`` run by OpenVINO in bf16 (``samadapt.engine.openvino_session``; a
-  candidate of ``auto`` only where the CPU computes bf16 natively and the optional ``openvino`` package is installed).
+- ``openvino``: the fp32 graph of ``onnx`` run by OpenVINO in bf16 (``samadapt.engine.openvino_session``; a split
+  method's PyTorch head then runs under bf16 autocast too); a candidate of ``auto`` only where the CPU computes bf16
+  natively and the optional ``openvino`` package is installed.
 
 Each candidate (path x batch size) predicts the first batch's slices once untimed and once timed (seconds per
 slice), and is compared with the exact fp32 path on those slices. Tolerances (``TOLERANCES``): the fp32 paths'
@@ -138,8 +139,9 @@ def _onnx(exact: Predictor, batch_size: int, folder: Path, path: str) -> Predict
         meta: dict[str, Any] = {}
         if int8:
             meta = quantize_encoder(method, fp32, q8) if not q8.exists() else {"quantization": "int8"}
-        return SplitPredictor(variant(exact, batch_size, FastOptions(bf16="off")), q8 if int8 else fp32,
-                              batch_size, threads, meta, runtime)
+        head = FastOptions(bf16="on" if path == "openvino" else "off")  # openvino: a bf16 path, its head too
+        return SplitPredictor(variant(exact, batch_size, head), q8 if int8 else fp32, batch_size, threads, meta,
+                              runtime)
     from .export import OnnxPredictor, export_predictor, quantize_int8
 
     if not fp32.exists():

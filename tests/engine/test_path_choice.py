@@ -216,9 +216,10 @@ def test_openvino_is_a_candidate_only_with_native_bf16_and_the_package(monkeypat
 
 @pytest.mark.parametrize("name", ["decoder", "promise"])
 def test_the_openvino_path_runs_the_checked_graph_within_the_bf16_tolerance(name, tmp_path):
-    """Pinned ``openvino`` runs the fp32 ONNX graph (decoder: whole; ProMISe: the split encoder + PyTorch head) in
-    OpenVINO bf16 (fp32 where the CPU has no native bf16): probabilities within ``BF16_TOLERANCE`` of the exact path
-    on slices of another batch size, and the predictor says what computed them."""
+    """Pinned ``openvino`` runs the fp32 ONNX graph (decoder: whole; ProMISe: the split encoder, its PyTorch head
+    under bf16 autocast) in OpenVINO bf16 (fp32 where the CPU has no native bf16): probabilities within
+    ``BF16_TOLERANCE`` of the exact path on slices of another batch size, and the predictor says what computed
+    them."""
     pytest.importorskip("openvino")
     from samadapt.engine.fast import BF16_TOLERANCE
 
@@ -226,6 +227,8 @@ def test_the_openvino_path_runs_the_checked_graph_within_the_bf16_tolerance(name
     predictor, report = pin(exact, "openvino", 2, tmp_path)
     assert report["chosen"] == "openvino b2" and predictor.runtime == "openvino-bf16"
     assert "OpenVINO (bf16)" in predictor.summary() and "openvino-bf16" in predictor.describe()["runtime"]
+    assert isinstance(predictor, SplitPredictor) == (name == "promise")
+    assert name != "promise" or predictor.amp == "bf16"  # a split method's PyTorch head is on the bf16 path too
     items = image_items(3, seed=4)
     ref = torch.stack(exact.predict_probabilities(items))
     got = torch.stack(predictor.predict_probabilities(items))
