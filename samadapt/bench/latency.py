@@ -90,7 +90,8 @@ def stock_seconds(net, paths: list[Path], out: Path) -> float:
 class StageTimer:
     """Seconds a predictor spends in its model (``predict_probabilities``) and, inside it, in the encoder: an ONNX
     session's ``run`` (the whole graph for a one-graph export, the encoder of a split one) or, on a PyTorch path,
-    the forward of the method's ``image_encoder_module`` (hooks). Installed on the predictor instance; ``remove()`` undoes it."""
+    the forward of the method's ``image_encoder_module`` (hooks). Installed on the predictor instance; ``remove()``
+    undoes it."""
 
     def __init__(self, predictor):
         self.model = self.encoder = 0.0
@@ -345,8 +346,8 @@ def markdown(result: dict) -> str:
                          f"{best['variant']} b{best['batch']} | {best['s'] / ref:.2f} |")
         lines += ["", "Where the chosen path's time goes, s/image (`StageTimer`): the encoder (an ONNX session's run: "
                   "the whole graph for a one-graph export, the encoder graph of a split one; on a PyTorch path the "
-                  "forward of the method's image encoder, its own LoRA copy where it has one), the head (the rest of the model's prediction) and reading, pre- and "
-                  "post-processing and writing:", "",
+                  "forward of the method's image encoder, its own LoRA copy where it has one), the head (the rest "
+                  "of the model's prediction) and reading, pre- and post-processing and writing:", "",
                   "| method | chosen | encoder | head | read/pre/post/write | encoder share |", "|---|---|---|---|---|---|"]
         for r in chosen:
             st = r.get("stages")

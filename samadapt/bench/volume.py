@@ -6,8 +6,9 @@ One timed run reads a case, slices it, predicts every slice in batches, reassemb
 as NIfTI. Each method runs on its trained run where ``trained`` names a folder holding one
 (``latency.trained_runs``), else on an untrained head built from its CPU preset (timing only). Variants:
 ``plain``, ``fast`` and ``fast-bf16`` (``latency.FAST_VARIANTS``), ``onnx`` / ``int8`` (ONNX Runtime: the whole
-graph, or a declared split's encoder graph + PyTorch head), ``openvino`` (the fp32 graph in OpenVINO bf16) and ``auto`` (the path ``predict --fast`` chooses, timed
-on the case's first batch; ``samadapt.engine.path_choice``); the ONNX exports and the choice are not timed.
+graph, or a declared split's encoder graph + PyTorch head), ``openvino`` (the fp32 graph in OpenVINO bf16) and
+``auto`` (the path ``predict --fast`` chooses, timed on the case's first batch; ``samadapt.engine.path_choice``);
+the ONNX exports and the choice are not timed.
 """
 
 from __future__ import annotations

@@ -28,16 +28,15 @@ def openvino_available() -> bool:
 class OpenVinoSession:
     """ONNX Runtime's session interface over an OpenVINO model compiled for the CPU in bf16 (dynamic batch kept)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "bf16"):
+    def __init__(self, path: str | Path, threads: int | None = None):
         if not openvino_available():
             raise ConfigError("the openvino path needs the openvino package: pip install 'samadapt[openvino]'")
         import openvino as ov
 
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-                  "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+                  "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
         self.model = core.compile_model(core.read_model(str(path)), "CPU", config)
-        self.precision = precision
 
     def run(self, _output_names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.model(feed)
