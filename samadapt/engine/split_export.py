@@ -1,6 +1,6 @@
 """Split export: the encoder of a method whose prediction is not one graph runs in ONNX Runtime, the rest in PyTorch.
 
-For a method that declares ``split_export`` (DeSAM, M-SAM, ProMISe: their ``predict`` loops or chooses prompts in
+For a method that declares ``split_export`` (DeSAM, ProMISe: their ``predict`` loops or chooses prompts in
 Python), ``export_encoder`` writes ``Method.encode_image`` as one graph: ``image`` (B x 3 x S x S float32 in [0, 1],
 B dynamic) -> ``encoded0`` (the embedding B x C x h x w), ``encoded1``... (the intermediate maps the method asks
 for), LoRA merged. ``SplitPredictor`` feeds that graph batch by batch and gives its outputs to

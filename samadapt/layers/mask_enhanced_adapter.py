@@ -42,14 +42,37 @@ from torch.utils.checkpoint import checkpoint
 TOKEN_MODES = ("full", "pooled")
 
 
+def _move_axis(x: Tensor, source: int, destination: int) -> Tensor:
+    """``x.movedim`` with the axes made non-negative first (torch.onnx writes a negative one into an invalid
+    Transpose permutation)."""
+    return x.movedim(source % x.dim(), destination % x.dim())
+
+
 def _to_nhwc(x: Tensor) -> Tensor:
     """B x C x (grid) -> B x (grid) x C (2D or 3D)."""
-    return x.movedim(1, -1)
+    return _move_axis(x, 1, -1)
 
 
 def _to_nchw(x: Tensor) -> Tensor:
     """B x (grid) x C -> B x C x (grid)."""
-    return x.movedim(-1, 1)
+    return _move_axis(x, -1, 1)
+
+
+def _static_grid(x: Tensor) -> tuple[int, ...]:
+    """The spatial sides of a channels-last map B x (grid) x C as Python ints: a model's grid is fixed (its
+    embedding grid or the pooled one), so an ONNX trace keeps only the batch dynamic."""
+    return tuple(int(g) for g in x.shape[1:-1])
+
+
+def _average_pool(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Adaptive average pooling of B x C x (grid) to ``size``; a plain average pool with kernel = stride = grid //
+    size where every side divides (the same values, and a graph torch.onnx can export with a dynamic batch)."""
+    grid = tuple(int(g) for g in x.shape[2:])
+    if all(g % s == 0 for g, s in zip(grid, size)):
+        pool = F.avg_pool2d if len(size) == 2 else F.avg_pool3d
+        kernel = tuple(g // s for g, s in zip(grid, size))
+        return pool(x, kernel, kernel)
+    return (F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d)(x, size)
 
 
 def _conv(ndim: int, dim: int, kernel: int) -> nn.Module:
@@ -138,15 +161,15 @@ class RelPosSelfAttention(nn.Module):
         b, *grid, c = x.shape
         if len(grid) != len(self.axes):
             raise ValueError(f"MEA attention built for a {len(self.axes)}-D grid, got input {tuple(x.shape)}")
-        grid = tuple(grid)
+        grid = _static_grid(x)
         n, nh, hd = math.prod(grid), self.num_heads, self.head_dim
         q, k, v = self.qkv(x).reshape(b, n, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B x nh x N x hd
         qg = q.reshape(b, nh, *grid, hd)
         axis_biases = []
         for a, axis in enumerate(self.axes):
             table = _rel_table(getattr(self, f"rel_pos_{axis}"), grid[a]).to(q.dtype)  # g_a x g_a x hd
-            moved = qg.movedim(2 + a, -2)  # B x nh x (other axes) x g_a x hd
-            part = torch.einsum("...ic,ikc->...ik", moved, table).movedim(-2, 2 + a)  # B x nh x grid x g_a
+            moved = _move_axis(qg, 2 + a, -2)  # B x nh x (other axes) x g_a x hd
+            part = _move_axis(torch.einsum("...ic,ikc->...ik", moved, table), -2, 2 + a)  # B x nh x grid x g_a
             axis_biases.append(part.reshape(b, nh, n, grid[a]))
         step = self.query_chunk
         recompute = torch.is_grad_enabled() and n > step
@@ -187,12 +210,11 @@ class MEAAttention(nn.Module):
         return tuple(min(int(g), self.pool_size) for g in grid)
 
     def forward(self, x: Tensor) -> Tensor:
-        grid = tuple(x.shape[1:-1])
+        grid = _static_grid(x)
         z = self.norm1(x)
         attn_grid = self._attn_grid(grid)
         if attn_grid != grid:
-            pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-            att = self.attn(_to_nhwc(pool(_to_nchw(z), attn_grid)))
+            att = self.attn(_to_nhwc(_average_pool(_to_nchw(z), attn_grid)))
             mode = "bilinear" if len(grid) == 2 else "trilinear"
             att = _to_nhwc(F.interpolate(_to_nchw(att), size=grid, mode=mode, align_corners=False))
         else:

@@ -34,6 +34,9 @@ empty mask or the whole-image box); with ``points`` (B x N x 2, (x, y) in the S 
 1, 0, or -1 padding) it runs one iteration per click. ``refine(batch, n, mode="simulate")`` simulates corrective
 clicks from the ground truth (the interactive evaluation protocol). ``samadapt.evaluation.protocols.refinement`` computes the Dice
 curve over iterations and plots it.
+
+Export: the automatic mode is one ONNX graph (LoRA merged, the ``infer_iterations`` steps unrolled), so the ONNX,
+int8 and OpenVINO prediction paths run all of it; clicks run in PyTorch (``why_not_exportable``).
 """
 
 from __future__ import annotations
@@ -122,9 +125,6 @@ class MSAM(Method):
     prompt_kinds = ("points",)
     presets = {"cpu": "msam_cpu", "paper": "msam_paper"}
     benchmark_parts = ("latency", "cost")
-    export_refusal = ("the Mask-Enhanced Adapter pools a dynamically sized map with adaptive_avg_pool2d, which "
-                      "torch.onnx cannot export")
-    split_export = True  # the LoRA encoder is one graph; the refinement loop stays in Python
 
     def __init__(self, backbone: Backbone, config: MSAMConfig, num_classes: int = 1):
         super().__init__(backbone, config, num_classes)
@@ -323,15 +323,16 @@ class MSAM(Method):
     def image_encoder_module(self) -> nn.Module | None:
         return super().image_encoder_module if self.image_encoder is None else self.image_encoder
 
-    def encode_image(self, image: Tensor) -> tuple[Tensor, ...]:
-        """(embedding B x C x h x w,) from the method's LoRA encoder, or the frozen backbone's without LoRA."""
-        if self.image_encoder is None:
-            return super().encode_image(image)
-        return (self.embed({"image": image}),)
-
-    def predict_encoded(self, batch: dict, encoded: tuple[Tensor, ...]) -> Tensor:
-        """``predict`` with the embedding ``encoded[0]`` computed elsewhere: the refinement loop runs here."""
-        return self.predict_iterations(batch, embedding=encoded[0])[-1]
+    def why_not_exportable(self) -> str | None:
+        """The automatic chain (``infer_iterations`` click-free steps) is one graph: encoder, MEA and decoder
+        unrolled. A pooled MEA grid that does not divide the embedding grid needs adaptive pooling of a size
+        torch.onnx cannot read; clicks (the interactive mode) never enter an exported graph."""
+        grid = tuple(self.backbone.embed_grid)
+        if self.config.mea_tokens == "pooled" and any(g % min(g, self.config.mea_pool_size) for g in grid):
+            return (f"the Mask-Enhanced Adapter pools its {grid[0]}x{grid[1]} grid to mea_pool_size="
+                    f"{self.config.mea_pool_size}, not a divisor, with adaptive_avg_pool2d, which torch.onnx cannot "
+                    f"export; choose a mea_pool_size that divides the grid")
+        return None
 
     @property
     def validation_clicks(self) -> int:

@@ -31,7 +31,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_exportable_set_is_what_the_docs_say():
-    assert EXPORTABLE == ["box-prompt", "decoder", "hetersam", "hsam", "samed", "unet"]
+    assert EXPORTABLE == ["box-prompt", "decoder", "hetersam", "hsam", "msam", "samed", "unet"]
+
+
+def test_msam_with_a_pool_grid_that_does_not_divide_is_refused(tmp_path):
+    """M-SAM's automatic chain exports when the MEA's pooled grid divides the embedding grid (adaptive pooling is
+    then a plain average pool); otherwise refused up front, naming the option, nothing written."""
+    backbone = build_backbone("tiny")
+    side = backbone.embed_grid[0]
+    assert build_method("msam", backbone, {"mea_pool_size": side // 2}, 1).why_not_exportable() is None
+    method = build_method("msam", backbone, {"mea_pool_size": side - 1}, 1)
+    with pytest.raises(ConfigError, match="mea_pool_size.*not a divisor"):
+        export_onnx(method, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_box_prompt_gt_mode_refused(tmp_path):

@@ -128,9 +128,11 @@ def test_a_lossy_path_that_agrees_on_the_pixels_but_erodes_a_small_foreground_is
 @pytest.mark.parametrize("name, sizes, paths, labels", [
     ("decoder", [1, 2], ["eager", "onnx", "int8"], ["exact b1", "exact b2", "eager b1", "eager b2", "onnx b1",
                                                     "onnx b2", "int8 b1", "int8 b2"]),
-    ("msam", [2], ["onnx"], ["exact b2", "onnx b2"])])
+    ("msam", [2], ["onnx"], ["exact b2", "onnx b2"]),
+    ("promise", [2], ["onnx"], ["exact b2", "onnx b2"])])
 def test_real_candidates_on_the_tiny_backbone(name, sizes, paths, labels, tmp_path):
-    """Every path asked is built and measured (ONNX whole graph for decoder, split for msam); the chosen
+    """Every path asked is built and measured (ONNX whole graph for decoder and M-SAM's unrolled automatic chain,
+    split for promise); the chosen
     predictor's probabilities are within its tolerance of the exact ones on other slices too."""
     exact = Predictor(make_method(name, build_backbone("tiny")), IntensityConfig(), batch_size=2)
     cands = candidates(exact, sizes, paths, tmp_path)

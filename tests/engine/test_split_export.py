@@ -1,4 +1,4 @@
-"""Split export (samadapt.engine.split_export): the encoder graph of DeSAM, M-SAM and ProMISe against PyTorch, the
+"""Split export (samadapt.engine.split_export): the encoder graph of DeSAM and ProMISe against PyTorch, the
 split predictor end to end, int8, and the checks that refuse a wrong graph."""
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from support import image_items, make_method, perturb_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CASES = [("desam", {"mode": "box"}), ("desam", {"pred_iou_thresh": -1.0}), ("msam", {}), ("msam", {"lora_rank": 0}),
-         ("promise", {})]
+CASES = [("desam", {"mode": "box"}), ("desam", {"pred_iou_thresh": -1.0}), ("promise", {})]
 
 
 def test_split_is_declared_by_exactly_the_methods_that_refuse_one_graph():
     split = [n for n in METHODS.names() if METHODS.get(n).split_export]
     refused = [n for n in METHODS.names() if METHODS.get(n).export_refusal is not None]
-    assert split == refused == ["desam", "msam", "promise"]
+    assert split == refused == ["desam", "promise"]
 
 
 @pytest.mark.parametrize("name, options", CASES)
@@ -33,7 +32,6 @@ def test_encoder_graph_and_split_predictor_match_pytorch(name, options, tmp_path
     """Each output of the exported encoder within SPLIT_TOLERANCE (relative) of ``encode_image`` on a batch of 3
     the export never saw; the split predictor's probabilities within ONNX_TOLERANCE of the PyTorch predictor's."""
     method = make_method(name, build_backbone("tiny"), **options).eval()
-    perturb_lora(method)  # non-zero LoRA updates (M-SAM): the export merges them
     meta = export_encoder(method, tmp_path / "enc.onnx")
     assert meta["outputs"] == len(method.encode_image(torch.zeros(1, 3, 64, 64)))
     items = image_items(5, seed=7)

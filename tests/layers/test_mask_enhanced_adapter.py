@@ -88,3 +88,13 @@ def test_grid_rank_is_checked():
         RelPosSelfAttention(8, 2, (4,))
     with pytest.raises(ValueError, match="3-D grid"):
         RelPosSelfAttention(8, 2, (2, 2, 2))(torch.randn(1, 2, 2, 8))
+
+
+@pytest.mark.parametrize("grid, size", [((8, 8), (4, 4)), ((6, 9), (3, 3)), ((7, 8), (3, 4)), ((4, 6, 8), (2, 3, 4))])
+def test_average_pool_is_adaptive_pooling(grid, size):
+    """The export-friendly pool (a plain average pool where the sides divide) gives adaptive pooling's values."""
+    from samadapt.layers.mask_enhanced_adapter import _average_pool
+
+    x = torch.randn(2, 3, *grid)
+    adaptive = torch.nn.functional.adaptive_avg_pool2d if len(grid) == 2 else torch.nn.functional.adaptive_avg_pool3d
+    assert torch.allclose(_average_pool(x, size), adaptive(x, size), atol=1e-6)
