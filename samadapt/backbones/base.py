@@ -98,6 +98,9 @@ class Backbone(nn.Module):
     lora_targets: tuple[str, ...] = ()
     """fnmatch patterns (over ``image_encoder`` module names) of the fused attention ``qkv`` ``nn.Linear`` layers that
     the LoRA methods adapt (H-SAM, SAMed, M-SAM; their ``lora_targets`` option overrides it); empty: none declared."""
+    trained_prompts: tuple[str, ...] = ("points", "boxes", "masks")
+    """The prompt kinds the released prompt encoder and mask decoder were trained with (SAM's three); a frozen
+    decoder follows only these (``Method.backbone_note``)."""
     pixel_mean: Tensor
     pixel_std: Tensor
 

@@ -36,6 +36,11 @@ class LiteMedSAM(Backbone):
     lora_targets = ("layers.*.blocks.*.attn.qkv",)
     """TinyViT's attention projections in stages 1-3 (stage 0 is convolutional), output laid out per head as
     [q_h | k_h | v_h] (``samadapt.layers.lora_heads`` puts q and v updates where they really are)."""
+    trained_prompts = ("boxes",)
+    """MedSAM-Lite was trained with box prompts only. Its frozen decoder barely follows points: with 8 foreground
+    and 8 background ground-truth points per slice (MNI152 tissue test slices, mask token 1,
+    ``benchmarks/frozen_points_probe.py``) Dice 0.035 / 0.100 / 0.064 for CSF / grey / white matter, where
+    MobileSAM's SAM decoder gives 0.133 / 0.502 / 0.499."""
 
     def layer_modules(self) -> list[nn.Module]:
         return list(self.image_encoder.layers)

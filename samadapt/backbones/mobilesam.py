@@ -49,6 +49,8 @@ class MobileSAM(LiteMedSAM):
     input_size = 1024
     lora_targets = ("layers.*.blocks.*.attn.qkv",)
     """fnmatch patterns of the per-head fused qkv projections (stages 1-3; stage 0 is convolutional)."""
+    trained_prompts = ("points", "boxes", "masks")
+    """SAM's own prompt encoder and mask decoder (only the image encoder was distilled)."""
 
     @classmethod
     def build(cls, checkpoint: str | None = None, pretrained: bool = True, seed: int = 0) -> "MobileSAM":

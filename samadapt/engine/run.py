@@ -278,11 +278,14 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                 from .trainer import console
 
                 console.print(features.cache.summary(entries))
-        note = method.set_fixed_inputs(config.data.augment == "none")  # e.g. reuse of a frozen encoder prefix
-        if note and dist_utils.is_main():
+        fixed = method.set_fixed_inputs(config.data.augment == "none")  # e.g. reuse of a frozen encoder prefix
+        warning = method.backbone_note()
+        if dist_utils.is_main():
             from .trainer import console
 
-            console.print(note)
+            for note in (fixed, warning and f"[yellow]warning:[/] {warning}"):
+                if note:
+                    console.print(note)
         trainer = Trainer(method, config.train, out, manifest, device, collate=collate, feature_source=features)
         try:
             result = trainer.fit(data.train, data.val, resume=resume)

@@ -79,6 +79,9 @@ class Method(nn.Module):
     simulates_clicks: ClassVar[bool] = False
     """True where the method refines with corrective clicks simulated from the ground truth (``clicks_output``):
     ``samadapt predict --clicks`` / ``evaluate dg --clicks`` and click validation (``validation_clicks``)."""
+    frozen_prompts: ClassVar[tuple[str, ...]] = ()
+    """Prompt kinds this method gives a *frozen* SAM decoder (ProMISe: its APM's points); ``backbone_note`` warns
+    when the backbone's decoder was not trained with them (``Backbone.trained_prompts``)."""
     split_export: ClassVar[bool] = False
     """True where ``predict`` loops or chooses prompts in Python (so it is not one graph) but its heavy first part,
     ``encode_image``, is: the fast runtimes then run that part as its own graph and ``predict_encoded`` the rest in
@@ -149,6 +152,17 @@ class Method(nn.Module):
         """``forward``-like output after ``clicks`` corrective clicks simulated from ``batch["label"]`` (methods with
         ``simulates_clicks``); ``output_probabilities`` turns it into probabilities."""
         raise ConfigError(f"method {self.name!r} does not refine with simulated clicks (--clicks / validation_clicks)")
+
+    def backbone_note(self) -> str | None:
+        """A warning when this method prompts a frozen decoder with kinds the backbone's decoder was not trained
+        with (``frozen_prompts`` against ``Backbone.trained_prompts``); None when they fit."""
+        trained = tuple(getattr(self.backbone, "trained_prompts", ()))
+        missing = [kind for kind in self.frozen_prompts if self.backbone is not None and kind not in trained]
+        if not missing:
+            return None
+        return (f"{self.name} prompts the frozen mask decoder with {' and '.join(missing)}, but backbone "
+                f"{self.backbone.name!r} was trained with {' and '.join(trained)} only, so the prompts barely steer "
+                f"it; choose a backbone trained with {' and '.join(missing)} (e.g. --set backbone.name=mobilesam)")
 
     def why_not_exportable(self) -> str | None:
         """Why this model, as configured, cannot be exported to ONNX (None: it can); ``export_refusal`` unless the

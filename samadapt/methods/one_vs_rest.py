@@ -81,6 +81,9 @@ class OneVsRest(Method):
     def why_not_exportable(self) -> str | None:
         return self.heads[0].why_not_exportable()
 
+    def backbone_note(self) -> str | None:
+        return self.heads[0].backbone_note()
+
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         for head in self.heads:
             head.on_epoch_start(epoch, num_epochs)

@@ -429,6 +429,7 @@ class ProMISe(Method):
                  "apm-cross": ("method.options.mode=apm", "method.options.apm=cross"),
                  "apm-ips-cross": ("method.options.apm=cross",), "ips-gt": ("method.options.mode=ips_gt",)}
     benchmark_parts = ("latency", "cost")
+    frozen_prompts = ("points",)  # the APM's points steer the frozen decoder; LiteMedSAM's was trained with boxes
     export_refusal = ("its automatic point prompts are traced with a fixed batch size; ONNX Runtime fails on another "
                       "batch size in the prompt encoder")
     split_export = True  # the frozen encoder (embedding + APM's maps) is one graph; APM -> prompts -> decoder in Python

@@ -4,6 +4,7 @@ names lives outside samadapt/methods/."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,44 @@ def test_registration_takes_the_class_and_its_declared_name(registries):
         backbones.register(type("OtherTiny", (Backbone,), {"name": "tiny"}))
     cls = readers.register(type("Mine", (DatasetSource,), {"format": "mine"}))
     assert readers.get("mine") is cls
+
+
+# --- which prompts a frozen decoder follows ---------------------------------------------------------------------------
+def test_backbones_declare_the_prompts_their_decoder_was_trained_with():
+    from samadapt.backbones import BACKBONES
+
+    assert BACKBONES.get("litemedsam").trained_prompts == ("boxes",)  # MedSAM-Lite: boxes only
+    for name in ("mobilesam", "sam_vit_b", "tiny"):
+        assert set(BACKBONES.get(name).trained_prompts) == {"points", "boxes", "masks"}
+
+
+@pytest.mark.parametrize("name, options, warned", [("promise", {}, True), ("promise", {"mode": "ips_gt"}, True),
+                                                    ("decoder", {}, False), ("box-prompt", {}, False)])
+def test_a_method_warns_when_it_prompts_a_frozen_decoder_with_what_it_never_saw(name, options, warned, tiny_backbone,
+                                                                                 monkeypatch):
+    """ProMISe's points steer the frozen decoder: on a backbone trained with boxes only it says so (one-vs-rest
+    models as their heads); methods that train the decoder or prompt it with boxes do not."""
+    assert build_method(name, tiny_backbone, {**SMALL.get(name, {}), **options}, 1).backbone_note() is None
+    monkeypatch.setattr(tiny_backbone, "trained_prompts", ("boxes",))
+    for k in (1, 2) if name != "box-prompt" else (1,):
+        note = build_method(name, tiny_backbone, {**SMALL.get(name, {}), **options}, k).backbone_note()
+        assert (note is not None) == warned
+        if warned:
+            assert "frozen mask decoder with points" in note and "'tiny' was trained with boxes only" in note
+
+
+def test_training_prints_the_backbone_warning(tmp_path, monkeypatch, capsys):
+    from samadapt.backbones.tiny import TinySAM
+    from samadapt.config.run_config import load_config
+    from samadapt.engine.run import train
+    from synthetic import write_disc_pictures
+
+    (tmp_path / "discs").mkdir()
+    data = write_disc_pictures(tmp_path / "discs", 6, (64, 64), seed=1, name="d{:02d}", centre=(18, 46, 18, 46),
+                               radius=(8, 14))
+    monkeypatch.setattr(TinySAM, "trained_prompts", ("boxes",))
+    sets = [f"method.options.{k}={json.dumps(v)}" for k, v in SMALL["promise"].items()]
+    train(load_config(None, ["backbone.name=tiny", "method.name=promise", *sets, f"data.path={data}",
+                             "data.cache=off", "data.empty_ratio=null", "train.epochs=1", "train.batch_size=4",
+                             "train.device=cpu", f"output={tmp_path / 'run'}"]))
+    assert "warning: promise prompts the frozen mask decoder with points" in " ".join(capsys.readouterr().err.split())
