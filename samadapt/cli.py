@@ -454,6 +454,8 @@ def info():
     from .engine.device import cpu_capabilities, resolve_device
     from .engine.fast import FastOptions
     from .engine.manifest import package_versions
+    from .engine.openvino_session import openvino_available
+    from .engine.path_choice import auto_paths
     from .methods import METHODS
     from .backbones.weights import cache_dir
 
@@ -467,7 +469,8 @@ def info():
         classes = "any" if cls.max_classes is None else f"{cls.max_classes} (one-vs-rest for more)"
         table.add_row(name, classes, enc, "yes" if cls.promptable else "no", "yes" if cls.trainable else "no")
     out.print(table)
-    out.print("backbones: " + ", ".join(BACKBONES.names()))
+    out.print("backbones (decoder trained with): " + ", ".join(
+        f"{n} ({'/'.join(BACKBONES.get(n).trained_prompts)})" for n in BACKBONES.names()), highlight=False)
     device = resolve_device("auto")
     out.print(f"device: {device} (torch threads {torch.get_num_threads()})")
     cpu = cpu_capabilities()
@@ -477,6 +480,9 @@ def info():
     precision = ("bf16 autocast (--bf16 off for fp32)" if FastOptions().amp(device) == "bf16"
                  else "fp32 (no native bf16; --bf16 on forces it)")
     out.print(f"predict --fast here: conv+BN fusion, channels-last, LoRA merge, {precision}", highlight=False)
+    openvino = "installed" if openvino_available() else "not installed (pip install 'samadapt[openvino]')"
+    out.print(f"predict --fast times here: exact, {', '.join(auto_paths(device))} (the graph paths for models that "
+              f"export); openvino {openvino}", highlight=False)
     out.print(f"weights cache: {cache_dir()}")
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
 

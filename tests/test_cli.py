@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from synthetic import write_disc_pictures
@@ -91,6 +92,12 @@ def test_info_lists_methods_and_backbones():
     flat = " ".join(out.split())  # rich wraps lines at the terminal's width, which depends on the CPU's flag list
     assert f"native bf16: {'yes' if cpu['bf16_native'] else 'no'}" in flat
     assert ("bf16 autocast" if cpu["bf16_native"] else "fp32 (no native bf16") in flat
+    from samadapt.engine.openvino_session import openvino_available
+    from samadapt.engine.path_choice import auto_paths
+
+    assert f"predict --fast times here: exact, {', '.join(auto_paths(torch.device('cpu')))} " in flat
+    assert f"openvino {'installed' if openvino_available() else 'not installed'}" in flat
+    assert "litemedsam (boxes)" in flat and "mobilesam (points/boxes/masks)" in flat
 
 
 def test_compare_trains_reuses_and_reports(disc_folder, tmp_path):

@@ -261,6 +261,8 @@ class SamMed3D(Backbone):
     embed_grid = (8, 8, 8)
     lora_targets = ("blocks.*.attn.qkv",)
     """Every ViT block's fused qkv projection (q | k | v)."""
+    trained_prompts = ("points", "masks")
+    """SAM-Med3D's prompt encoder takes voxel clicks and the previous mask (no boxes)."""
 
     def layer_modules(self) -> list[nn.Module]:
         return list(self.image_encoder.blocks)

@@ -155,16 +155,22 @@ def onnx_available(method) -> bool:
     return method.why_not_exportable() is None or bool(getattr(method, "split_export", False))
 
 
+def auto_paths(device: torch.device, graphs: bool = True) -> list[str]:
+    """The paths ``auto`` times on ``device`` besides the exact one: eager always; bf16 where the device computes
+    bf16 natively; on the CPU, for a model with a graph (``graphs``), onnx and int8, and openvino where bf16 is
+    native and the package is installed."""
+    native = bf16_native(device)
+    graphs = graphs and device.type == "cpu"
+    return ["eager"] + (["bf16"] if native else []) + (["onnx", "int8"] if graphs else []) + \
+        (["openvino"] if graphs and native and openvino_available() else [])
+
+
 def candidates(exact: Predictor, batch_sizes: list[int], paths: list[str] | None = None,
                folder: str | Path | None = None) -> list[Candidate]:
     """The candidates for ``exact``'s model: ``paths`` (None: every path that applies here; the exact path always)
     at each of ``batch_sizes``; ONNX files go to ``folder`` (default: a temporary folder)."""
-    cpu = exact.device.type == "cpu"
     if paths is None:
-        native = bf16_native(exact.device)
-        graphs = cpu and onnx_available(exact.method)
-        paths = ["eager"] + (["bf16"] if native else []) + (["onnx", "int8"] if graphs else []) + \
-            (["openvino"] if graphs and native and openvino_available() else [])
+        paths = auto_paths(exact.device, onnx_available(exact.method))
     work = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="samadapt-paths-"))
     made: list[Candidate] = [Candidate("exact", b, lambda b=b: variant(exact, b, None)) for b in batch_sizes]
     for path in paths:

@@ -255,6 +255,7 @@ def test_backbones_declare_the_prompts_their_decoder_was_trained_with():
     from samadapt.backbones import BACKBONES
 
     assert BACKBONES.get("litemedsam").trained_prompts == ("boxes",)  # MedSAM-Lite: boxes only
+    assert BACKBONES.get("sam_med3d").trained_prompts == ("points", "masks")  # clicks and the previous mask
     for name in ("mobilesam", "sam_vit_b", "tiny"):
         assert set(BACKBONES.get(name).trained_prompts) == {"points", "boxes", "masks"}
 
