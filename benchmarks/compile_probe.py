@@ -2,8 +2,9 @@
 
 For a trained run: the eager fast path (fp32, and bf16 where the CPU computes it natively), the same with the image
 encoder compiled by ``torch.compile`` (the first call's compile time reported apart), and the ``openvino`` path
-where installed; seconds per slice on ``--slices`` MNI152 slices, median of ``--rounds`` interleaved rounds, with
-the foreground Dice of each against the exact path. Ratios are within this run only.
+where installed; seconds per slice on ``--slices`` slices of the first test case (the second ``--slices`` of its
+first slices, in one batch), median of ``--rounds`` interleaved rounds, with the foreground Dice of each against
+the exact path. Ratios are within this run only.
 
     python benchmarks/compile_probe.py RUN --data DATASET --threads 2
 """
@@ -42,8 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     exact = Predictor.from_run(args.run, device="cpu")
     source = open_dataset(args.data)
-    items = first_slices(exact, [source.load(source.make_split().test[0])], args.slices)
-    items = items[len(items) // 2:] or items
+    items = first_slices(exact, [source.load(source.make_split().test[0])], 2 * args.slices)[args.slices:]
     exact.batch_size = len(items)
     reference = torch.stack(exact.predict_probabilities(items))
     fast = {"fast-fp32": FastOptions(bf16="off")}
