@@ -33,6 +33,7 @@ channels (LayerNorm3d), trilinear pooling, and decomposed relative positions ``r
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,14 @@ def _static_grid(x: Tensor) -> tuple[int, ...]:
     """The spatial sides of a channels-last map B x (grid) x C as Python ints: a model's grid is fixed (its
     embedding grid or the pooled one), so an ONNX trace keeps only the batch dynamic."""
     return tuple(int(g) for g in x.shape[1:-1])
+
+
+def attention_grid(grid: Sequence[int], tokens: str, pool_size: int) -> tuple[int, ...]:
+    """The grid the MEA's attention runs on: ``grid`` itself (``tokens="full"``), or each side capped at
+    ``pool_size`` (``"pooled"``)."""
+    if tokens == "full":
+        return tuple(int(g) for g in grid)
+    return tuple(min(int(g), int(pool_size)) for g in grid)
 
 
 def _average_pool(x: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -158,10 +167,9 @@ class RelPosSelfAttention(nn.Module):
             setattr(self, f"rel_pos_{axis}", nn.Parameter(torch.zeros(2 * int(size) - 1, self.head_dim)))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, *grid, c = x.shape
+        b, c, grid = x.shape[0], x.shape[-1], _static_grid(x)
         if len(grid) != len(self.axes):
             raise ValueError(f"MEA attention built for a {len(self.axes)}-D grid, got input {tuple(x.shape)}")
-        grid = _static_grid(x)
         n, nh, hd = math.prod(grid), self.num_heads, self.head_dim
         q, k, v = self.qkv(x).reshape(b, n, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B x nh x N x hd
         qg = q.reshape(b, nh, *grid, hd)
@@ -205,9 +213,7 @@ class MEAAttention(nn.Module):
         self.mlp = MLP(dim, mlp_ratio)
 
     def _attn_grid(self, grid: tuple[int, ...]) -> tuple[int, ...]:
-        if self.tokens == "full":
-            return tuple(int(g) for g in grid)
-        return tuple(min(int(g), self.pool_size) for g in grid)
+        return attention_grid(grid, self.tokens, self.pool_size)
 
     def forward(self, x: Tensor) -> Tensor:
         grid = _static_grid(x)

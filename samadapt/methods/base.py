@@ -156,8 +156,10 @@ class Method(nn.Module):
     def backbone_note(self) -> str | None:
         """A warning when this method prompts a frozen decoder with kinds the backbone's decoder was not trained
         with (``frozen_prompts`` against ``Backbone.trained_prompts``); None when they fit."""
-        trained = tuple(getattr(self.backbone, "trained_prompts", ()))
-        missing = [kind for kind in self.frozen_prompts if self.backbone is not None and kind not in trained]
+        if self.backbone is None:
+            return None
+        trained = self.backbone.trained_prompts
+        missing = [kind for kind in self.frozen_prompts if kind not in trained]
         if not missing:
             return None
         return (f"{self.name} prompts the frozen mask decoder with {' and '.join(missing)}, but backbone "

@@ -53,7 +53,7 @@ from ..data.clicks import batch_clicks
 from ..errors import ConfigError, InputError
 from ..layers.lora import apply_lora, lora_parameters
 from ..layers.lora_heads import apply_qv_lora
-from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter
+from ..layers.mask_enhanced_adapter import TOKEN_MODES, MaskEnhancedAdapter, attention_grid
 from ..layers.sam_decoder import decode_masks
 from . import METHODS
 from .base import Method, logits_to_probabilities, upsample_to
@@ -328,7 +328,8 @@ class MSAM(Method):
         unrolled. A pooled MEA grid that does not divide the embedding grid needs adaptive pooling of a size
         torch.onnx cannot read; clicks (the interactive mode) never enter an exported graph."""
         grid = tuple(self.backbone.embed_grid)
-        if self.config.mea_tokens == "pooled" and any(g % min(g, self.config.mea_pool_size) for g in grid):
+        pooled = attention_grid(grid, self.config.mea_tokens, self.config.mea_pool_size)
+        if any(g % a for g, a in zip(grid, pooled)):
             return (f"the Mask-Enhanced Adapter pools its {grid[0]}x{grid[1]} grid to mea_pool_size="
                     f"{self.config.mea_pool_size}, not a divisor, with adaptive_avg_pool2d, which torch.onnx cannot "
                     f"export; choose a mea_pool_size that divides the grid")
