@@ -3,7 +3,10 @@
 User prompts in the batch (``boxes``, and/or ``points`` with ``point_labels``) replace the mode's box.
 Modes: ``gt`` uses the tight box around the ground truth of each slice (an oracle upper bound: it needs labels at
 prediction time and predicts empty where the ground truth is empty); ``whole`` uses the whole-image box on every
-slice (the honest automatic baseline). For K classes in ``gt`` mode, each class gets its own box.
+slice (the honest automatic baseline). For K classes in ``gt`` mode, each class gets its own box and the label map
+gives a pixel to the class with the largest logit. Where the boxes nearly coincide (nested tissues) the decoder can
+return the same mask for each and the label map gives it all to one class; ``benchmarks/one_vs_rest_probe.py``
+scores each class's own mask.
 """
 
 from __future__ import annotations
