@@ -1,7 +1,8 @@
 """ProMISe on the MNI152 test slab: automatic (APM) points, ground-truth points, and simulated user corrections.
 
 For each trained ProMISe run given to :func:`evaluate_prompting` as ``NAME -> RUN_DIR`` (its best checkpoint is
-used, chosen on the validation slab), on every slice of the dataset's test case(s):
+used, chosen on the validation slab), on every slice of the dataset's test case(s), and for a K-class run (one
+ProMISe head per class) for each class k, its head scored against ``label == k``:
 
 1. the run as trained (APM points; ground-truth points for an ``ips_gt`` run) -> 3D Dice;
 2. for APM runs, the same model given ground-truth points instead (``eval_points=gt``: the paper's APM_IPS_GT);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -39,15 +41,17 @@ from samadapt.errors import ConfigError
 from samadapt.evaluation.metrics import compute_metrics
 from samadapt.evaluation.point_plots import plot_points
 from samadapt.io_utils import atomic_write_text
+from samadapt.methods.one_vs_rest import OneVsRest
 from samadapt.overlap import dice
 
 
 class Runner:
-    """Predicts the slices of one case with a ProMISe predictor, optionally with extra user points per slice."""
+    """Predicts the slices of one case with one ProMISe model (the predictor's, or one of its one-vs-rest heads),
+    optionally with extra user points per slice."""
 
-    def __init__(self, predictor: Predictor, case, batch_size: int = 8):
+    def __init__(self, predictor: Predictor, method, case, batch_size: int = 8):
         self.p = predictor
-        self.method = predictor.method
+        self.method = method
         self.case = case
         self.items = volume_slices(case, predictor.axis, self.method.input_size, predictor.intensity,
                                    predictor.geometry)
@@ -100,10 +104,22 @@ def evaluate_run(name: str, run: Path, case, out: Path, *, cache: str | os.PathL
         config.data.cache_dir = str(cache)
         predictor.feature_source = feature_source(predictor.method.backbone, predictor.method, config.data,
                                                   predictor.device)
-    method = predictor.method
-    if method.name != "promise":
-        raise ConfigError(f"{run}: method {method.name!r}, expected promise")
-    runner = Runner(predictor, case, batch_size)
+    if predictor.method.name != "promise":
+        raise ConfigError(f"{run}: method {predictor.method.name!r}, expected promise")
+    if not isinstance(predictor.method, OneVsRest):
+        return _study(name, predictor, predictor.method, case, out, f"points_{name}", bad, clicks, batch_size)
+    rows = []
+    for k, head in enumerate(predictor.method.heads, start=1):
+        own = replace(case, label=(case.label == k).astype(case.label.dtype))
+        for row in _study(name, predictor, head, own, out, f"points_{name}_class{k}", bad, clicks, batch_size):
+            rows.append(dict(row, **{"class": k}))
+    return rows
+
+
+def _study(name: str, predictor: Predictor, method, case, out: Path, plot_stem: str, bad: float, clicks: int,
+           batch_size: int) -> list[dict]:
+    """The rows of one binary ProMISe model (``method``) on one case with a binary label; plots ``plot_stem_*``."""
+    runner = Runner(predictor, method, case, batch_size)
     all_idx = list(range(runner.n))
     rows = []
 
@@ -167,7 +183,7 @@ def evaluate_run(name: str, run: Path, case, out: Path, *, cache: str | os.PathL
             labs = -torch.ones(len(worst), n, dtype=torch.long)
             for r, (c, lab) in enumerate(pts):
                 coords[r, :c.shape[0]], labs[r, :c.shape[0]] = c, lab
-            plot_points(images, coords, labs, out / f"points_{name}_{tag}.png",
+            plot_points(images, coords, labs, out / f"{plot_stem}_{tag}.png",
                         masks=torch.from_numpy(np.stack(masks)), truth=truth, user_from=method.config.num_points,
                         titles=[f"slice {i}: Dice {d:.2f}" for i, d in zip(worst, scores)])
     return rows
@@ -175,13 +191,13 @@ def evaluate_run(name: str, run: Path, case, out: Path, *, cache: str | os.PathL
 
 def prompting_markdown(rows: list[dict], bad: float = 0.8, clicks: int = 3) -> str:
     """The report table of :func:`evaluate_prompting`'s rows (``bad`` and ``clicks`` as it was called with)."""
-    lines = ["| run | mode | points | 3D Dice | notes |", "|---|---|---|---|---|"]
+    lines = ["| run | class | mode | points | 3D Dice | notes |", "|---|---|---|---|---|---|"]
     for r in rows:
         notes = ""
         if "bad_slices" in r:
             notes = (f"{r['bad_slices']}/{r['fg_slices']} foreground slices below {bad} 2D Dice; their mean "
                      f"Dice by clicks 0..{clicks}: {r['bad_dice_by_clicks']}")
-        lines.append(f"| {r['run']} | {r['mode']} | {r['points']} | {r['dice3d']:.4f} | {notes} |")
+        lines.append(f"| {r['run']} | {r.get('class', 1)} | {r['mode']} | {r['points']} | {r['dice3d']:.4f} | {notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,11 +206,12 @@ def evaluate_prompting(data: str | os.PathLike, runs: Mapping[str, str | os.Path
                        progress: Callable[[str], None] | None = None) -> list[dict]:
     """The prompting study of every promise run in ``runs`` ({name: run folder}) on ``data``'s test cases.
 
-    Rows (one dict each, with ``run``, ``mode``, ``points``, ``dice3d``, ``case``): the run as trained; for APM runs
+    Rows (one dict each, with ``run``, ``mode``, ``points``, ``dice3d``, ``case``, and ``class`` for a K-class run,
+    whose rows repeat per class): the run as trained; for APM runs
     the same model with ground-truth points, then the APM points plus up to ``clicks`` simulated user clicks on the
     slices whose 2D Dice is below ``bad`` (``bad_slices``, ``fg_slices``, ``bad_dice_by_clicks``: the bad slices'
     mean Dice after 0..``clicks`` clicks, ``fg_slice_dice_auto``). Writes ``out/promise_prompting.json`` (the
-    rows), ``out/promise_prompting.md`` (:func:`prompting_markdown`) and ``out/points_<run>_{auto,clicks}.png``;
+    rows), ``out/promise_prompting.md`` (:func:`prompting_markdown`) and ``out/points_<run>[_class<k>]_{auto,clicks}.png``;
     ``progress`` gets each row as a JSON line as soon as it is computed.
     """
     if not runs:

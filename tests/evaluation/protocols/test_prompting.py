@@ -69,3 +69,46 @@ def test_no_runs_is_refused(disc_pictures, tmp_path):
     with pytest.raises(ConfigError, match="at least one"):
         evaluate_prompting(disc_pictures, {}, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def two_class_pictures(tmp_path_factory):
+    """Six 64 x 64 pictures, each with a class-1 disc on the left and a class-2 disc on the right (labels.json)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("two_class_discs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    (root / "labels.json").write_text(json.dumps({"labels": {"background": 0, "left": 1, "right": 2}}))
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(6):
+        mask = np.zeros((64, 64), np.uint8)
+        for k, cx in ((1, 18), (2, 46)):
+            mask[(yy - rng.integers(20, 44)) ** 2 + (xx - cx) ** 2 < rng.integers(6, 10) ** 2] = k
+        img = (40 + 70 * mask + rng.normal(0, 8, mask.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"t{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"t{i:02d}.png")
+    return root
+
+
+def test_a_two_class_run_is_studied_head_by_head_against_its_own_class(two_class_pictures, tmp_path, monkeypatch):
+    from samadapt.config.run_config import load_config
+    from samadapt.engine.run import train
+
+    run = tmp_path / "run"
+    train(load_config(None, ["backbone.name=tiny", "method.name=promise", f"data.path={two_class_pictures}",
+                             "data.cache=off", "data.empty_ratio=null", "train.epochs=1", "train.batch_size=4",
+                             "train.device=cpu", f"output={run}"]))
+    monkeypatch.setattr(ProMISe, "predict", _empty_until_clicked)  # each head: its own class once clicked
+    out = tmp_path / "p"
+    rows = evaluate_prompting(two_class_pictures, {"apm": run}, out, bad=0.8, clicks=2, batch_size=2)
+    cases = list(open_dataset(two_class_pictures).make_split().test)
+    assert [(r["case"], r["class"], r["points"]) for r in rows] == [
+        (c, k, p) for c in cases for k in (1, 2) for p in ("apm", "gt (eval_points=gt)",
+                                                           "apm + 2 user clicks on bad slices")]
+    for clicked in rows[2::3]:  # the click lands inside the disc of the head's own class only
+        assert clicked["bad_dice_by_clicks"] == [0.0, 1.0, 1.0] and clicked["dice3d"] == 1.0
+    assert (out / "promise_prompting.md").read_text().count("\n| apm | 2 | ") == len(rows) // 2
+    assert (out / "points_apm_class2_clicks.png").read_bytes()[:4] == b"\x89PNG"
