@@ -5,10 +5,9 @@ validation slices once with the frozen LiteMedSAM (intermediates included), then
 ``--steps`` Adam steps (batch ``--batch``), evaluating every ``--every`` steps on the validation slices:
 
 - ``dice``: mean 2D Dice of the thresholded (0.5) low-resolution output against the label at the same size;
-- ``border``: fraction of APM coordinates within 2 % of the image side from an edge (a collapsed APM: ~1);
-- ``spread``: per point, the standard deviation of its position over the validation images, averaged (px; 0 = the
-  same pattern for every image);
-- ``inside_fg``: fraction of the positive APM points that fall on foreground.
+- where the APM put its points on the validation slices (``samadapt.evaluation.protocols.prompting.point_facts``):
+  ``spread_px`` (0 = the same pattern for every image), ``border`` (a collapsed APM: ~1), ``positive_on_fg``,
+  ``negative_on_fg``.
 
 Options after ``--set`` are ProMISe options (``key=value``, YAML values). Prints one JSON line per evaluation.
 
@@ -30,6 +29,7 @@ from samadapt.backbones import Features, build_backbone
 from samadapt.data.demo_data import build_mni152, build_nuclei
 from samadapt.data.readers import open_dataset
 from samadapt.data.slices import SliceDataset, collate
+from samadapt.evaluation.protocols.prompting import point_facts
 from samadapt.methods import build_method
 
 
@@ -58,21 +58,13 @@ def evaluate(method, data: dict) -> dict:
         out = method({"features": data["features"], "label": data["label"]})
     method.train()
     logits, pts = out["logits"], out["points"]
-    size = method.input_size
     target = torch.nn.functional.interpolate(data["label"][:, None].float(), size=logits.shape[-2:], mode="nearest")
     pred = (logits > 0).float()
     inter = (pred * target).flatten(1).sum(1)
     denom = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
     dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
-    margin = 0.02 * size
-    border = ((pts < margin) | (pts > size - margin)).any(-1).float().mean()
-    spread = pts.std(dim=0).norm(dim=-1).mean()
-    lab = data["label"]
-    xi, yi = pts[..., 0].long().clamp(0, size - 1), pts[..., 1].long().clamp(0, size - 1)
-    on_fg = torch.stack([lab[b, yi[b], xi[b]] > 0 for b in range(lab.shape[0])]).float()
-    pos = out["point_labels"] == 1
-    return {"dice": round(float(dice.mean()), 4), "border": round(float(border), 3),
-            "spread": round(float(spread), 2), "inside_fg": round(float(on_fg[pos].mean()), 3)}
+    return {"dice": round(float(dice.mean()), 4),
+            **point_facts(pts, out["point_labels"], data["label"], method.input_size)}
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ For each trained ProMISe run given to :func:`evaluate_prompting` as ``NAME -> RU
 used, chosen on the validation slab), on every slice of the dataset's test case(s), and for a K-class run (one
 ProMISe head per class) for each class k, its head scored against ``label == k``:
 
-1. the run as trained (APM points; ground-truth points for an ``ips_gt`` run) -> 3D Dice;
+1. the run as trained (APM points; ground-truth points for an ``ips_gt`` run) -> 3D Dice, and where the points
+   went on the foreground slices (:func:`point_facts`: do they follow the image, sit on the border, hit the
+   foreground?);
 2. for APM runs, the same model given ground-truth points instead (``eval_points=gt``: the paper's APM_IPS_GT);
 3. the promptability claim: slices whose automatic 2D Dice is below ``bad`` get up to ``clicks`` simulated user
    clicks, added to the APM points (``user_points=extend``). Each click goes to the interior of the largest error
@@ -43,6 +45,30 @@ from samadapt.evaluation.point_plots import plot_points
 from samadapt.io_utils import atomic_write_text
 from samadapt.methods.one_vs_rest import OneVsRest
 from samadapt.overlap import dice
+
+
+def point_facts(points: torch.Tensor, labels: torch.Tensor, truth: torch.Tensor, size: int) -> dict[str, float | None]:
+    """Where a model put its prompts on B slices: ``points`` B x N x 2 (x, y in the S x S frame), ``labels`` B x N
+    (1 positive, 0 negative, -1 padding), ``truth`` B x S x S (foreground > 0), ``size`` S.
+
+    ``spread_px``: per point (padding left out), the standard deviation of its position over the slices, averaged
+    (0: one fixed pattern for every image); ``border``: fraction of points within 2 % of S of an edge;
+    ``positive_on_fg`` / ``negative_on_fg``: fraction of the positive / negative points that fall on foreground
+    (None: no such points)."""
+    real = labels >= 0
+    xi = points[..., 0].long().clamp(0, size - 1)
+    yi = points[..., 1].long().clamp(0, size - 1)
+    on_fg = torch.stack([truth[b, yi[b], xi[b]] > 0 for b in range(len(truth))])
+    margin = 0.02 * size
+    border = ((points < margin) | (points > size - margin)).any(-1)
+
+    def fraction(hit: torch.Tensor, where: torch.Tensor) -> float | None:
+        return round(float(hit[where].float().mean()), 3) if bool(where.any()) else None
+
+    always = real.all(dim=0)  # points that are real on every slice (not padding)
+    spread = points.float().std(dim=0).norm(dim=-1)[always].mean() if len(points) > 1 and always.any() else 0.0
+    return {"spread_px": round(float(spread), 2), "border": fraction(border, real),
+            "positive_on_fg": fraction(on_fg, labels == 1), "negative_on_fg": fraction(on_fg, labels == 0)}
 
 
 class Runner:
@@ -127,8 +153,11 @@ def _study(name: str, predictor: Predictor, method, case, out: Path, plot_stem: 
     probs, used, labels = runner.predict(all_idx)
     auto_s = time.time() - t
     source = method.last_point_source
+    fg_idx = [i for i in all_idx if bool(labels[i].any())]
+    facts = point_facts(torch.stack([used[i][0] for i in fg_idx]), torch.stack([used[i][1] for i in fg_idx]),
+                        torch.stack([labels[i] for i in fg_idx]), method.input_size) if fg_idx else {}
     rows.append({"run": name, "mode": method.config.mode, "points": source, "dice3d": runner.dice3d(probs),
-                 "predict_s_per_slice": round(auto_s / runner.n, 3)})
+                 "predict_s_per_slice": round(auto_s / runner.n, 3), "point_facts": facts})
     if method.config.mode == "ips_gt":
         return rows
 
@@ -144,7 +173,6 @@ def _study(name: str, predictor: Predictor, method, case, out: Path, plot_stem: 
     preds = [p[1].numpy() > 0.5 for p in probs]
     per_slice = [dice(p, g) for p, g in zip(preds, gts)]
     bad_idx = [i for i in all_idx if gts[i].any() and per_slice[i] < bad]
-    fg = [i for i in all_idx if gts[i].any()]
     curve = [float(np.mean([per_slice[i] for i in bad_idx])) if bad_idx else float("nan")]
     user_clicks: dict[int, list] = {i: [] for i in bad_idx}
     corrected = list(probs)
@@ -163,9 +191,9 @@ def _study(name: str, predictor: Predictor, method, case, out: Path, plot_stem: 
         curve.append(float(np.mean([dice(current[i], gts[i]) for i in bad_idx])))
     method.config.user_points = "replace"
     row = {"run": name, "mode": method.config.mode, "points": f"apm + {clicks} user clicks on bad slices",
-           "dice3d": runner.dice3d(corrected), "fg_slices": len(fg), "bad_slices": len(bad_idx),
+           "dice3d": runner.dice3d(corrected), "fg_slices": len(fg_idx), "bad_slices": len(bad_idx),
            "bad_dice_by_clicks": [round(v, 4) for v in curve],
-           "fg_slice_dice_auto": round(float(np.mean([per_slice[i] for i in fg])), 4)}
+           "fg_slice_dice_auto": round(float(np.mean([per_slice[i] for i in fg_idx])), 4)}
     rows.append(row)
 
     if bad_idx and clicks:  # draw four bad slices spread over the slab: automatic points, then after the clicks
@@ -194,10 +222,16 @@ def prompting_markdown(rows: list[dict], bad: float = 0.8, clicks: int = 3) -> s
     lines = ["| run | class | mode | points | 3D Dice | notes |", "|---|---|---|---|---|---|"]
     for r in rows:
         notes = ""
+        if r.get("point_facts"):
+            f = r["point_facts"]
+            notes = (f"points on the foreground slices: spread {f['spread_px']} px over slices, {f['border']} on "
+                     f"the border, {f['positive_on_fg']} of positives / {f['negative_on_fg']} of negatives on "
+                     "foreground")
         if "bad_slices" in r:
             notes = (f"{r['bad_slices']}/{r['fg_slices']} foreground slices below {bad} 2D Dice; their mean "
                      f"Dice by clicks 0..{clicks}: {r['bad_dice_by_clicks']}")
-        lines.append(f"| {r['run']} | {r.get('class', 1)} | {r['mode']} | {r['points']} | {r['dice3d']:.4f} | {notes} |")
+        lines.append(f"| {r['run']} | {r.get('class', 1)} | {r['mode']} | {r['points']} | {r['dice3d']:.4f} "
+                     f"| {notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,11 +241,13 @@ def evaluate_prompting(data: str | os.PathLike, runs: Mapping[str, str | os.Path
     """The prompting study of every promise run in ``runs`` ({name: run folder}) on ``data``'s test cases.
 
     Rows (one dict each, with ``run``, ``mode``, ``points``, ``dice3d``, ``case``, and ``class`` for a K-class run,
-    whose rows repeat per class): the run as trained; for APM runs
+    whose rows repeat per class): the run as trained (with ``point_facts``, :func:`point_facts` on the foreground
+    slices); for APM runs
     the same model with ground-truth points, then the APM points plus up to ``clicks`` simulated user clicks on the
     slices whose 2D Dice is below ``bad`` (``bad_slices``, ``fg_slices``, ``bad_dice_by_clicks``: the bad slices'
     mean Dice after 0..``clicks`` clicks, ``fg_slice_dice_auto``). Writes ``out/promise_prompting.json`` (the
-    rows), ``out/promise_prompting.md`` (:func:`prompting_markdown`) and ``out/points_<run>[_class<k>]_{auto,clicks}.png``;
+    rows), ``out/promise_prompting.md`` (:func:`prompting_markdown`) and
+    ``out/points_<run>[_class<k>]_{auto,clicks}.png``;
     ``progress`` gets each row as a JSON line as soon as it is computed.
     """
     if not runs:

@@ -10,7 +10,7 @@ import torch
 
 from samadapt.data.readers import open_dataset
 from samadapt.errors import ConfigError
-from samadapt.evaluation.protocols.prompting import evaluate_prompting
+from samadapt.evaluation.protocols.prompting import evaluate_prompting, point_facts
 from samadapt.methods.promise import ProMISe
 
 
@@ -28,6 +28,8 @@ def test_prompting_rows_and_files_of_a_trained_run(promise_run, disc_pictures, t
     assert [(r["case"], r["points"]) for r in rows] == [
         (c, p) for c in cases for p in ("apm", "gt (eval_points=gt)", "apm + 2 user clicks on bad slices")]
     assert all(0.0 <= r["dice3d"] <= 1.0 for r in rows)
+    for r in rows[0::3]:
+        assert set(r["point_facts"]) == {"spread_px", "border", "positive_on_fg", "negative_on_fg"}
     for r in rows[2::3]:  # a picture is one slice with a disc; Dice below 1.01 makes it bad
         assert r["fg_slices"] == r["bad_slices"] == 1
         assert len(r["bad_dice_by_clicks"]) == 3  # after 0, 1 and 2 clicks
@@ -112,3 +114,18 @@ def test_a_two_class_run_is_studied_head_by_head_against_its_own_class(two_class
         assert clicked["bad_dice_by_clicks"] == [0.0, 1.0, 1.0] and clicked["dice3d"] == 1.0
     assert (out / "promise_prompting.md").read_text().count("\n| apm | 2 | ") == len(rows) // 2
     assert (out / "points_apm_class2_clicks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_point_facts_tell_a_fixed_border_pattern_from_points_that_follow_the_foreground():
+    truth = torch.zeros(2, 10, 10, dtype=torch.long)
+    truth[0, 2:4, 2:4] = 1
+    truth[1, 6:8, 6:8] = 1
+    labels = torch.tensor([[1, 0, -1], [1, 0, -1]])  # the third point is padding
+    fixed = torch.tensor([[[0.0, 0.0], [9.9, 5.0], [5.0, 5.0]]] * 2)  # the same pattern on both slices, on edges
+    assert point_facts(fixed, labels, truth, 10) == {"spread_px": 0.0, "border": 1.0, "positive_on_fg": 0.0,
+                                                     "negative_on_fg": 0.0}
+    following = torch.tensor([[[2.5, 2.5], [8.0, 1.0], [5.0, 5.0]], [[6.5, 6.5], [1.0, 8.0], [5.0, 5.0]]])
+    facts = point_facts(following, labels, truth, 10)
+    assert facts["border"] == 0.0 and facts["positive_on_fg"] == 1.0 and facts["negative_on_fg"] == 0.0
+    assert facts["spread_px"] > 4.0  # each point moved by about 5.7 px between the two slices
+    assert point_facts(fixed, torch.tensor([[1, 1, -1]] * 2), truth, 10)["negative_on_fg"] is None
