@@ -172,7 +172,7 @@ def _study(name: str, predictor: Predictor, method, case, out: Path, plot_stem: 
     gts = [lab.numpy() > 0 for lab in labels]
     preds = [p[1].numpy() > 0.5 for p in probs]
     per_slice = [dice(p, g) for p, g in zip(preds, gts)]
-    bad_idx = [i for i in all_idx if gts[i].any() and per_slice[i] < bad]
+    bad_idx = [i for i in fg_idx if per_slice[i] < bad]
     curve = [float(np.mean([per_slice[i] for i in bad_idx])) if bad_idx else float("nan")]
     user_clicks: dict[int, list] = {i: [] for i in bad_idx}
     corrected = list(probs)
