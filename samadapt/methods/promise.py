@@ -6,8 +6,11 @@ prompt encoder and mask decoder, and gradients flow *through* them to the two ad
 - **APM** looks at the encoder's intermediate feature maps and outputs ``N_p`` point prompts (x, y) in the S x S
   input frame, with a fixed label pattern (default: first half positive, second half negative). By default each
   point is a bounded offset from an image-independent anchor grid (``point_param=anchor``, see ``PointHead``);
-  ``point_param=sigmoid`` is the release's ``S * sigmoid``, whose points collapse onto the image border. The points go into SAM's frozen prompt encoder, so the model stays promptable:
-  a user can see the chosen points (``last_points``) and replace or extend them.
+  ``point_param=global`` starts on the same grid but lets a point reach the whole image; ``point_param=sigmoid`` is
+  the release's ``S * sigmoid``, whose points collapse onto the image border. The paper never supervises the
+  points; ``point_loss_weight`` (ours, off by default) pulls them to their side of the ground truth. The points go
+  into SAM's frozen prompt encoder, so the model stays promptable: a user can see the chosen points
+  (``last_points``) and replace or extend them.
   Two variants: ``resnet`` (concatenated intermediates -> ``FeatureMap`` convs -> MONAI ResNet34 -> 2 N_p
   coordinates) and ``cross`` (N_p learned queries cross-attending over the multi-level intermediate maps).
 - **IPS**: ``GAP(E) -> Linear -> GELU -> Linear`` gives per-image offsets B x 4 x 256 added to the frozen mask
@@ -44,7 +47,7 @@ from .options import option
 from .prompting import encode_prompts
 
 MODES = ("apm", "apm_ips", "ips_gt")
-POINT_PARAMS = ("anchor", "sigmoid")
+POINT_PARAMS = ("anchor", "global", "sigmoid")
 
 
 @dataclass
@@ -83,7 +86,8 @@ class ProMISeConfig(MethodConfig):
     """CPU memory cap: average-pool each memory level to at most this many tokens (None: no cap)."""
     point_param: str = option("anchor", choices=POINT_PARAMS)
     """How APM's raw outputs become points (``PointHead``): ``anchor`` (a bounded offset from a fixed anchor grid,
-    the head zero-initialised) or ``sigmoid`` (the release's ``S * sigmoid``, which collapses to the border)."""
+    the head zero-initialised), ``global`` (starts on the same grid, may reach the whole image) or ``sigmoid`` (the
+    release's ``S * sigmoid``, which collapses to the border)."""
     anchor_radius: float = option(0.4, gt=0, le=0.5)
     """``anchor``: how far a point may move from its anchor (each axis), as a fraction of the grid cell; 0.4 keeps
     the outer points 0.1 cell off the image border (0.5: the whole cell, up to the border)."""
@@ -105,6 +109,10 @@ class ProMISeConfig(MethodConfig):
     lambda_bce: float = option(1.0, ge=0)
     lambda_dice: float = option(1.0, ge=0)
     dice_smooth: float = option(1.0, ge=0)
+    point_loss_weight: float = option(0.0, ge=0)
+    """Ours, not the paper's (which never supervises the coordinates): weight of ``point_distance_loss``, which
+    pulls each positive APM point towards the foreground and each negative one towards the background. 0 = the
+    paper."""
     faithful: bool = False
     """Reproduce the release's double sigmoid in the loss (the loss sees sigmoid(logits) as logits)."""
     opening_kernel: int = option(0, ge=0)
@@ -112,6 +120,8 @@ class ProMISeConfig(MethodConfig):
 
     def check(self) -> None:
         parse_point_labels(self.point_labels, self.num_points)
+        if self.point_loss_weight > 0 and self.mode == "ips_gt":
+            raise ConfigError("method.options.point_loss_weight needs the APM's points; mode 'ips_gt' has no APM")
 
 
 def parse_point_labels(spec: Sequence[int] | str | None, num_points: int) -> list[int]:
@@ -157,16 +167,21 @@ class PointHead(nn.Module):
       image border; no two points can meet). LayerNorm (no affine) and ``1 / sqrt(D)`` make an Adam step move the
       offsets by about ``lr * sqrt(D)`` whatever the feature scale, far from saturation; the zero-initialised
       Linear starts every image on the grid.
+    - ``global``: ``S/2 + S/2 * tanh(atanh(2a/S - 1) + Linear(LN(f)) / sqrt(D))``: the same start on the grid
+      and the same step size, but the offset is added before one tanh over the whole frame, so a point can reach
+      any pixel (never the border itself) instead of staying in its cell; for ``point_loss_weight``, whose pull
+      may lead far from a point's anchor.
     """
 
     def __init__(self, in_features: int, out_features: int, labels: Sequence[int], size: int, kind: str = "anchor",
                  radius: float = 0.4):
         super().__init__()
         self.kind, self.size, self.num_points = kind, size, len(labels)
-        self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if kind == "anchor" else nn.Identity()
+        scaled = kind in ("anchor", "global")
+        self.norm = nn.LayerNorm(in_features, elementwise_affine=False) if scaled else nn.Identity()
         self.linear = nn.Linear(in_features, out_features)
-        self.gain = in_features ** -0.5 if kind == "anchor" else 1.0
-        if kind == "anchor":
+        self.gain = in_features ** -0.5 if scaled else 1.0
+        if scaled:
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
         self.register_buffer("anchors", anchor_grid(labels, size), persistent=False)
@@ -176,6 +191,9 @@ class PointHead(nn.Module):
         raw = (self.linear(self.norm(features)) * self.gain).view(features.shape[0], self.num_points, 2)
         if self.kind == "sigmoid":
             return self.size * torch.sigmoid(raw)
+        if self.kind == "global":
+            half = self.size / 2
+            return half + half * torch.tanh(torch.atanh(self.anchors / half - 1) + raw)
         return self.anchors + self.radius * torch.tanh(raw)
 
 
@@ -381,6 +399,43 @@ def sample_gt_points(labels: Tensor, num_points: int, generator: torch.Generator
     return coords, point_labels
 
 
+def distance_maps(labels: Tensor, grid: int = 256) -> Tensor:
+    """Per image, how far each pixel is from the foreground and from the background, in units of the image side.
+
+    labels: B x H x W (foreground = label > 0), resized (nearest) to at most ``grid`` on its longer side first.
+    Returns B x 2 x h x w float: channel 0 the Euclidean distance to the nearest foreground pixel (0 on it),
+    channel 1 to the nearest background pixel (0 on it); a channel whose side is missing from the image is all 0.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    fg = (labels > 0).float()[:, None]
+    if max(fg.shape[-2:]) > grid:
+        fg = F.interpolate(fg, scale_factor=grid / max(fg.shape[-2:]), mode="nearest")
+    fg_np = fg[:, 0].cpu().numpy() > 0.5
+    side = max(fg_np.shape[-2:])
+    out = torch.zeros(fg_np.shape[0], 2, *fg_np.shape[-2:])
+    for i, m in enumerate(fg_np):
+        for c, present in enumerate((m, ~m)):
+            if present.any() and not present.all():
+                out[i, c] = torch.from_numpy(distance_transform_edt(~present) / side)
+    return out.to(labels.device)
+
+
+def point_distance_loss(points: Tensor, point_labels: Tensor, labels: Tensor, size: int) -> Tensor:
+    """Mean distance from each point to the side its label names (positive -> foreground, negative ->
+    background), read bilinearly from ``distance_maps`` so that its gradient points at the nearest such pixel.
+
+    points: B x N x 2 (x, y) in the S x S frame (pixel indices, S = ``size``); point_labels: B x N (1/0);
+    labels: B x H x W ground truth of that frame. Returns a scalar in units of the image side (0: every point
+    on its side).
+    """
+    maps = distance_maps(labels).to(points.dtype)  # B x 2 x h x w
+    grid = ((points + 0.5) / size * 2 - 1).unsqueeze(2)  # B x N x 1 x 2 in [-1, 1] (pixel centres)
+    sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
+    own = torch.where(point_labels.bool(), sampled[:, 0], sampled[:, 1])  # B x N
+    return own.mean()
+
+
 def binary_opening(mask: Tensor, kernel: int) -> Tensor:
     """Morphological opening (erosion then dilation) with a k x k square, by max-pooling: B x 1 x H x W bool."""
     if kernel <= 1:
@@ -462,6 +517,7 @@ class ProMISe(Method):
         self.last_points: Tensor | None = None
         self.last_point_labels: Tensor | None = None
         self.last_point_source: str | None = None
+        self._source: str | None = None  # where the last forward's points came from (apm, gt, user, ...)
 
     @property
     def intermediates(self) -> tuple[int, ...]:
@@ -546,7 +602,12 @@ class ProMISe(Method):
             target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         z = torch.sigmoid(logits) if self.config.faithful else logits
         bce, dice = bce_dice_loss(z, target, self.config.dice_smooth, self.config.lambda_bce, self.config.lambda_dice)
-        return {"loss": bce + dice, "bce": bce.detach(), "dice": dice.detach()}
+        terms = {"loss": bce + dice, "bce": bce.detach(), "dice": dice.detach()}
+        if self.config.point_loss_weight > 0 and self._source == "apm":
+            points = self.config.point_loss_weight * point_distance_loss(
+                output["points"], output["point_labels"], batch["label"], self.input_size)
+            terms.update(loss=terms["loss"] + points, points=points.detach())
+        return terms
 
     def predict(self, batch: dict) -> Tensor:
         """Probabilities B x 2 x S x S; ``last_points`` (B x N x 2, S x S frame) and ``last_point_labels`` (B x N)

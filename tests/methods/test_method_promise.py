@@ -9,7 +9,8 @@ from torch import Tensor
 
 from samadapt.errors import ConfigError, InputError
 from samadapt.methods import build_method
-from samadapt.methods.promise import (ProMISe, anchor_grid, binary_opening, bce_dice_loss, parse_point_labels,
+from samadapt.methods.promise import (ProMISe, anchor_grid, binary_opening, bce_dice_loss, distance_maps,
+                                     parse_point_labels, point_distance_loss,
                                       sample_gt_points)
 from support import make_method, square_batch, train_steps
 
@@ -187,6 +188,61 @@ def test_trained_points_do_not_collapse(tiny_backbone, apm):
     if apm == "resnet":
         spread = anchored.std(dim=0).norm(dim=-1)  # per point, over the images
         assert spread.mean() > 0.02, spread
+
+
+def test_distance_maps():
+    """Channel 0: distance to the foreground (0 on it); channel 1: to the background; in units of the side."""
+    label = torch.zeros(2, 64, 64, dtype=torch.long)
+    label[0, 20:30, 10:20] = 1  # image 1 has no foreground
+    maps = distance_maps(label)
+    assert maps.shape == (2, 2, 64, 64)
+    assert maps[0, 0, 20:30, 10:20].eq(0).all() and maps[0, 1, label[0] == 0].eq(0).all()
+    assert maps[0, 0, 25, 30] == pytest.approx(11 / 64)  # 11 px right of the square's last column
+    assert maps[0, 1, 25, 15] == pytest.approx(5 / 64)  # 5 px from the square's nearest edge
+    assert maps[1].eq(0).all()  # no side to seek: no pull
+    big = torch.zeros(1, 512, 512, dtype=torch.long)
+    big[0, 200:300, 100:200] = 1
+    assert distance_maps(big).shape[-2:] == (256, 256)
+
+
+def test_point_distance_loss_pulls_points_to_their_side():
+    label = torch.zeros(1, 64, 64, dtype=torch.long)
+    label[0, 20:40, 20:40] = 1
+    labels = torch.tensor([[1, 0]])
+    on_side = torch.tensor([[[30.0, 30.0], [5.0, 5.0]]])  # positive inside, negative outside
+    assert point_distance_loss(on_side, labels, label, 64) == 0
+    off = torch.tensor([[[50.0, 30.0], [30.0, 30.0]]], requires_grad=True)  # both on the wrong side
+    loss = point_distance_loss(off, labels, label, 64)
+    assert loss.item() == pytest.approx((10.5 / 64 + 10.5 / 64) / 2, abs=0.02)
+    loss.backward()
+    assert off.grad[0, 0, 0] > 0 and off.grad[0, 0, 1].abs() < off.grad[0, 0, 0]  # descent moves it left, inwards
+
+
+def test_point_loss_draws_points_to_their_side(tiny_backbone):
+    """With ``point_loss_weight`` (and ``point_param=global``, which lets a point leave its anchor's cell) the
+    trained APM's points end up far nearer their side of each image's square than untrained or trained without
+    it (the paper: weight 0, where the loss has no such term); they stay inside the image."""
+    batch = shifted_square_batch()
+    plain = make(tiny_backbone, mode="apm", point_param="global")
+    assert "points" not in plain.loss(plain(batch), batch)
+    pulled = make(tiny_backbone, mode="apm", point_loss_weight=1.0)
+    assert "points" in pulled.loss(pulled(batch), batch)
+
+    labels = plain.apm_labels.expand(4, -1)
+
+    def distance(points: Tensor) -> float:
+        return float(point_distance_loss(points, labels, batch["label"], 64))
+
+    with torch.no_grad():
+        before = distance(plain(batch)["points"])  # the anchor grid: the zero-initialised head's start
+    torch.manual_seed(0)
+    without = distance(train_apm(tiny_backbone, batch, 40, 3e-2, point_param="global"))
+    torch.manual_seed(0)
+    points = train_apm(tiny_backbone, batch, 40, 3e-2, point_param="global", point_loss_weight=10.0)
+    assert distance(points) < 0.5 * before and distance(points) < 0.5 * without, (before, without, distance(points))
+    assert points.min() > 0 and points.max() < 64
+    with pytest.raises(ConfigError, match="point_loss_weight"):
+        make(tiny_backbone, mode="ips_gt", point_loss_weight=1.0)
 
 
 def test_default_resnet34_apm(tiny_backbone, batch):
