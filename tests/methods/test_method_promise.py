@@ -91,9 +91,10 @@ def test_backbone_stays_in_eval_mode(tiny_backbone):
 
 
 @pytest.mark.parametrize("apm", ["resnet", "cross"])
-@pytest.mark.parametrize("param", ["anchor", "sigmoid"])
+@pytest.mark.parametrize("param", ["anchor", "global", "sigmoid"])
 def test_coordinates_inside_image(tiny_backbone, batch, apm, param):
-    """Points stay inside [0, S] even when the head is pushed to extreme outputs; anchored points stay within
+    """Points stay inside [0, S] even when the head is pushed to extreme outputs (``sigmoid`` and ``global`` then
+    reach the edges); anchored points stay within
     ``anchor_radius`` cells of their anchor, so they keep 0.1 cell (2.1 px of 64) off the border."""
     method = make(tiny_backbone, apm=apm, point_param=param)
     feats = method.features(batch)
@@ -105,8 +106,8 @@ def test_coordinates_inside_image(tiny_backbone, batch, apm, param):
         coords, labels = method.apm_points(feats)
     assert coords.shape == (2, 8, 2)
     assert coords.min() >= 0 and coords.max() <= 64
-    if param == "sigmoid":
-        assert (coords < 1).any() and (coords > 63).any()  # the extremes were reached
+    if param != "anchor":
+        assert (coords < 1).any() and (coords > 63).any()  # the extremes were reached (global: the whole frame)
     else:
         offset = (coords - method.apm.head.anchors).abs()
         cell = 64 / 3  # 8 points: a 3 x 3 grid
