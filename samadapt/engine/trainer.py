@@ -158,6 +158,7 @@ class Trainer:
                 method.on_epoch_start(epoch, cfg.epochs)
                 progress.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
                 running, count = 0.0, 0
+                term_sums: dict[str, float] = {}  # the loss's other terms (bce, dice, class1_loss, ...)
                 optimizer.zero_grad(set_to_none=True)
                 if hasattr(train_ds, "set_epoch"):
                     train_ds.set_epoch(epoch)  # redraws sampled empty slices and augmentation seeds
@@ -189,12 +190,16 @@ class Trainer:
                         # the step, so they stop at the end of an epoch).
                         out_of_time = self._over_budget(t_start) and dist_utils.world_size() == 1
                     running += float(loss.detach())
+                    for name, value in terms.items():
+                        if name != "loss" and value.numel() == 1:
+                            term_sums[name] = term_sums.get(name, 0.0) + float(value.detach())
                     count += 1
                     progress.update(task, loss=running / count)
                     if out_of_time:
                         break
                 record: dict[str, Any] = {"epoch": epoch + 1, "steps": steps, "train_loss": running / max(count, 1),
-                                          "lr": optimizer.param_groups[0]["lr"]}
+                                          "lr": optimizer.param_groups[0]["lr"],
+                                          "train_terms": {k: v / max(count, 1) for k, v in term_sums.items()}}
                 improved = False
                 if val_ds is not None and len(val_ds) and ((epoch + 1) % val_every == 0 or out_of_time):
                     val = validate(method, val_ds, self.collate, self._prepare, cfg.batch_size, self.amp, self.device)
@@ -259,6 +264,8 @@ class Trainer:
             for key, value in record.items():
                 if key not in ("epoch", "steps") and isinstance(value, (int, float)):
                     writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
+            for name, value in record.get("train_terms", {}).items():  # TensorBoard only: train/<term>
+                writer.add_scalar(f"train/{name}", value, record["epoch"])
         if not resumed:
             parts = [f"{k}={v:.4g}" for k, v in history[-1].items() if isinstance(v, float)]
             console.print(f"epoch {epoch}: " + " ".join(parts))

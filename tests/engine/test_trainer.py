@@ -40,6 +40,21 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path):
     assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 6
 
 
+def test_loss_terms_are_logged(tmp_path):
+    """A method's other loss terms (ProMISe: bce, dice) are averaged per epoch into the history and TensorBoard
+    (``train/<term>``); the console line and log.csv keep the total loss only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, res = _train(tmp_path, 2, method="promise")
+    terms = res.history[-1]["train_terms"]
+    assert set(terms) == {"bce", "dice"} and all(v > 0 for v in terms.values())
+    assert terms["bce"] + terms["dice"] == pytest.approx(res.history[-1]["train_loss"], rel=1e-4)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/bce")] == [1, 2]
+    assert "train_terms" not in (tmp_path / "run" / "log.csv").read_text()
+
+
 def test_resume_is_exact(tmp_path, monkeypatch):
     straight, _ = _train(tmp_path, 4, name="straight")
     import samadapt.engine.trainer as trainer_module
